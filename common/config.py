@@ -1,0 +1,162 @@
+"""Run configuration: frozen, validated dataclasses built once from a flat ``run_config``.
+
+Flat keys are ``section.field-name`` in kebab case (Flower's ``[tool.flwr.app.config]``
+convention), e.g. ``fed.sample-rate``. ``pyproject.toml`` carries the same defaults
+(``tests/test_config.py`` checks that they agree).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.data.partition import PARTITIONS
+from common.data.readers import FORMATS
+from common.data.splits import SPLITS
+from common.mf import LOSSES
+
+SERVER_OPTIMIZERS = ("adam", "sgd")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "ml-100k"  # "ml-100k" (embedded) or a path to your files
+    format: str = "auto"
+    item_file: str = ""
+    split: str = "random"
+    cold_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.format in FORMATS, f"data.format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.split in SPLITS, f"data.split must be one of {SPLITS}, got {self.split!r}")
+        _check(0 < self.cold_fraction < 1, f"data.cold-fraction must be in (0, 1), got {self.cold_fraction}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    loss: str = "softmax"
+    user_reg: float = 0.04  # λ of |u|² in a user's summed loss (reconstruction)
+    item_reg: float = 0.0005  # λ of |V|² per user (central) / server-side weight decay (federated)
+    init_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1, f"model.dim must be ≥ 1, got {self.dim}")
+        _check(self.loss in LOSSES, f"model.loss must be one of {LOSSES}, got {self.loss!r}")
+        _check(self.user_reg > 0, f"model.user-reg must be > 0 (reconstruction must be strictly convex), got {self.user_reg}")
+        _check(self.item_reg >= 0, f"model.item-reg must be ≥ 0, got {self.item_reg}")
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    epochs: int = 60
+    lr: float = 0.01
+    batch_users: int = 128
+    patience: int = 5
+    eval_every: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1 and self.batch_users >= 1 and self.patience >= 1 and self.eval_every >= 1,
+               "central.epochs, batch-users, patience and eval-every must be ≥ 1")
+        _check(self.lr > 0, f"central.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    rounds: int = 200
+    sample_rate: float = 0.1  # Poisson sampling: each client joins a round with probability q
+    local_epochs: int = 1
+    client_lr: float = 1.0
+    server_opt: str = "adam"
+    server_lr: float = 0.01
+    eval_every: int = 20
+    partition: str = "user"
+    num_silos: int = 10
+    timeout: float = 120.0  # seconds a round waits for its clients (covers Ray start-up)
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, f"fed.rounds must be ≥ 1, got {self.rounds}")
+        _check(0 < self.sample_rate <= 1, f"fed.sample-rate must be in (0, 1], got {self.sample_rate}")
+        _check(self.local_epochs >= 1, f"fed.local-epochs must be ≥ 1, got {self.local_epochs}")
+        _check(self.client_lr > 0 and self.server_lr > 0, "fed.client-lr and fed.server-lr must be > 0")
+        _check(self.server_opt in SERVER_OPTIMIZERS, f"fed.server-opt must be one of {SERVER_OPTIMIZERS}")
+        _check(self.eval_every >= 1, f"fed.eval-every must be ≥ 1, got {self.eval_every}")
+        _check(self.partition in PARTITIONS, f"fed.partition must be one of {PARTITIONS}")
+        _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
+        _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    central: CentralConfig = field(default_factory=CentralConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    seed: int = 0
+
+    # ---- flat <-> nested
+    def to_flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    out[f"{f.name}.{sub.name.replace('_', '-')}"] = getattr(value, sub.name)
+            else:
+                out[f.name.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
+        """Build from flat keys; unknown keys and wrong types are refused with the key named."""
+        defaults = cls().to_flat()
+        unknown = sorted(set(flat) - set(defaults))
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
+        merged = {**defaults, **flat}
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in merged.items():
+            default = defaults[key]
+            value = _coerce(key, value, default)
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, {})[name.replace("-", "_")] = value
+            else:
+                top[key.replace("-", "_")] = value
+        built = {name: _SECTIONS[name](**values) for name, values in sections.items()}
+        return cls(**built, **top)
+
+    def replace(self, **flat: Any) -> "RunConfig":
+        """A copy with some flat keys changed (``cfg.replace(**{"fed.rounds": 5})``)."""
+        return RunConfig.from_flat({**self.to_flat(), **flat})
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: expected {kind.__name__}, got {value!r}") from None

@@ -1,0 +1,165 @@
+"""Readers for the interaction formats users actually have.
+
+Every reader returns :class:`common.data.dataset.Interactions` and raises
+:class:`common.data.errors.DataError` naming file, line and what was expected.
+
+Formats
+-------
+``ml-100k``   the embedded default (RecBole atomic files from the recbole 1.2.1 wheel)
+``atomic``    a directory with RecBole atomic files ``NAME.inter`` [+ ``NAME.item``]
+``grouplens-100k``  ``u.data`` + ``u.item`` (GroupLens ML-100K)
+``ml-1m``     ``ratings.dat`` + ``movies.dat``
+``ml-latest`` ``ratings.csv`` + ``movies.csv`` (ML-latest, ML-20M, ML-25M)
+``generic``   a CSV or Parquet file ``user,item[,rating][,timestamp][,text]`` plus an optional
+              item file ``item,title[,text]``
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from common.data.dataset import Interactions, ItemInfo, build_interactions
+from common.data.errors import DataError
+
+FORMATS = ("auto", "ml-100k", "atomic", "grouplens-100k", "ml-1m", "ml-latest", "generic")
+_YEAR = re.compile(r"^(\d{4})$")
+
+
+def parse_year(value: str) -> str:
+    """A four-digit year or "" (ML-100K has 'unkonwn' for item 267)."""
+    value = value.strip()
+    match = _YEAR.match(value) or re.search(r"(\d{4})", value)
+    return match.group(1) if match else ""
+
+
+def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError:
+        text = path.read_text(encoding="latin-1")
+    lines = text.splitlines()
+    if not any(line.strip() for line in lines):
+        raise DataError(path, "file is empty, expected interaction rows")
+    return lines
+
+
+def _float(path: Path, lineno: int, column: str, value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise DataError(path, f"column '{column}': expected a number, got {value!r}", lineno) from None
+    if not np.isfinite(out):
+        raise DataError(path, f"column '{column}': expected a finite number, got {value!r}", lineno)
+    return out
+
+
+def read_atomic(directory: Path, name: str | None = None) -> Interactions:
+    """RecBole atomic files: tab-separated with a typed header (``user_id:token ...``)."""
+    directory = Path(directory)
+    if name is None:
+        inters = sorted(directory.glob("*.inter"))
+        if not inters:
+            raise DataError(directory, "no *.inter file found (RecBole atomic format expected)")
+        name = inters[0].stem
+    inter = directory / f"{name}.inter"
+    lines = _read_lines(inter)
+    header = [h.split(":")[0] for h in lines[0].split("\t")]
+    for col in ("user_id", "item_id"):
+        if col not in header:
+            raise DataError(inter, f"header must name '{col}:token', got {lines[0]!r}", 1)
+    iu, ii = header.index("user_id"), header.index("item_id")
+    ir = header.index("rating") if "rating" in header else None
+    it = header.index("timestamp") if "timestamp" in header else None
+    users, items, ratings, stamps = [], [], [], []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(inter, f"expected {len(header)} tab-separated fields, got {len(fields)}", lineno)
+        users.append(fields[iu])
+        items.append(fields[ii])
+        if ir is not None:
+            ratings.append(_float(inter, lineno, "rating", fields[ir]))
+        if it is not None:
+            stamps.append(_float(inter, lineno, "timestamp", fields[it]))
+    if not users:
+        raise DataError(inter, "no interaction rows after the header")
+    info: dict[str, ItemInfo] = {}
+    item_file = directory / f"{name}.item"
+    if item_file.is_file():
+        item_lines = _read_lines(item_file)
+        ih = [h.split(":")[0] for h in item_lines[0].split("\t")]
+        if "item_id" not in ih:
+            raise DataError(item_file, f"header must name 'item_id:token', got {item_lines[0]!r}", 1)
+        for lineno, line in enumerate(item_lines[1:], start=2):
+            if not line.strip():
+                continue
+            f = dict(zip(ih, line.split("\t")))
+            title = f.get("movie_title", f.get("title", "")).strip()
+            info[f["item_id"]] = ItemInfo(
+                title=title or f["item_id"],
+                year=parse_year(f.get("release_year", "")),
+                genres=tuple(f.get("class", f.get("genres", "")).split()),
+                description=f.get("description", "").strip(),
+            )
+    return build_interactions(
+        name=name,
+        raw_user=users,
+        raw_item=items,
+        rating=np.asarray(ratings) if ir is not None else None,
+        timestamp=np.asarray(stamps) if it is not None else None,
+        item_info=info,
+    )
+
+
+def detect_format(path: Path) -> str:
+    """Guess the format of ``path`` from the files it holds."""
+    if path.is_dir():
+        if (path / "u.data").is_file():
+            return "grouplens-100k"
+        if (path / "ratings.dat").is_file():
+            return "ml-1m"
+        if (path / "ratings.csv").is_file():
+            return "ml-latest"
+        if any(path.glob("*.inter")):
+            return "atomic"
+        raise DataError(path, "unknown format: expected u.data (ML-100K), ratings.dat (ML-1M), "
+                              "ratings.csv (ML-latest/20M/25M) or a RecBole *.inter file in this directory")
+    if path.suffix.lower() in (".csv", ".parquet", ".tsv"):
+        return "generic"
+    if path.suffix.lower() == ".inter":
+        return "atomic"
+    raise DataError(path, "unknown format: expected a directory of MovieLens files or a .csv/.parquet file")
+
+
+def load_interactions(source: str = "ml-100k", fmt: str = "auto", item_file: str | None = None) -> Interactions:
+    """Load ``source`` ("ml-100k" for the embedded default, or a path) in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if source == "ml-100k" and fmt in ("auto", "ml-100k"):
+        from common.data.embedded import fetch_ml100k
+
+        data = read_atomic(fetch_ml100k(), "ml-100k")
+        return data
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(path, "no such file or directory")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "atomic":
+        return read_atomic(path.parent if path.is_file() else path, path.stem if path.is_file() else None)
+    from common.data import formats  # the other readers
+
+    if fmt == "grouplens-100k":
+        return formats.read_grouplens_100k(path)
+    if fmt == "ml-1m":
+        return formats.read_ml_1m(path)
+    if fmt == "ml-latest":
+        return formats.read_ml_latest(path)
+    return formats.read_generic(path, Path(item_file) if item_file else None)

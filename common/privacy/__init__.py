@@ -1,0 +1,37 @@
+"""Privacy accounting for fedrec: a ledger of noisy releases and the ε they cost.
+
+Pure and Flower-free. :class:`PrivacyLedger` records :class:`MechanismEvent` releases under
+one :class:`Neighbouring` relation and composes them with Google's ``dp_accounting``
+(:class:`Accountant` RDP or PLD); :func:`plan_noise_multiplier` finds the σ a budget allows.
+"""
+
+from common.privacy.analysis import PLD_VALUE_DISCRETIZATION_INTERVAL, RDP_ORDERS
+from common.privacy.ledger import (
+    STATE_VERSION,
+    Accountant,
+    MechanismEvent,
+    Neighbouring,
+    PrivacyLedger,
+)
+from common.privacy.plan import (
+    SIGMA_RANGE,
+    epsilon_for,
+    format_plan,
+    plan_noise_multiplier,
+    sample_rate_from,
+)
+
+__all__ = [
+    "PLD_VALUE_DISCRETIZATION_INTERVAL",
+    "RDP_ORDERS",
+    "SIGMA_RANGE",
+    "STATE_VERSION",
+    "Accountant",
+    "MechanismEvent",
+    "Neighbouring",
+    "PrivacyLedger",
+    "epsilon_for",
+    "format_plan",
+    "plan_noise_multiplier",
+    "sample_rate_from",
+]
