@@ -43,7 +43,7 @@ class DataConfig:
 class ModelConfig:
     dim: int = 64
     loss: str = "softmax"
-    user_reg: float = 0.04  # λ of |u|² in a user's summed loss (reconstruction)
+    user_reg: float = 40.0  # λ of |u|² in a user's summed loss when reconstructing u (federated, eval)
     item_reg: float = 0.0005  # λ of |V|² per user (central) / server-side weight decay (federated)
     init_scale: float = 0.1
 
@@ -70,13 +70,14 @@ class CentralConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    rounds: int = 200
+    rounds: int = 120
     sample_rate: float = 0.1  # Poisson sampling: each client joins a round with probability q
     local_epochs: int = 1
     client_lr: float = 1.0
     server_opt: str = "adam"
-    server_lr: float = 0.01
+    server_lr: float = 0.02
     eval_every: int = 20
+    eval_clients: int = 200  # validation during training on this many clients (0 = all); final test on all
     partition: str = "user"
     num_silos: int = 10
     timeout: float = 120.0  # seconds a round waits for its clients (covers Ray start-up)
@@ -88,6 +89,7 @@ class FedConfig:
         _check(self.client_lr > 0 and self.server_lr > 0, "fed.client-lr and fed.server-lr must be > 0")
         _check(self.server_opt in SERVER_OPTIMIZERS, f"fed.server-opt must be one of {SERVER_OPTIMIZERS}")
         _check(self.eval_every >= 1, f"fed.eval-every must be ≥ 1, got {self.eval_every}")
+        _check(self.eval_clients >= 0, f"fed.eval-clients must be ≥ 0, got {self.eval_clients}")
         _check(self.partition in PARTITIONS, f"fed.partition must be one of {PARTITIONS}")
         _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")

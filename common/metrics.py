@@ -26,11 +26,8 @@ def top_k(scores: np.ndarray, exclude: Sequence[np.ndarray], k: int) -> np.ndarr
     for row, items in enumerate(exclude):
         scores[row, items] = -np.inf
     k = min(k, scores.shape[1])
-    # argsort on (-score, index) via a stable sort of the negated scores.
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(np.arange(scores.shape[1]), (len(scores), 1))
-    part_scores = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -part_scores), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    # A stable sort of the negated scores: equal scores keep the lower index first.
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def user_ranking_metrics(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) -> dict[str, np.ndarray]:

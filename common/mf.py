@@ -183,7 +183,7 @@ def local_item_update(params: ItemParams, users: list[UserData], *, loss: str, u
         with torch.no_grad():
             V -= lr * V.grad
             b -= lr * b.grad
-        last_loss = float(total) / n_inter
+        last_loss = float(total.detach()) / n_inter
     update = ItemParams(V.detach().numpy() - params.embeddings, b.detach().numpy() - params.bias)
     return update, last_loss, vectors
 

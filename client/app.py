@@ -1,0 +1,71 @@
+"""Flower ClientApp: a thin shell around :mod:`common.federated`.
+
+What leaves the device each round: the dense item-side update (same shape for every client),
+a mean training loss and the number of users trained (1 on a device). The user vector stays
+in ``context.state``. Evaluation returns sums of per-user ranking metrics and a user count.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+
+from common import keys
+from common.config import RunConfig
+from common.federated import ClientData, client_evaluate, client_train
+from common.mf import ItemParams
+from client.data import simulated_client_data
+
+log = logging.getLogger(__name__)
+
+
+class RecClient(NumPyClient):
+    def __init__(self, cfg: RunConfig, data: ClientData, context: Context) -> None:
+        self.cfg, self.data, self.state = cfg, data, context.state
+
+    def get_properties(self, config):  # noqa: D102 - a pseudonymous id for sampling
+        return {keys.PROP_CLIENT_ID: int(self.data.client_id)}
+
+    def fit(self, parameters, config):
+        params = ItemParams.from_arrays(parameters)
+        update, loss, vectors = client_train(
+            params, self.data, model=self.cfg.model,
+            epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
+            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
+            seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
+        self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
+        # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
+        return update.to_arrays(), 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
+
+    def evaluate(self, parameters, config):
+        params = ItemParams.from_arrays(parameters)
+        metrics = client_evaluate(params, self.data, model=self.cfg.model,
+                                  phase=str(config.get(keys.PHASE, "test")), seed=self.cfg.seed)
+        users = int(metrics.pop("users"))
+        return 0.0, users, {k: float(v) for k, v in metrics.items()}
+
+
+def client_fn_for(cfg: RunConfig | None):
+    """A ``client_fn``; ``cfg=None`` reads the run config from the context (``flwr run``)."""
+
+    def client_fn(context: Context):
+        torch.set_num_threads(1)
+        run_cfg = cfg or RunConfig.from_flat(dict(context.run_config))
+        pid = int(context.node_config[keys.NODE_PARTITION_ID])
+        data = simulated_client_data(run_cfg.data, pid, kind=run_cfg.fed.partition,
+                                     num_silos=run_cfg.fed.num_silos, seed=run_cfg.seed)
+        return RecClient(run_cfg, data, context).to_client()
+
+    return client_fn
+
+
+def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    return ClientApp(client_fn=client_fn_for(cfg))
+
+
+app = build_client_app()

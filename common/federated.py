@@ -1,0 +1,150 @@
+"""Federated learning logic with no Flower in it: what a client computes each round, and how the
+server turns the aggregated update into the next global model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.config import FedConfig, ModelConfig
+from common.evaluation import EvalSets
+from common.metrics import RANKING_METRICS, top_k, user_ranking_metrics
+from common.mf import ItemParams, UserData, fit_user, local_item_update, sample_negatives
+
+EVAL_KS = (10, 20)
+
+
+def client_rng(seed: int, server_round: int, client_id: int) -> np.random.Generator:
+    """The client's randomness for one round: reproducible, independent across clients/rounds."""
+    return np.random.default_rng([seed, server_round, client_id])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """What one client (a device with one user, or a silo) holds: its users' items."""
+
+    client_id: int
+    users: tuple[int, ...]
+    train: tuple[UserData, ...]
+    valid: tuple[np.ndarray, ...]
+    test: tuple[np.ndarray, ...]
+
+    @classmethod
+    def from_sets(cls, client_id: int, users: np.ndarray, sets: EvalSets) -> "ClientData":
+        return cls(
+            client_id=client_id,
+            users=tuple(int(u) for u in users),
+            train=tuple(UserData(sets.train[u], sets.train_ratings[u]) for u in users),
+            valid=tuple(sets.valid[u] for u in users),
+            test=tuple(sets.test[u] for u in users),
+        )
+
+    @property
+    def trainable(self) -> tuple[UserData, ...]:
+        return tuple(u for u in self.train if len(u.items) > 0)
+
+
+def client_train(params: ItemParams, data: ClientData, *, model: ModelConfig, epochs: int, lr: float,
+                 seed: int, server_round: int) -> tuple[ItemParams, float, list[np.ndarray]]:
+    """One client's round: the dense item-side update, its mean training loss and the user
+    vectors (to keep on the device). Raises ``ValueError`` for a client with no interactions."""
+    users = list(data.trainable)
+    if not users:
+        raise ValueError(f"client {data.client_id} has no training interactions")
+    return local_item_update(params, users, loss=model.loss, user_reg=model.user_reg, epochs=epochs,
+                             lr=lr, rng=client_rng(seed, server_round, data.client_id))
+
+
+def reconstruct_users(params: ItemParams, users: list[UserData], model: ModelConfig, *, seed: int) -> np.ndarray:
+    """User vectors fitted to the current item parameters (deterministic for a seed)."""
+    rng = np.random.default_rng([seed, 0xE7A1])
+    out = []
+    for user in users:
+        neg = sample_negatives(user.items, params.n_items, len(user.items), rng) if model.loss == "bpr" else None
+        out.append(fit_user(params, user, loss=model.loss, reg=model.user_reg, negatives=neg))
+    return np.stack(out) if out else np.zeros((0, params.dim), dtype=np.float32)
+
+
+def client_evaluate(params: ItemParams, data: ClientData, *, model: ModelConfig, phase: str,
+                    seed: int) -> dict[str, float]:
+    """Full-ranking metrics of this client's users: sums over evaluated users plus their count
+    (the server divides, giving the per-user average a central evaluation gives)."""
+    sums: dict[str, float] = {f"{m}@{k}": 0.0 for m in RANKING_METRICS for k in EVAL_KS}
+    keep = [i for i, u in enumerate(data.train) if len(u.items) > 0
+            and len(data.valid[i] if phase == "valid" else data.test[i]) > 0]
+    if not keep:
+        return {**sums, "users": 0}
+    vectors = reconstruct_users(params, [data.train[i] for i in keep], model, seed=seed)
+    scores = vectors @ params.embeddings.T + params.bias
+    exclude = [data.train[i].items if phase == "valid" else np.union1d(data.train[i].items, data.valid[i]) for i in keep]
+    targets = [data.valid[i] if phase == "valid" else data.test[i] for i in keep]
+    ranked = top_k(scores, exclude, max(EVAL_KS))
+    for k in EVAL_KS:
+        for name, values in user_ranking_metrics(ranked, targets, k).items():
+            sums[f"{name}@{k}"] = float(np.sum(values))
+    return {**sums, "users": len(keep)}
+
+
+# ---------------------------------------------------------------- server side
+
+class ServerOptimizer:
+    """Applies the aggregated client update to the global parameters.
+
+    The aggregated update Δ (mean of ``new − received``) is a pseudo-gradient ``g = −Δ``;
+    ``sgd`` steps ``x ← x − lr·g`` (lr = 1 is plain FedAvg), ``adam`` is FedAdam (Reddi et al.
+    2021). ``weight_decay`` is the item-side L2 prior, applied here because it needs no user
+    data. State (moments, step) is checkpointed with :meth:`state_dict`.
+    """
+
+    def __init__(self, kind: str, lr: float, *, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if kind not in ("adam", "sgd"):
+            raise ValueError(f"unknown server optimizer {kind!r}")
+        self.kind, self.lr, self.weight_decay, self.betas, self.eps = kind, lr, weight_decay, betas, eps
+        self.step_count = 0
+        self.m: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+
+    def step(self, params: list[np.ndarray], update: list[np.ndarray]) -> list[np.ndarray]:
+        self.step_count += 1
+        grads = [-np.asarray(u, dtype=np.float64) for u in update]
+        if self.kind == "sgd":
+            return [(p - self.lr * g - self.lr * self.weight_decay * p).astype(np.float32) for p, g in zip(params, grads)]
+        if not self.m:
+            self.m = [np.zeros_like(g) for g in grads]
+            self.v = [np.zeros_like(g) for g in grads]
+        b1, b2 = self.betas
+        out = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.m[i] = b1 * self.m[i] + (1 - b1) * g
+            self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+            m_hat = self.m[i] / (1 - b1 ** self.step_count)
+            v_hat = self.v[i] / (1 - b2 ** self.step_count)
+            new = p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps) - self.lr * self.weight_decay * p
+            out.append(new.astype(np.float32))
+        return out
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = {"step": np.array([self.step_count], dtype=np.int64)}
+        for i, (m, v) in enumerate(zip(self.m, self.v)):
+            state[f"m{i}"], state[f"v{i}"] = m, v
+        return state
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.step_count = int(state["step"][0])
+        n = sum(1 for k in state if k.startswith("m"))
+        self.m = [np.asarray(state[f"m{i}"]) for i in range(n)]
+        self.v = [np.asarray(state[f"v{i}"]) for i in range(n)]
+
+
+def make_server_optimizer(fed: FedConfig, model: ModelConfig) -> ServerOptimizer:
+    return ServerOptimizer(fed.server_opt, fed.server_lr, weight_decay=model.item_reg)
+
+
+def poisson_sample(client_ids: list[int], rate: float, *, seed: int, server_round: int) -> list[int]:
+    """Each client joins independently with probability ``rate`` (what the DP accountant assumes).
+    Reproducible: depends only on the sorted ids, the seed and the round."""
+    ids = sorted(client_ids)
+    draws = np.random.default_rng([seed, server_round, 0x5A3]).random(len(ids))
+    return [cid for cid, x in zip(ids, draws) if x < rate]

@@ -1,0 +1,1 @@
+"""The server side: Flower ServerApp, strategy hooks, run directories and the ``fedrec`` CLI."""

@@ -1,0 +1,36 @@
+"""A Grid wrapper that bounds every wait and names failed clients: the one hook the default
+workflows need (they call ``send_and_receive`` without a timeout)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+
+class BoundedGrid:
+    """Delegates to ``grid``; ``send_and_receive`` gets ``timeout`` and reports each error reply
+    and each missing reply to ``on_failure(node_id, reason)``."""
+
+    def __init__(self, grid: Grid, timeout: float, on_failure: Callable[[int, str], None]) -> None:
+        self._grid, self._timeout, self._on_failure = grid, timeout, on_failure
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout or self._timeout))
+        answered = set()
+        for msg in replies:
+            answered.add(msg.metadata.src_node_id)
+            if msg.has_error():
+                self._on_failure(msg.metadata.src_node_id, f"{msg.error.code}: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else ''}")
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                self._on_failure(msg.metadata.dst_node_id, f"no reply within {timeout or self._timeout:.0f} s")
+        return replies

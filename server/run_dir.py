@@ -1,0 +1,94 @@
+"""A run directory: resolved config, per-round metrics, checkpoints and the final model.
+
+Layout::
+
+    runs/<timestamp>/
+      config.json          the resolved flat config (a resume must match it)
+      metrics.jsonl        one JSON object per round
+      checkpoint.safetensors + checkpoint.json   global model, optimizer state, last round
+      model.safetensors    the final global model (item embeddings, item biases)
+      summary.md           a short table written at the end
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import keys
+from common.config import RunConfig
+from common.mf import ItemParams
+from common.serialization import append_jsonl, load_arrays, read_jsonl, save_arrays, write_json
+
+
+class ConfigMismatchError(ValueError):
+    pass
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, root: str | Path, cfg: RunConfig) -> "RunDir":
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / stamp
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{stamp}-{n}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        write_json(run.path / "config.json", cfg.to_flat())
+        return run
+
+    def config(self) -> RunConfig:
+        return RunConfig.from_flat(json.loads((self.path / "config.json").read_text()))
+
+    def check_resume(self, cfg: RunConfig) -> None:
+        """Refuse to resume with a config that differs from the run's, naming what changed."""
+        saved = json.loads((self.path / "config.json").read_text())
+        now = cfg.to_flat()
+        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if diff:
+            raise ConfigMismatchError(f"cannot resume {self.path}: the config changed ({'; '.join(diff)}). "
+                                      "Resume with the run's own config, or start a new run.")
+
+    # ---- metrics
+    def log_round(self, row: dict[str, Any]) -> None:
+        append_jsonl(self.path / "metrics.jsonl", row)
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / "metrics.jsonl")
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop rows of rounds after the checkpoint (a crash between metrics and checkpoint)."""
+        rows = [r for r in self.rounds() if r.get("round", 0) <= last_round]
+        (self.path / "metrics.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+    # ---- checkpoints
+    def save_checkpoint(self, server_round: int, params: ItemParams, optimizer_state: dict[str, np.ndarray],
+                        extra: dict[str, Any]) -> None:
+        arrays = {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias}
+        arrays.update({f"opt.{k}": v for k, v in optimizer_state.items()})
+        save_arrays(self.path / "checkpoint.safetensors", arrays)
+        write_json(self.path / "checkpoint.json", {"round": server_round, **extra})
+
+    def load_checkpoint(self) -> tuple[int, ItemParams, dict[str, np.ndarray], dict[str, Any]] | None:
+        meta = self.path / "checkpoint.json"
+        if not meta.is_file():
+            return None
+        info = json.loads(meta.read_text())
+        arrays = load_arrays(self.path / "checkpoint.safetensors")
+        params = ItemParams(arrays[keys.ITEM_PARAM_NAMES[0]], arrays[keys.ITEM_PARAM_NAMES[1]])
+        opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
+        return int(info.pop("round")), params, opt, info
+
+    def save_model(self, params: ItemParams) -> None:
+        save_arrays(self.path / "model.safetensors",
+                    {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias},
+                    metadata={"format": "fedrec-mf-items", "dim": str(params.dim)})

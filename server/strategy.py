@@ -1,0 +1,188 @@
+"""The server's strategy: Poisson client sampling, FedAvg/FedAdam of item-side updates,
+federated evaluation, and per-round bookkeeping (metrics, checkpoint, progress).
+
+Hooks on Flower's legacy ``Strategy`` (the path SecAgg+ supports in 1.42); the round loop is
+Flower's own ``DefaultWorkflow``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters, Scalar,
+    ndarrays_to_parameters, parameters_to_ndarrays,
+)
+from flwr.app import Message
+from flwr.common.constant import MessageTypeLegacy
+from flwr.compat.common import recorddict_compat
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from common import keys
+from common.config import RunConfig
+from common.federated import EVAL_KS, ServerOptimizer, poisson_sample
+from common.metrics import RANKING_METRICS
+from common.mf import ItemParams
+from server.run_dir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class FedRecStrategy(Strategy):
+    """``start_round`` is the last completed round of a resumed run (0 for a new run); Flower's
+    workflow counts rounds from 1 again, so workflow round r is global round ``start_round + r``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, params: ItemParams, optimizer: ServerOptimizer, *,
+                 start_round: int = 0, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.cfg, self.run_dir, self.params, self.optimizer = cfg, run_dir, params, optimizer
+        self.start_round = start_round
+        self.on_round = on_round or (lambda row: None)
+        self.client_ids: dict[str, int] = {}  # proxy.cid -> pseudonymous client id
+        self.node_to_client: dict[int, int] = {}
+        self.failures: list[tuple[int, int | None, str]] = []  # (round, client id, reason)
+        self.current_round = start_round
+        self._row: dict[str, Any] = {}
+        self._t0 = time.perf_counter()
+        self.expected_clients: int | None = None
+        self.grid = None  # set by the ServerApp: the (bounded) grid, for the identity query
+        self.elapsed = 0.0
+        self.stop_after: int | None = None  # stop cleanly after this round (resume later)
+
+    # ---- identities
+    def _resolve_ids(self, client_manager: ClientManager) -> list[ClientProxy]:
+        """Ask nodes not yet known for their pseudonymous client id, all in one batch, so that
+        sampling depends on (seed, round, client id) only, not on Flower's random node ids."""
+        if self.expected_clients:
+            client_manager.wait_for(self.expected_clients, timeout=int(self.cfg.fed.timeout))
+        proxies = list(client_manager.all().values())
+        unknown = {p.node_id: p for p in proxies if p.cid not in self.client_ids}
+        if unknown and self.grid is not None:
+            content = recorddict_compat.getpropertiesins_to_recorddict(GetPropertiesIns({keys.PROP_QUERY: 1}))
+            out = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
+                           group_id="identity") for nid in unknown]
+            for reply in self.grid.send_and_receive(out, timeout=self.cfg.fed.timeout):
+                if reply.has_error():
+                    continue  # logged by the grid; a node that cannot say who it is is not sampled
+                res = recorddict_compat.recorddict_to_getpropertiesres(reply.content)
+                proxy = unknown[reply.metadata.src_node_id]
+                cid = int(res.properties[keys.PROP_CLIENT_ID])
+                self.client_ids[proxy.cid] = cid
+                self.node_to_client[proxy.node_id] = cid
+        return [p for p in proxies if p.cid in self.client_ids]
+
+    def note_failure(self, node_id: int, reason: str) -> None:
+        cid = self.node_to_client.get(node_id)
+        self.failures.append((self.current_round, cid, reason))
+        log.warning("round %d: client %s failed: %s", self.current_round, cid if cid is not None else f"node {node_id}", reason)
+
+    # ---- Strategy hooks
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.params.to_arrays())
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        rnd = self.start_round + server_round
+        if self._stopped(rnd):
+            return []
+        self.current_round = rnd
+        self._t0 = time.perf_counter()
+        self._row = {"round": rnd, "sampled": 0, "participants": 0, "failures": 0}
+        proxies = self._resolve_ids(client_manager)
+        by_id = {self.client_ids[p.cid]: p for p in proxies}
+        chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.seed, server_round=rnd)
+        self._row["sampled"] = len(chosen)
+        config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
+        ins = FitIns(parameters, config)
+        return [(by_id[c], ins) for c in chosen]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
+        self._row["failures"] = len(failures)
+        expected = [a.shape for a in self.params.to_arrays()]
+        updates, losses = [], []
+        # Deterministic order: the sum does not depend on which reply came first.
+        for proxy, res in sorted(results, key=lambda r: self.client_ids.get(r[0].cid, -1)):
+            arrays = parameters_to_ndarrays(res.parameters)
+            problem = _validate_update(arrays, expected)
+            if problem:
+                self.note_failure(proxy.node_id, f"update refused: {problem}")
+                self._row["failures"] += 1
+                continue
+            updates.append(arrays)
+            if keys.M_TRAIN_LOSS in res.metrics:
+                losses.append(float(res.metrics[keys.M_TRAIN_LOSS]))
+        self._row["participants"] = len(updates)
+        if not updates:
+            return None, {}
+        mean = [np.mean([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(expected))]
+        new = self.optimizer.step(self.params.to_arrays(), mean)
+        self.params = ItemParams.from_arrays(new)
+        if losses:
+            self._row["train_loss"] = float(np.mean(losses))
+        return ndarrays_to_parameters(new), {}
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        """Called by the workflow once per round after fit: per-round bookkeeping."""
+        if server_round == 0 or self._stopped(self.start_round + server_round):
+            return None
+        self._row["seconds"] = time.perf_counter() - self._t0
+        row = {"kind": "fit", **self._row}
+        self.run_dir.log_round(row)
+        self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(),
+                                     {"failures": len(self.failures)})
+        self.on_round(row)
+        return None
+
+    def _stopped(self, rnd: int) -> bool:
+        return self.stop_after is not None and rnd > self.stop_after
+
+    def _eval_phase(self, rnd: int) -> str | None:
+        last = rnd == self.cfg.fed.rounds
+        if last:
+            return "test"
+        return "valid" if rnd % self.cfg.fed.eval_every == 0 else None
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
+        phase = self._eval_phase(self.start_round + server_round)
+        if phase is None or self._stopped(self.start_round + server_round):
+            return []
+        ins = EvaluateIns(parameters, {keys.PHASE: phase, keys.SERVER_ROUND: self.start_round + server_round})
+        proxies = sorted(self._resolve_ids(client_manager), key=lambda p: self.client_ids[p.cid])
+        n = self.cfg.fed.eval_clients
+        if phase == "valid" and 0 < n < len(proxies):
+            # Monitoring: a fixed seeded subset of clients; the final test uses everyone.
+            pick = np.random.default_rng([self.cfg.seed, 0xE7]).choice(len(proxies), size=n, replace=False)
+            proxies = [proxies[i] for i in sorted(pick)]
+        return [(p, ins) for p in proxies]
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures):
+        rnd = self.start_round + server_round
+        phase = self._eval_phase(rnd)
+        users = sum(res.num_examples for _, res in results)
+        row: dict[str, Any] = {"kind": "eval", "round": rnd, "phase": phase, "users": users, "failures": len(failures)}
+        if users:
+            for name in (f"{m}@{k}" for m in RANKING_METRICS for k in EVAL_KS):
+                row[name] = sum(float(res.metrics.get(name, 0.0)) for _, res in results) / users
+        self.run_dir.log_round(row)
+        self.on_round(row)
+        return None, {k: v for k, v in row.items() if isinstance(v, float)}
+
+
+def _validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]]) -> str | None:
+    """Why an update cannot be aggregated, or None."""
+    if len(arrays) != len(shapes):
+        return f"{len(arrays)} arrays, expected {len(shapes)}"
+    for i, (a, shape) in enumerate(zip(arrays, shapes)):
+        if a.shape != shape:
+            return f"array {i} has shape {a.shape}, expected {shape}"
+        if not np.all(np.isfinite(a)):
+            return f"array {i} contains NaN or Inf"
+    return None
+
+
+def flat_metrics(row: dict[str, Any]) -> dict[str, Scalar]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float, str))}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Federated simulation on one machine with Flower's simulation engine (Ray).
+
+    python simulate.py                      # ML-100K, one client per user, defaults from RunConfig
+    python simulate.py --rounds 50 --sample-rate 0.2
+    python simulate.py --resume runs/20261127-220000
+
+Writes runs/<timestamp>/ (see server/run_dir.py) and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from common.config import RunConfig  # noqa: E402
+
+# flag -> flat config key
+FLAGS = {
+    "data": "data.source", "format": "data.format", "item_file": "data.item-file", "split": "data.split",
+    "rounds": "fed.rounds", "sample_rate": "fed.sample-rate", "local_epochs": "fed.local-epochs",
+    "client_lr": "fed.client-lr", "server_lr": "fed.server-lr", "server_opt": "fed.server-opt",
+    "eval_every": "fed.eval-every", "eval_clients": "fed.eval-clients", "partition": "fed.partition", "num_silos": "fed.num-silos",
+    "timeout": "fed.timeout", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = RunConfig().to_flat()
+    p.add_argument("--data", help=f"'ml-100k' (embedded) or a path to MovieLens/CSV/Parquet data (default {d['data.source']})")
+    p.add_argument("--format", help="auto, ml-100k, atomic, grouplens-100k, ml-1m, ml-latest, generic")
+    p.add_argument("--item-file", help="item file (item,title[,text]) for generic data")
+    p.add_argument("--split", help="random (RecBole 80/10/10), leave-last-out, cold-item")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d['fed.rounds']})")
+    p.add_argument("--sample-rate", type=float, help=f"Poisson sampling rate q (default {d['fed.sample-rate']})")
+    p.add_argument("--clients-per-round", type=int, help="expected clients per round (sets q = this / clients)")
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--client-lr", type=float)
+    p.add_argument("--server-lr", type=float)
+    p.add_argument("--server-opt", choices=["adam", "sgd"])
+    p.add_argument("--eval-every", type=int, help="validate every N rounds")
+    p.add_argument("--eval-clients", type=int, help="clients used for validation during training (0 = all)")
+    p.add_argument("--partition", choices=["user", "silo"], help="one user per client, or K silos")
+    p.add_argument("--num-silos", type=int)
+    p.add_argument("--timeout", type=float, help="seconds a round waits for clients")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--loss", choices=["softmax", "bpr", "mse"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. fed.rounds=10")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
+    p.add_argument("--stop-after", type=int, metavar="ROUND", help="stop cleanly after this round; continue later with --resume")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per simulated client (Ray)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    flat = (base or RunConfig()).to_flat()
+    for flag, key in FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            flat[key] = value
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        flat[key.strip()] = value.strip()
+    cfg = RunConfig.from_flat(flat)
+    if args.clients_per_round is not None:
+        from client.data import num_clients
+
+        n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+        cfg = cfg.replace(**{"fed.sample-rate": min(1.0, args.clients_per_round / n)})
+    return cfg
+
+
+class _WarningsOnly(logging.Filter):
+    """Flower resets its logger's level when a simulation starts; a filter survives that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_logs(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    if not verbose:
+        flwr_logger.addFilter(_WarningsOnly())
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+
+
+def run(cfg: RunConfig, run_dir, *, num_cpus: float = 0.5, progress: bool = True, verbose: bool = False,
+        stop_after: int | None = None) -> dict:
+    """Run a simulation into ``run_dir``; returns the strategy's summary."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from client.data import num_clients
+    from server.app import build_server_app
+
+    n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+    result: dict = {}
+    backend = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+               "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose,
+                             "include_dashboard": False}}
+    t0 = time.perf_counter()
+    run_simulation(server_app=build_server_app(cfg, run_dir, expected_clients=n, progress=progress, result=result,
+                                                     stop_after=stop_after),
+                   client_app=build_client_app(cfg), num_supernodes=n, backend_config=backend,
+                   verbose_logging=verbose)
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["num_clients"] = n
+    return result
+
+
+def summarize(run_dir, result: dict) -> str:
+    rows = run_dir.rounds()
+    fits = [r for r in rows if r.get("kind") == "fit"]
+    evals = [r for r in rows if r.get("kind") == "eval" and "ndcg@10" in r]
+    final = evals[-1] if evals else {}
+    secs = sum(r.get("seconds", 0.0) for r in fits)
+    updates = sum(r.get("participants", 0) for r in fits)
+    lines = [
+        f"run directory      {run_dir.path}",
+        f"clients            {result.get('num_clients')}",
+        f"rounds             {len(fits)} ({len(fits) / secs if secs else 0:.2f} rounds/s, {updates / secs if secs else 0:.1f} client-updates/s)",
+        f"client updates     {updates} ok, {sum(r.get('failures', 0) for r in fits)} failed",
+        f"wall time          {result.get('wall_seconds', 0):.1f} s",
+    ]
+    if final:
+        lines.append(f"final {final['phase']:<5} ({final['users']} users, full ranking)")
+        for k in ("ndcg@10", "recall@10", "hr@10", "mrr@10", "ndcg@20", "recall@20"):
+            lines.append(f"  {k:<16} {final[k]:.4f}")
+    text = "\n".join(lines)
+    (run_dir.path / "summary.md").write_text("```\n" + text + "\n```\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logs(args.verbose)
+    from server.run_dir import RunDir
+
+    if args.resume:
+        run_dir = RunDir(args.resume)
+        cfg = build_config(args, run_dir.config())
+        run_dir.check_resume(cfg)
+    else:
+        cfg = build_config(args)
+        run_dir = RunDir.create(Path(args.runs_dir), cfg)
+    print(f"fedrec simulation -> {run_dir.path}", flush=True)
+    result = run(cfg, run_dir, num_cpus=args.num_cpus, progress=not args.no_progress, verbose=args.verbose,
+                 stop_after=args.stop_after)
+    print(summarize(run_dir, result))
+    fits = [r for r in run_dir.rounds() if r.get("kind") == "fit"]
+    if fits and not any(r.get("participants", 0) for r in fits):
+        print("error: no client succeeded in any round", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
