@@ -64,8 +64,8 @@ def client_fn_for(cfg: RunConfig | None):
     return client_fn
 
 
-def build_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    return ClientApp(client_fn=client_fn_for(cfg))
+def build_client_app(cfg: RunConfig | None = None, mods: list | None = None) -> ClientApp:
+    return ClientApp(client_fn=client_fn_for(cfg), mods=mods or [])
 
 
 app = build_client_app()

@@ -1,0 +1,32 @@
+"""Shared fixtures: small data sets written to disk in the formats users have."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def write_block_csv(path: Path, n_users: int = 12, n_items: int = 48, per_user: int = 16, seed: int = 0) -> Path:
+    """Users in 4 taste groups, each preferring its own block of items (plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    block = n_items // 4
+    rows = ["user,item,rating,timestamp"]
+    for u in range(n_users):
+        group = u % 4
+        own = rng.choice(np.arange(group * block, (group + 1) * block), size=min(per_user - 4, block), replace=False)
+        other = rng.choice(np.setdiff1d(np.arange(n_items), own), size=per_user - len(own), replace=False)
+        for t, i in enumerate(np.r_[own, other]):
+            rows.append(f"u{u},i{i},{rng.integers(1, 6)},{1000 + t}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def block_csv(tmp_path: Path) -> Path:
+    return write_block_csv(tmp_path / "ratings.csv")

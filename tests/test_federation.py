@@ -1,0 +1,87 @@
+"""A real Flower simulation (Ray) of a tiny federation: run directory, resume, failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+import simulate
+from common.config import RunConfig
+from common.serialization import load_arrays
+from server.run_dir import ConfigMismatchError, RunDir
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(csv, **flat) -> RunConfig:
+    base = {"data.source": str(csv), "fed.rounds": 3, "fed.sample-rate": 0.8, "fed.eval-every": 2,
+            "fed.eval-clients": 0, "fed.timeout": 60.0, "model.dim": 8, "fed.server-lr": 0.05}
+    return RunConfig.from_flat({**base, **flat})
+
+
+def run(cfg: RunConfig, root, **kw):
+    run_dir = RunDir.create(root, cfg)
+    result = simulate.run(cfg, run_dir, progress=False, **kw)
+    return run_dir, result
+
+
+def test_tiny_federation_writes_a_complete_run_directory(block_csv, tmp_path):
+    cfg = tiny_config(block_csv)
+    run_dir, result = run(cfg, tmp_path / "runs")
+    assert result["num_clients"] == 12
+    rows = run_dir.rounds()
+    fits = [r for r in rows if r["kind"] == "fit"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["round"] for r in fits] == [1, 2, 3]
+    assert all(r["participants"] == r["sampled"] > 0 and r["failures"] == 0 for r in fits)
+    assert [e["phase"] for e in evals] == ["valid", "test"]
+    assert evals[-1]["users"] > 0 and 0 <= evals[-1]["ndcg@10"] <= 1
+    model = load_arrays(run_dir.path / "model.safetensors")
+    assert model["item_embeddings"].shape == (48, 8) and model["item_bias"].shape == (48,)
+    assert RunDir(run_dir.path).config() == cfg
+    assert "ndcg@10" in simulate.summarize(run_dir, result)
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(block_csv, tmp_path):
+    cfg = tiny_config(block_csv, **{"fed.rounds": 4})
+    full, _ = run(cfg, tmp_path / "a")
+    interrupted, _ = run(cfg, tmp_path / "b", stop_after=2)
+    assert not (interrupted.path / "model.safetensors").exists()
+    assert max(r["round"] for r in interrupted.rounds()) == 2
+    RunDir(interrupted.path).check_resume(cfg)
+    simulate.run(cfg, interrupted, progress=False)
+    a = load_arrays(full.path / "model.safetensors")
+    b = load_arrays(interrupted.path / "model.safetensors")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert [r["round"] for r in interrupted.rounds() if r["kind"] == "fit"] == [1, 2, 3, 4]
+
+
+def test_resume_with_a_changed_config_is_refused(block_csv, tmp_path):
+    cfg = tiny_config(block_csv)
+    run_dir = RunDir.create(tmp_path, cfg)
+    with pytest.raises(ConfigMismatchError, match=r"fed.server-lr: 0.05 -> 0.1"):
+        run_dir.check_resume(cfg.replace(**{"fed.server-lr": 0.1}))
+
+
+def _fail_client_3(msg: Message, context, call_next):
+    # A device that crashes while training.
+    if msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == 3:
+        raise RuntimeError("simulated device crash")
+    return call_next(msg, context)
+
+
+def test_a_failing_client_is_counted_and_the_round_goes_on(block_csv, tmp_path, monkeypatch, caplog):
+    from client import app as client_app
+
+    cfg = tiny_config(block_csv, **{"fed.rounds": 2, "fed.sample-rate": 1.0})
+    monkeypatch.setattr(simulate, "build_client_app", None, raising=False)
+    original = client_app.build_client_app
+    monkeypatch.setattr(client_app, "build_client_app", lambda c: original(c, mods=[_fail_client_3]))
+    with caplog.at_level("WARNING", logger="server.strategy"):
+        run_dir, _ = run(cfg, tmp_path / "runs")
+    fits = [r for r in run_dir.rounds() if r["kind"] == "fit"]
+    assert [r["failures"] for r in fits] == [1, 1]
+    assert [r["participants"] for r in fits] == [11, 11]
+    assert "client 3 failed" in caplog.text
