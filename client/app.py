@@ -19,6 +19,7 @@ from common import keys
 from common.config import RunConfig
 from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
+from common.privacy.dp_fedavg import clip_update
 from client.data import simulated_client_data
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,11 @@ class RecClient(NumPyClient):
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
+        arrays = update.to_arrays()
+        if keys.CLIP_NORM in config:  # DP: bound this user's influence before anything leaves
+            arrays, _ = clip_update(arrays, float(config[keys.CLIP_NORM]))
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
-        return update.to_arrays(), 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
+        return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
 
     def evaluate(self, parameters, config):
         params = ItemParams.from_arrays(parameters)

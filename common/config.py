@@ -96,11 +96,32 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """User-level DP-FedAvg: client-side clipping, server-side Gaussian noise, Poisson sampling."""
+
+    enabled: bool = True
+    noise_multiplier: float = 1.0  # σ: noise std on the sum is σ·clip
+    clip: float = 1.0  # C: L2 bound of one client's whole update
+    delta: float = 1e-4
+    target_epsilon: float = 0.0  # > 0: stop before a round whose release would exceed it
+    accountant: str = "rdp"  # which accountant enforces target-epsilon (both are reported)
+    noise_seed: int = -1  # -1: secure noise from os.urandom; ≥ 0: seeded (tests/debugging only)
+
+    def __post_init__(self) -> None:
+        _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
+        _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
+        _check(0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
+        _check(self.target_epsilon >= 0, f"dp.target-epsilon must be ≥ 0 (0 = no cap), got {self.target_epsilon}")
+        _check(self.accountant in ("rdp", "pld"), f"dp.accountant must be rdp or pld, got {self.accountant!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     seed: int = 0
 
     # ---- flat <-> nested
@@ -141,7 +162,7 @@ class RunConfig:
         return RunConfig.from_flat({**self.to_flat(), **flat})
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig, "dp": DPConfig}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

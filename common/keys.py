@@ -5,6 +5,7 @@ SERVER_ROUND = "server-round"
 CLIENT_LR = "client-lr"
 LOCAL_EPOCHS = "local-epochs"
 PHASE = "phase"  # evaluation phase: "valid" or "test"
+CLIP_NORM = "clip-norm"  # DP: L2 bound the client applies to its whole update before sending
 
 # Properties a client reports once (a pseudonymous id: which partition/device it is).
 PROP_QUERY = "fedrec-identity"

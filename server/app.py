@@ -55,15 +55,17 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     n_items = catalog_size(cfg)
     params = init_items(n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
-    start = 0
+    start, extra = 0, {}
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
-        start, params, opt_state, _ = checkpoint
+        start, params, opt_state, extra = checkpoint
         optimizer.load_state_dict(opt_state)
         run_dir.truncate_metrics(start)
         log.info("resuming %s after round %d", run_dir.path, start)
     bar = _Progress(cfg.fed.rounds, start, progress)
     strategy = FedRecStrategy(cfg, run_dir, params, optimizer, start_round=start, on_round=bar)
+    if strategy.ledger is not None and "ledger" in extra:
+        strategy.ledger.load_state_dict(extra["ledger"])  # ε spent before the interruption stays spent
     strategy.expected_clients = expected_clients
     strategy.stop_after = stop_after
     remaining = cfg.fed.rounds - start

@@ -7,6 +7,8 @@ Layout::
       metrics.jsonl        one JSON object per round
       checkpoint.safetensors + checkpoint.json   global model, optimizer state, last round
       model.safetensors    the final global model (item embeddings, item biases)
+      ledger.json          the privacy ledger: every DP mechanism that ran (absent without DP)
+      privacy_report.{json,md,html}  written at the end of the run (server/report.py)
       summary.md           a short table written at the end
 """
 
@@ -87,6 +89,14 @@ class RunDir:
         params = ItemParams(arrays[keys.ITEM_PARAM_NAMES[0]], arrays[keys.ITEM_PARAM_NAMES[1]])
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
         return int(info.pop("round")), params, opt, info
+
+    def save_ledger(self, state: dict[str, Any], *, secure_noise: bool) -> None:
+        """``ledger.json``: every mechanism that ran (the privacy report is computed from it)."""
+        write_json(self.path / "ledger.json", {"ledger": state, "secure_noise": secure_noise})
+
+    def load_ledger(self) -> dict[str, Any] | None:
+        path = self.path / "ledger.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def save_model(self, params: ItemParams) -> None:
         save_arrays(self.path / "model.safetensors",

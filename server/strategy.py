@@ -29,6 +29,8 @@ from common.config import RunConfig
 from common.federated import EVAL_KS, ServerOptimizer, poisson_sample
 from common.metrics import RANKING_METRICS
 from common.mf import ItemParams
+from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy.dp_fedavg import GaussianNoise, noisy_mean
 from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ class FedRecStrategy(Strategy):
         self.grid = None  # set by the ServerApp: the (bounded) grid, for the identity query
         self.elapsed = 0.0
         self.stop_after: int | None = None  # stop cleanly after this round (resume later)
+        self.secure_aggregation = False  # results carry the survivors' mean (SecAgg+), not updates
+        dp = cfg.dp
+        self.ledger = PrivacyLedger(delta=dp.delta, neighbouring=Neighbouring.USER) if dp.enabled else None
+        self.noise = GaussianNoise(None if dp.noise_seed < 0 else dp.noise_seed)
+        self.budget_stopped_at: int | None = None
+        self._released = False
 
     # ---- identities
     def _resolve_ids(self, client_manager: ClientManager) -> list[ClientProxy]:
@@ -89,15 +97,27 @@ class FedRecStrategy(Strategy):
         rnd = self.start_round + server_round
         if self._stopped(rnd):
             return []
+        if self.ledger is not None and self.cfg.dp.target_epsilon > 0 and self.ledger.would_exceed(
+                self._event(rnd), target_epsilon=self.cfg.dp.target_epsilon, accountant=Accountant(self.cfg.dp.accountant)):
+            self.budget_stopped_at = rnd
+            log.warning("round %d would exceed the privacy budget ε=%.3g: stopping after round %d",
+                        rnd, self.cfg.dp.target_epsilon, rnd - 1)
+            self.run_dir.log_round({"kind": "stop", "round": rnd, "reason": "privacy budget"})
+            return []
         self.current_round = rnd
         self._t0 = time.perf_counter()
+        self._released = False
         self._row = {"round": rnd, "sampled": 0, "participants": 0, "failures": 0}
         proxies = self._resolve_ids(client_manager)
         by_id = {self.client_ids[p.cid]: p for p in proxies}
         chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.seed, server_round=rnd)
         self._row["sampled"] = len(chosen)
         config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
-        ins = FitIns(parameters, config)
+        if self.ledger is not None:
+            config[keys.CLIP_NORM] = self.cfg.dp.clip
+        # The strategy's parameters are the source of truth (a noise-only release may have
+        # changed them in a round where nobody was sampled).
+        ins = FitIns(ndarrays_to_parameters(self.params.to_arrays()), config)
         return [(by_id[c], ins) for c in chosen]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
@@ -118,37 +138,77 @@ class FedRecStrategy(Strategy):
         self._row["participants"] = len(updates)
         if not updates:
             return None, {}
-        mean = [np.mean([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(expected))]
-        new = self.optimizer.step(self.params.to_arrays(), mean)
-        self.params = ItemParams.from_arrays(new)
+        if self.secure_aggregation:  # every result carries the survivors' mean
+            total = [np.asarray(a, dtype=np.float64) * len(updates) for a in updates[0]]
+        else:
+            total = [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(expected))]
+        self._release(total, len(updates))
         if losses:
             self._row["train_loss"] = float(np.mean(losses))
-        return ndarrays_to_parameters(new), {}
+        return ndarrays_to_parameters(self.params.to_arrays()), {}
+
+    # ---- the release: DP noise, server optimizer, privacy ledger
+    @property
+    def population(self) -> int:
+        return max(len(self.client_ids), 1)
+
+    def _event(self, rnd: int) -> MechanismEvent:
+        return MechanismEvent(noise_multiplier=self.cfg.dp.noise_multiplier, sample_rate=self.cfg.fed.sample_rate,
+                              steps=1, neighbouring=Neighbouring.USER, parameters=keys.ITEM_PARAM_NAMES, round=rnd)
+
+    def _release(self, total: list[np.ndarray] | None, n: int) -> None:
+        """Turn the round's sum of updates (None: nobody reported) into the next global model.
+        With DP the noise is added exactly once here, and the round is charged to the ledger."""
+        if self._released:
+            raise RuntimeError(f"round {self.current_round} released twice")
+        self._released = True
+        shapes = [a.shape for a in self.params.to_arrays()]
+        if total is None:
+            if self.ledger is None:
+                return  # no DP and no update: the model is unchanged
+            total = [np.zeros(s) for s in shapes]
+        if self.ledger is not None:
+            dp = self.cfg.dp
+            mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                              expected_cohort=self.cfg.fed.sample_rate * self.population, noise=self.noise)
+            self.ledger.record(self._event(self.current_round))
+            self._row["epsilon"] = self.ledger.epsilon(Accountant.RDP)
+        else:
+            mean = [t / n for t in total]
+        self.params = ItemParams.from_arrays(self.optimizer.step(self.params.to_arrays(), mean))
 
     def evaluate(self, server_round: int, parameters: Parameters):
         """Called by the workflow once per round after fit: per-round bookkeeping."""
         if server_round == 0 or self._stopped(self.start_round + server_round):
             return None
+        if not self._released:  # nobody sampled or nobody reported: with DP, noise is still released
+            self._release(None, 0)
         self._row["seconds"] = time.perf_counter() - self._t0
         row = {"kind": "fit", **self._row}
         self.run_dir.log_round(row)
-        self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(),
-                                     {"failures": len(self.failures)})
+        extra: dict[str, Any] = {"failures": len(self.failures)}
+        if self.ledger is not None:
+            extra["ledger"] = self.ledger.state_dict()
+            self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure)
+        self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(), extra)
         self.on_round(row)
         return None
 
     def _stopped(self, rnd: int) -> bool:
+        if self.budget_stopped_at is not None and rnd >= self.budget_stopped_at:
+            return True
         return self.stop_after is not None and rnd > self.stop_after
 
     def _eval_phase(self, rnd: int) -> str | None:
-        last = rnd == self.cfg.fed.rounds
+        last = rnd == self.cfg.fed.rounds or (self.budget_stopped_at is not None and rnd == self.budget_stopped_at)
         if last:
             return "test"
         return "valid" if rnd % self.cfg.fed.eval_every == 0 else None
 
     def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
-        phase = self._eval_phase(self.start_round + server_round)
-        if phase is None or self._stopped(self.start_round + server_round):
+        rnd = self.start_round + server_round
+        phase = self._eval_phase(rnd)
+        if phase is None or (self._stopped(rnd) and rnd != self.budget_stopped_at):
             return []
         ins = EvaluateIns(parameters, {keys.PHASE: phase, keys.SERVER_ROUND: self.start_round + server_round})
         proxies = sorted(self._resolve_ids(client_manager), key=lambda p: self.client_ids[p.cid])

@@ -1,0 +1,323 @@
+"""The ``fedrec`` command line: data, centralised baseline, privacy planning and reports.
+
+    fedrec data fetch [--wheel PATH]           fetch and verify the embedded MovieLens-100K
+    fedrec data info PATH|ml-100k              load a data set and print what was read
+    fedrec train-central [--data ...]          train the centralised MF baseline into runs/<timestamp>/
+    fedrec privacy plan --target-epsilon ...   the noise multiplier a privacy budget allows
+    fedrec report RUN_DIR                      (re)write the privacy report of a run
+
+Mistakes in what the user typed (a bad path, an unknown config key, a number out of range)
+end with one line on stderr and exit status 2, never a traceback. Heavy modules (torch, the
+privacy accountants) are imported inside the commands, so ``fedrec --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "fedrec"
+EXIT_USAGE = 2  # argparse's own status for bad arguments; used for every user mistake
+
+# train-central flag -> flat config key (the keys simulate.py's --set takes)
+CENTRAL_FLAGS = {
+    "data": "data.source", "format": "data.format", "item_file": "data.item-file", "split": "data.split",
+    "epochs": "central.epochs", "lr": "central.lr", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
+}
+# metric key -> label in the train-central table
+TABLE_METRICS = (("ndcg@10", "NDCG@10"), ("recall@10", "Recall@10"), ("hr@10", "HR@10"), ("mrr@10", "MRR@10"),
+                 ("coverage@10", "coverage@10"), ("novelty@10", "novelty@10"))
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------- argument types
+def _number(kind: Callable[[str], Any], name: str, check: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, "an integer", lambda v: v >= 1, "an integer >= 1")
+positive_float = _number(float, "a number", lambda v: v > 0, "a number > 0")
+probability = _number(float, "a number", lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+sample_rate = _number(float, "a number", lambda v: 0 < v <= 1, "a sampling rate 0 < q <= 1")
+any_int = _number(int, "an integer", lambda v: True, "an integer")
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from common.data.readers import FORMATS  # light: numpy only
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does (downloads, ...)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # ---- data
+    data = commands.add_parser("data", help="fetch the embedded data set or check your own files",
+                               description="Fetch the embedded MovieLens-100K, or check that a data set reads.")
+    data_cmds = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    fetch = data_cmds.add_parser(
+        "fetch", help="fetch and verify MovieLens-100K (from the recbole 1.2.1 wheel)",
+        description="Fetch MovieLens-100K into the cache ($FEDREC_CACHE or ~/.cache/fedrec), check its "
+                    "SHA-256 digests and print a summary. Without network access, download the wheel "
+                    "elsewhere and pass it with --wheel.")
+    fetch.add_argument("--wheel", metavar="PATH", help="an already downloaded recbole-1.2.1 wheel (offline use)")
+    fetch.set_defaults(handler=cmd_data_fetch)
+
+    info = data_cmds.add_parser(
+        "info", help="load a data set and print what was read",
+        description="Load a data set exactly as training would and print its size and the reader's notes "
+                    "(dropped duplicates, ignored columns). A file that cannot be read is reported with "
+                    "its file and line.")
+    info.add_argument("source", metavar="PATH_OR_ml-100k",
+                      help="'ml-100k' (embedded), a directory of MovieLens files, or a CSV/TSV/Parquet file")
+    info.add_argument("--format", default="auto", choices=FORMATS, help="file format (default: auto-detect)")
+    info.add_argument("--item-file", metavar="FILE", help="item file item,title[,text] for generic data")
+    info.set_defaults(handler=cmd_data_info)
+
+    # ---- train-central
+    central = commands.add_parser(
+        "train-central", help="train the centralised MF baseline",
+        description="Train the centralised matrix-factorisation baseline (the number every federated run "
+                    "is compared to), early-stopped on validation NDCG@10, and write a run directory "
+                    "(config.json, central_metrics.json, model.safetensors).")
+    central.add_argument("--data", metavar="SOURCE", help="'ml-100k' (embedded, default) or a path to your data")
+    central.add_argument("--format", choices=FORMATS, help="file format of --data (default: auto-detect)")
+    central.add_argument("--item-file", metavar="FILE", help="item file item,title[,text] for generic data")
+    central.add_argument("--split", choices=("random", "leave-last-out", "cold-item"),
+                         help="random (RecBole 80/10/10 per user, default), leave-last-out, cold-item")
+    central.add_argument("--epochs", type=positive_int, help="maximum epochs (default 60)")
+    central.add_argument("--dim", type=positive_int, help="embedding dimension (default 64)")
+    central.add_argument("--loss", choices=("softmax", "bpr", "mse"), help="training loss (default softmax)")
+    central.add_argument("--lr", type=positive_float, help="Adam learning rate (default 0.01)")
+    central.add_argument("--seed", type=any_int, help="seed of initialisation and batching (default 0)")
+    central.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="any config key, e.g. central.patience=10 or data.seed=1 (repeatable)")
+    central.add_argument("--runs-dir", default="runs", metavar="DIR", help="where run directories go (default runs)")
+    central.add_argument("--no-progress", action="store_true", help="no progress bar")
+    central.set_defaults(handler=cmd_train_central)
+
+    # ---- privacy
+    privacy = commands.add_parser("privacy", help="plan a differentially private run",
+                                  description="Privacy planning before a run starts.")
+    privacy_cmds = privacy.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
+    plan = privacy_cmds.add_parser(
+        "plan", help="the noise multiplier that meets a target epsilon",
+        description="Find the smallest noise multiplier sigma (on a 0.001 grid) whose epsilon, under the chosen "
+                    "accountant, is at most the target, then show what that sigma costs under both RDP and PLD. "
+                    "Give the sampling rate directly or as expected clients per round out of a population.")
+    plan.add_argument("--target-epsilon", type=positive_float, required=True, metavar="E",
+                      help="privacy budget epsilon of the whole run")
+    plan.add_argument("--delta", type=probability, required=True, metavar="D", help="delta of the guarantee")
+    plan.add_argument("--rounds", type=positive_int, required=True, metavar="R", help="rounds of the run")
+    rate = plan.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--sample-rate", type=sample_rate, metavar="q", help="Poisson sampling rate per round")
+    rate.add_argument("--clients-per-round", type=positive_int, metavar="K",
+                      help="expected clients per round (needs --population)")
+    plan.add_argument("--population", type=positive_int, metavar="N", help="number of clients (with --clients-per-round)")
+    plan.add_argument("--steps-per-round", type=positive_int, default=1, metavar="S",
+                      help="noisy steps per round (local DP-SGD steps; 1 for DP-FedAvg, default)")
+    plan.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+                      help="accountant the plan must satisfy (default rdp, the conservative one)")
+    plan.set_defaults(handler=cmd_privacy_plan)
+
+    # ---- report
+    report = commands.add_parser("report", help="(re)write the privacy report of a run",
+                                 description="(Re)write the privacy report of a run directory.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<timestamp>)")
+    report.set_defaults(handler=cmd_report)
+    return parser
+
+
+# ---------------------------------------------------------------- data
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from common.data.embedded import fetch_ml100k
+    from common.data.errors import DataUnavailableError
+    from common.data.readers import read_atomic
+
+    if args.wheel is not None and not Path(args.wheel).is_file():
+        raise UserError(f"--wheel {args.wheel}: no such file")
+    try:
+        directory = fetch_ml100k(wheel=args.wheel)
+    except DataUnavailableError as exc:
+        raise UserError(str(exc)) from None
+    print(f"MovieLens-100K (SHA-256 verified) in {directory}")
+    print(read_atomic(directory, "ml-100k").summary())
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    data = _load(args.source, args.format, args.item_file)
+    print(data.summary())
+    print(f"ratings: {'explicit' if data.explicit else 'implicit (no rating column: every row counts as 1)'}")
+    for line in data.report:
+        print(f"note: {line}")
+    return 0
+
+
+def _load(source: str, fmt: str, item_file: str | None):  # -> Interactions
+    from common.data import DataError, DataUnavailableError, load_interactions
+
+    try:
+        return load_interactions(source, fmt, item_file or None)
+    except (DataError, DataUnavailableError) as exc:
+        raise UserError(str(exc)) from None
+
+
+# ---------------------------------------------------------------- train-central
+def central_config(args: argparse.Namespace):  # -> RunConfig
+    """The run config of ``train-central``: defaults, then flags, then ``--set`` (the last wins)."""
+    from common.config import RunConfig
+
+    flat: dict[str, Any] = {}
+    for flag, key in CENTRAL_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            flat[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        flat[key.strip()] = value.strip()
+    try:
+        return RunConfig.from_flat(flat)
+    except ValueError as exc:  # unknown key, wrong type, value out of range: the key is named
+        raise UserError(str(exc)) from None
+
+
+def cmd_train_central(args: argparse.Namespace) -> int:
+    cfg = central_config(args)
+    if Path(args.runs_dir).exists() and not Path(args.runs_dir).is_dir():
+        raise UserError(f"--runs-dir {args.runs_dir}: exists and is not a directory")
+    from common.central import train_central
+    from common.data.splits import split_interactions
+    from common.serialization import write_json
+    from server.run_dir import RunDir
+
+    data = _load(cfg.data.source, cfg.data.format, cfg.data.item_file)
+    try:
+        split = split_interactions(data, cfg.data.split, seed=cfg.data.seed, cold_fraction=cfg.data.cold_fraction)
+    except ValueError as exc:
+        raise UserError(f"cannot split {cfg.data.source}: {exc}") from None
+    if len(split.train) == 0 or len(split.valid) == 0:
+        raise UserError(f"{cfg.data.source}: too few interactions per user for a {cfg.data.split} split "
+                        f"({len(split.train)} train, {len(split.valid)} validation rows)")
+    print(f"{data.summary()}; split {cfg.data.split}: {len(split.train)} train, {len(split.valid)} valid, "
+          f"{len(split.test)} test", flush=True)
+    result = train_central(split, cfg.model, cfg.central, seed=cfg.seed, progress=not args.no_progress)
+
+    run = RunDir.create(Path(args.runs_dir), cfg)
+    # The item side only: user vectors of a central model are the server's, not part of the artefact.
+    run.save_model(result.params)
+    write_json(run.path / "central_metrics.json", {
+        "valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
+        "seconds_to_best": result.seconds_to_best, "seconds": result.seconds, "history": result.history,
+        "split": cfg.data.split, "n_users": split.n_users, "n_items": split.n_items,
+    })
+    print(metrics_table(result.valid, result.test))
+    print(f"best epoch {result.best_epoch} ({result.seconds_to_best:.1f} s of {result.seconds:.1f} s)")
+    print(f"run directory {run.path}")
+    return 0
+
+
+def metrics_table(valid: dict[str, float], test: dict[str, float]) -> str:
+    """A small table: one row per metric, validation and test columns (full ranking)."""
+    def cell(values: dict[str, float], key: str) -> str:
+        return f"{values[key]:.4f}" if key in values else "n/a"
+
+    lines = [f"{'metric':<12} {'valid':>8} {'test':>8}"]
+    lines += [f"{label:<12} {cell(valid, key):>8} {cell(test, key):>8}" for key, label in TABLE_METRICS]
+    lines.append(f"{'users':<12} {int(valid.get('users', 0)):>8} {int(test.get('users', 0)):>8}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- privacy
+def cmd_privacy_plan(args: argparse.Namespace) -> int:
+    from common.privacy.ledger import Accountant
+    from common.privacy.plan import format_plan, plan_noise_multiplier, sample_rate_from
+
+    if args.clients_per_round is not None:
+        if args.population is None:
+            raise UserError("--clients-per-round needs --population (the number of clients)")
+        try:
+            q = sample_rate_from(args.clients_per_round, args.population)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        if args.population is not None:
+            raise UserError("--population goes with --clients-per-round, not with --sample-rate")
+        q = args.sample_rate
+    accountant = Accountant(args.accountant)
+    common = {"delta": args.delta, "rounds": args.rounds, "sample_rate": q, "steps_per_round": args.steps_per_round}
+    try:
+        sigma = plan_noise_multiplier(target_epsilon=args.target_epsilon, accountant=accountant, **common)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"noise multiplier sigma = {sigma:.3f}  (smallest on a 0.001 grid with "
+          f"{accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g}, q = {q:.4g})")
+    print(format_plan(noise_multipliers=[sigma], target_epsilon=args.target_epsilon, **common))
+    return 0
+
+
+# ---------------------------------------------------------------- report
+def cmd_report(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    try:
+        report = importlib.import_module("server.report")
+    except ModuleNotFoundError as exc:
+        if exc.name == "server.report":
+            raise UserError("privacy report not available in this version") from None
+        raise UserError(f"the privacy report needs {exc.name!r}: install it with pip install 'fedrec[server]'") from None
+    try:
+        written = report.write_report(run_dir)
+    except (ValueError, FileNotFoundError) as exc:  # not a run dir, a run without a ledger, ...
+        raise UserError(f"{run_dir}: {exc}") from None
+    for path in [written] if isinstance(written, (str, Path)) else written:
+        print(path)
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fedrec`` command line; returns the exit status (0 ok, 2 a user mistake)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, argparse printed one line)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
