@@ -32,12 +32,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -67,8 +69,8 @@ class TreeSampler:
     all its descendants (Ray's GCS, raylet and workers), and when rows appear in a run's
     metrics.jsonl (which times the evaluation phases the rows themselves do not)."""
 
-    def __init__(self, metrics: Path | None = None, interval: float = 0.5) -> None:
-        self.metrics, self.interval = metrics, interval
+    def __init__(self, metrics: Path | None = None, interval: float = 0.5, dump: Path | None = None) -> None:
+        self.metrics, self.interval, self.dump = metrics, interval, dump
         self.samples: list[tuple[float, int, int, int]] = []  # (t, total rss, driver rss, processes)
         self.row_times: list[float] = []  # time at which row i was first seen
         self.t0 = time.perf_counter()
@@ -88,8 +90,17 @@ class TreeSampler:
         self._sample()
 
     def _loop(self) -> None:
+        n = 0
         while not self._stop.wait(self.interval):
             self._sample()
+            n += 1
+            if self.dump is not None and n % 10 == 0:  # what a killed run leaves behind
+                self.write(self.dump)
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".part")
+        tmp.write_text(json.dumps({"samples": self.samples, "row_times": self.row_times}))
+        os.replace(tmp, path)
 
     def _sample(self) -> None:
         now = time.perf_counter() - self.t0
@@ -117,13 +128,15 @@ class TreeSampler:
             while len(self.row_times) < n:
                 self.row_times.append(now)
 
-    def peak(self, until: float | None = None, since: float = 0.0) -> tuple[int, int, int]:
-        """Largest summed RSS (bytes), the driver's RSS and the process count at that sample."""
-        window = [s for s in self.samples if s[0] >= since and (until is None or s[0] <= until)]
-        if not window:
-            return 0, 0, 0
-        best = max(window, key=lambda s: s[1])
-        return best[1], best[2], best[3]
+
+
+def peak(samples: list, until: float | None = None, since: float = 0.0) -> tuple[int, int, int]:
+    """Largest summed RSS (bytes) among ``samples``, the driver's RSS and the process count then."""
+    window = [s for s in samples if s[0] >= since and (until is None or s[0] <= until)]
+    if not window:
+        return 0, 0, 0
+    best = max(window, key=lambda s: s[1])
+    return int(best[1]), int(best[2]), int(best[3])
 
 
 # ---------------------------------------------------------------- runs
@@ -131,16 +144,9 @@ class TreeSampler:
 @dataclass
 class SimRun:
     name: str
-    cfg: RunConfig
     rows: list[dict[str, Any]]
-    result: dict[str, Any]
-    sampler: TreeSampler
-    stop_after: int | None = None
-    figures: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def fits(self) -> list[dict[str, Any]]:
-        return [r for r in self.rows if r.get("kind") == "fit"]
+    figures: dict[str, float]
+    complete: bool  # False: stopped at the time limit, figures are what it had done by then
 
     @property
     def final_eval(self) -> dict[str, Any]:
@@ -170,29 +176,73 @@ def dp_off(cfg: RunConfig) -> RunConfig:
 
 
 def run_sim(name: str, cfg: RunConfig, root: Path, *, num_cpus: float, progress: bool,
-            stop_after: int | None = None) -> SimRun:
+            stop_after: int | None = None, time_limit: float = 1800.0) -> SimRun:
+    """One simulation in a fresh Python process (so no run inherits another's memory, caches or
+    Ray state); killed after ``time_limit`` s, keeping the figures of what it had done."""
     run_dir = RunDir.create(root / name, cfg)
     n = cfg.fed.rounds if stop_after is None else min(stop_after, cfg.fed.rounds)
     log.info("simulation %s: %s, %d rounds, q=%.4g -> %s", name, cfg.data.source, n, cfg.fed.sample_rate, run_dir.path)
-    with TreeSampler(run_dir.path / "metrics.jsonl") as sampler:
-        result = simulate.run(cfg, run_dir, num_cpus=num_cpus, progress=progress, stop_after=stop_after)
-    result.pop("strategy", None)  # keep the result small; the run dir has everything
-    run = SimRun(name, cfg, run_dir.rounds(), result, sampler, stop_after)
-    run.figures = sim_figures(run)
-    log.info("simulation %s done: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in run.figures.items()))
+    spec = {"run_dir": str(run_dir.path), "num_cpus": num_cpus, "progress": progress, "stop_after": stop_after}
+    spec_path = run_dir.path / "bench-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    out_path, dump_path = run_dir.path / "bench-result.json", run_dir.path / "bench-samples.json"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--sim-child", str(spec_path)],
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=time_limit)
+    except subprocess.TimeoutExpired:
+        log.warning("simulation %s: stopped at the %.0f s limit; reporting what it had done", name, time_limit)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    wall = time.perf_counter() - t0
+    rows = RunDir(run_dir.path).rounds()
+    if out_path.is_file() and proc.returncode == 0:
+        out = json.loads(out_path.read_text())
+        run = SimRun(name, rows, out["figures"], True)
+    else:
+        if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+            log.error("simulation %s exited with status %s", name, proc.returncode)
+        dump = json.loads(dump_path.read_text()) if dump_path.is_file() else {"samples": [], "row_times": []}
+        result = {"num_clients": None, "wall_seconds": math.nan}
+        figures = sim_figures(rows, result, dump["samples"], dump["row_times"])
+        figures["killed_after_seconds"] = wall
+        run = SimRun(name, rows, figures, False)
+    log.info("simulation %s %s: %s", name, "done" if run.complete else "INCOMPLETE",
+             ", ".join(f"{k}={v:.4g}" for k, v in run.figures.items() if v is not None))
     return run
 
 
-def sim_figures(run: SimRun) -> dict[str, float]:
-    """Speed and memory figures of one simulation, from its metrics.jsonl and the sampler."""
-    fits = run.fits
+def _sim_child(spec_path: Path) -> int:
+    """The body of one simulation process (``--sim-child``)."""
+    spec = json.loads(spec_path.read_text())
+    run_dir = RunDir(spec["run_dir"])
+    cfg = run_dir.config()
+    sampler = TreeSampler(run_dir.path / "metrics.jsonl", dump=run_dir.path / "bench-samples.json")
+    with sampler:
+        result = simulate.run(cfg, run_dir, num_cpus=spec["num_cpus"], progress=spec["progress"],
+                              stop_after=spec["stop_after"])
+    sampler.write(run_dir.path / "bench-samples.json")
+    result = {k: v for k, v in result.items() if k in ("num_clients", "wall_seconds")}
+    figures = sim_figures(run_dir.rounds(), result, sampler.samples, sampler.row_times)
+    (run_dir.path / "bench-result.json").write_text(json.dumps({"figures": figures, "result": result}))
+    return 0
+
+
+def sim_figures(rows: list[dict[str, Any]], result: dict[str, Any], samples: list,
+                row_times: list[float]) -> dict[str, float]:
+    """Speed and memory figures of one simulation, from its metrics.jsonl rows and the samples."""
+    fits = [r for r in rows if r.get("kind") == "fit"]
     secs = [float(r.get("seconds", 0.0)) for r in fits]
     later = [float(r["seconds"]) for r in fits if r["round"] >= 2]
     parts = [int(r.get("participants", 0)) for r in fits]
     total = sum(secs)
-    s = run.sampler
     fig: dict[str, float] = {
-        "clients": float(run.result.get("num_clients", 0)),
+        "clients": float(result.get("num_clients") or math.nan),
         "rounds": float(len(fits)),
         "round1_seconds": secs[0] if secs else math.nan,
         "median_round_seconds": statistics.median(later) if later else math.nan,
@@ -203,28 +253,26 @@ def sim_figures(run: SimRun) -> dict[str, float]:
         "client_updates_per_s": sum(parts) / total if total else math.nan,
         "client_updates_per_s_rounds2": (sum(parts[1:]) / sum(later)) if later and sum(later) else math.nan,
         "failures": float(sum(int(r.get("failures", 0)) for r in fits)),
-        "wall_seconds": float(run.result.get("wall_seconds", math.nan)),
+        "wall_seconds": float(result.get("wall_seconds", math.nan)),
     }
     # Timing of the phases from when rows appeared (0.5 s resolution).
-    last_fit = max((i for i, r in enumerate(run.rows) if r.get("kind") == "fit"), default=None)
-    final = [i for i, r in enumerate(run.rows) if r.get("kind") == "eval" and r.get("phase") == "test"]
-    if last_fit is not None and last_fit < len(s.row_times):
-        t_last_fit = s.row_times[last_fit]
-        fig["startup_seconds"] = s.row_times[0] - secs[0] if s.row_times else math.nan
-        if final and final[-1] < len(s.row_times):
-            fig["final_eval_seconds"] = s.row_times[final[-1]] - t_last_fit
-            fig["final_eval_users"] = float(run.rows[final[-1]].get("users", 0))
-        evals_during = [i for i, r in enumerate(run.rows) if r.get("kind") == "eval" and r.get("phase") == "valid"]
-        if evals_during:
-            # a validation row follows its round's fit row
-            durs = [s.row_times[i] - s.row_times[i - 1] for i in evals_during if i < len(s.row_times)]
-            fig["valid_eval_seconds_median"] = statistics.median(durs) if durs else math.nan
-        peak_fit = s.peak(until=t_last_fit)
-        fig["peak_rss_fit_mb"] = peak_fit[0] / 2**20
-    peak = s.peak()
-    fig["peak_rss_mb"] = peak[0] / 2**20
-    fig["peak_rss_driver_mb"] = peak[1] / 2**20
-    fig["peak_processes"] = float(peak[2])
+    last_fit = max((i for i, r in enumerate(rows) if r.get("kind") == "fit"), default=None)
+    final = [i for i, r in enumerate(rows) if r.get("kind") == "eval" and r.get("phase") == "test"]
+    if last_fit is not None and last_fit < len(row_times):
+        t_last_fit = row_times[last_fit]
+        fig["startup_seconds"] = row_times[0] - secs[0]
+        if final and final[-1] < len(row_times):
+            fig["final_eval_seconds"] = row_times[final[-1]] - t_last_fit
+            fig["final_eval_users"] = float(rows[final[-1]].get("users", 0))
+        valid = [i for i, r in enumerate(rows) if r.get("kind") == "eval" and r.get("phase") == "valid"]
+        durs = [row_times[i] - row_times[i - 1] for i in valid if i < len(row_times)]  # after its fit row
+        if durs:
+            fig["valid_eval_seconds_median"] = statistics.median(durs)
+        fig["peak_rss_fit_mb"] = peak(samples, until=t_last_fit)[0] / 2**20
+    top = peak(samples)
+    fig["peak_rss_mb"] = top[0] / 2**20
+    fig["peak_rss_driver_mb"] = top[1] / 2**20
+    fig["peak_processes"] = float(top[2])
     return fig
 
 
@@ -269,6 +317,7 @@ SPEED_ROWS = [  # (label, figure suffix, digits)
     ("final test eval s", "final_eval_seconds", 1),
     ("final test eval users", "final_eval_users", 0),
     ("wall s", "wall_seconds", 1),
+    ("stopped at time limit, s", "killed_after_seconds", 0),
     ("peak RSS MB, rounds", "peak_rss_fit_mb", 0),
     ("peak RSS MB, whole run", "peak_rss_mb", 0),
     ("  of which driver MB", "peak_rss_driver_mb", 0),
@@ -337,10 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per simulated client (Ray)")
     parser.add_argument("--runs-dir", type=Path, help="keep the run directories here (default: a temporary one)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--time-budget", type=float, default=1500.0, metavar="S",
+                        help="seconds for the whole benchmark (default 1500); the last scale run is stopped "
+                             "when it runs out, and reports the rounds it completed")
+    parser.add_argument("--sim-child", type=Path, help=argparse.SUPPRESS)  # one simulation, in its own process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     simulate.quiet_logs(False)
     logging.getLogger("benchmarks.federated").setLevel(logging.INFO)
+    if args.sim_child:
+        return _sim_child(args.sim_child)
     progress = not args.no_progress
 
     try:
@@ -370,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # a + b. the default federated run
     default_cfg = cfg.replace(**{"fed.rounds": 4, "fed.eval-every": 2}) if args.quick else cfg
-    default = run_sim("default", default_cfg, root, num_cpus=args.num_cpus, progress=progress)
+    default = run_sim("default", default_cfg, root, num_cpus=args.num_cpus, progress=progress, time_limit=1200)
     fig.update({f"default_{k}": v for k, v in default.figures.items()})
     sims.append(("default", f"default ({default_cfg.data.source}, q={default_cfg.fed.sample_rate:g})"))
     final = default.final_eval
@@ -386,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     hundred_rounds = 3 if args.quick else 6
     hundred_cfg = cfg.replace(**{"data.source": "synthetic:1000", "fed.sample-rate": CLIENTS_PER_ROUND / 1000,
                                  "fed.rounds": hundred_rounds, "fed.eval-every": NEVER})
-    hundred = run_sim("hundred", hundred_cfg, root, num_cpus=args.num_cpus, progress=progress)
+    hundred = run_sim("hundred", hundred_cfg, root, num_cpus=args.num_cpus, progress=progress, time_limit=600)
     fig.update({f"hundred_{k}": v for k, v in hundred.figures.items()})
     sims.append(("hundred", "~100/round (synthetic:1000, q=0.1)"))
     fig["round_seconds_100_clients"] = hundred.figures["median_round_seconds"]
@@ -402,8 +457,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.scale_final_eval == "off":
                 flat["fed.rounds"], stop_after = scale_rounds + 1, scale_rounds
             scfg = cfg.replace(**flat)
-            run = run_sim(f"scale{n}", scfg, root, num_cpus=args.num_cpus, progress=progress, stop_after=stop_after)
+            left = args.time_budget - (time.perf_counter() - t_start)
+            run = run_sim(f"scale{n}", scfg, root, num_cpus=args.num_cpus, progress=progress, stop_after=stop_after,
+                          time_limit=max(120.0, left if tag == "big" else 0.6 * left))
             fig.update({f"scale{n}_{k}": v for k, v in run.figures.items()})
+            fig[f"scale{n}_complete"] = float(run.complete)
             sims.append((f"scale{n}", f"synthetic:{n}, q={scfg.fed.sample_rate:g}"))
         fig["peak_rss_10k_over_2k"] = fig[f"scale{big}_peak_rss_mb"] / fig[f"scale{small}_peak_rss_mb"]
         if f"scale{big}_peak_rss_fit_mb" in fig and f"scale{small}_peak_rss_fit_mb" in fig:

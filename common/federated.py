@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.config import FedConfig, ModelConfig
+from common.config import DPConfig, FedConfig, ModelConfig
 from common.evaluation import EvalSets
 from common.metrics import RANKING_METRICS, top_k, user_ranking_metrics
 from common.mf import ItemParams, UserData, fit_user, local_item_update, sample_negatives
+from common.privacy.dp_fedavg import GaussianNoise, noisy_mean
 
 EVAL_KS = (10, 20)
 
@@ -148,3 +149,30 @@ def poisson_sample(client_ids: list[int], rate: float, *, seed: int, server_roun
     ids = sorted(client_ids)
     draws = np.random.default_rng([seed, server_round, 0x5A3]).random(len(ids))
     return [cid for cid, x in zip(ids, draws) if x < rate]
+
+
+def server_update(params: ItemParams, total: list[np.ndarray] | None, n: int, *, optimizer: ServerOptimizer,
+                  dp: DPConfig | None, expected_cohort: float, noise: GaussianNoise) -> ItemParams:
+    """The next global model from one round's sum of (clipped) client updates.
+
+    ``total`` is None when nobody reported. Without DP: the mean over the ``n`` reporters (an
+    empty round leaves the model unchanged). With DP: Gaussian noise once on the sum, divided by
+    the expected cohort ``q·N`` (also when nobody reported: the release still happens)."""
+    if dp is None:
+        if total is None or n == 0:
+            return params
+        mean = [np.asarray(t, dtype=np.float64) / n for t in total]
+    else:
+        if total is None:
+            total = [np.zeros(a.shape) for a in params.to_arrays()]
+        mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                          expected_cohort=expected_cohort, noise=noise)
+    return ItemParams.from_arrays(optimizer.step(params.to_arrays(), mean))
+
+
+def sum_updates(updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:
+    """Sum of client updates in float64, in the given order (callers sort by client id, so the
+    result does not depend on which reply arrived first). None when there are none."""
+    if not updates:
+        return None
+    return [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(updates[0]))]

@@ -14,6 +14,7 @@ import datetime as dt
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,17 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     raw = json.loads((run_dir / "config.json").read_text())
     flat = {**RunConfig().to_flat(), **raw}  # read raw: keys added later (secagg.*) are not refused
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    dp_on = bool(flat["dp.enabled"])
-    stored = _load_ledger(run_dir) if dp_on else None
+    stored = _load_ledger(run_dir)
+    # A config written before DP existed has no dp.enabled: then only a ledger is evidence of DP.
+    dp_on = bool(raw["dp.enabled"]) if "dp.enabled" in raw else stored is not None
+    stored = stored if dp_on else None
     ledger = PrivacyLedger.from_state_dict(stored["ledger"]) if stored else None
     secure = stored.get("secure_noise", int(flat["dp.noise-seed"]) < 0) if stored else None
     population = stored.get("population", "unknown") if stored else "unknown"
     per_user = flat["fed.partition"] == "user"
-    rounds_released = len({e.round for e in ledger.events}) if ledger else 0
+    # Without DP every trained round released an un-noised model.
+    rounds_released = (len({e.round for e in ledger.events}) if ledger else
+                       sum(r.get("kind") == "fit" for r in rows))
     warnings: list[str] = []
     if dp_on and ledger is None:
         warnings.append("DP was enabled but the privacy ledger (ledger.json) is missing: ε cannot be computed.")
@@ -100,8 +105,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
                             "reason": stop.get("reason") if stop else None}
         report["guarantee"] = (f"For any one {'user' if per_user else 'client (silo)'}, everything released "
                                f"(the item model after each of {rounds_released} rounds) is "
-                               f"(ε = {eps['rdp']:.3g}, δ = {ledger.delta:g})-differentially private (RDP; "
-                               f"PLD gives ε = {eps['pld']:.3g}).")
+                               f"(ε = {_eps(eps['rdp'])}, δ = {ledger.delta:g})-differentially private (RDP; "
+                               f"PLD gives ε = {_eps(eps['pld'])}).")
         report["accounting_method"] = (
             f"ε is recomputed from the privacy ledger with Google's dp-accounting: RDP over Opacus' orders "
             f"(α = {RDP_ORDERS[0]:g}…{RDP_ORDERS[-1]:g}, {len(RDP_ORDERS)} orders) and PLD (pessimistic, value "
@@ -185,7 +190,8 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool) -> list[dict[str, st
         {"party": "released model", "statement": f"The item embeddings and biases after each round are {model}."},
         {"party": "not covered", "statement": ("The server is trusted to add the noise (central DP); per-client "
                                                "metrics are not noised; timing and participation metadata "
-                                               "(who was sampled, who reported, when) are not protected.")},
+                                               "(who was sampled, who reported, when) are not protected."
+                                               if dp_on else "Nothing: without DP no release is protected.")},
     ]
 
 
@@ -193,9 +199,16 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool) -> list[dict[str, st
 def _fmt(x: Any) -> str:
     if x is None:
         return "—"
-    if isinstance(x, bool) or not isinstance(x, float):
+    if isinstance(x, bool):
+        return "on" if x else "off"
+    if not isinstance(x, float):
         return str(x)
     return f"{x:.4g}"
+
+
+def _eps(x: float) -> str:
+    """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
+    return f"{math.ceil(x * 1000) / 1000:.3f}"
 
 
 def _param_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
@@ -218,7 +231,15 @@ def _eps_rows(rep: dict[str, Any], limit: int = 12) -> list[tuple[int, str, str]
     rdp, pld = dict(map(tuple, rep["epsilon_history"]["rdp"])), dict(map(tuple, rep["epsilon_history"]["pld"]))
     rounds = sorted(pld) if len(pld) <= limit else [sorted(pld)[round(i * (len(pld) - 1) / (limit - 1))]
                                                      for i in range(limit)]
-    return [(r, _fmt(rdp.get(r)), _fmt(pld[r])) for r in dict.fromkeys(rounds)]
+    return [(r, _eps(rdp[r]) if r in rdp else "—", _eps(pld[r])) for r in dict.fromkeys(rounds)]
+
+
+def _final_table(ft: dict[str, Any]) -> tuple[list[str], list[tuple], str]:
+    """Final test metrics as rows of metrics by columns of cut-offs (``ndcg@10`` -> row ndcg, column @10)."""
+    ks = sorted({int(k.split("@")[1]) for k in ft if "@" in k})
+    names = sorted({k.split("@")[0] for k in ft if "@" in k})
+    rows = [(n, *(ft.get(f"{n}@{k}") for k in ks)) for n in names]
+    return ["metric", *(f"@{k}" for k in ks)], rows, f"round {ft.get('round')}, {ft.get('users')} users"
 
 
 def _md_table(header: list[str], rows: list[tuple]) -> str:
@@ -232,7 +253,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
     out += [f"> **WARNING:** {w}\n" for w in rep["warnings"]]
     if rep["epsilon"]:
         e = rep["epsilon"]
-        out.append(f"Mechanism: {rep['mechanism']}. ε = {_fmt(e['rdp'])} (RDP), {_fmt(e['pld'])} (PLD) "
+        out.append(f"Mechanism: {rep['mechanism']}. ε = {_eps(e['rdp'])} (RDP), {_eps(e['pld'])} (PLD) "
                    f"at δ = {_fmt(e['delta'])}.\n")
     out += ["## Parameters\n", _md_table(["parameter", "value"], _param_rows(rep))]
     if rep["epsilon_history"]:
@@ -240,7 +261,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
     out += ["## Utility\n", _md_table(["round", "phase", "NDCG@10", "Recall@10"],
                                       [(u["round"], u["phase"], u["ndcg@10"], u["recall@10"]) for u in rep["utility"]])]
     if rep["final_test"]:
-        out += ["Final test: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in sorted(rep["final_test"].items())) + "\n"]
+        header, rows, caption = _final_table(rep["final_test"])
+        out += [f"Final test ({caption}):\n", _md_table(header, rows)]
     rl = rep["record_level"]
     out += ["## Record-level DP (silos)\n", (_md_table(list(rl["summary"]), [tuple(rl["summary"].values())])
                                             if rl["used"] else "") + rl["note"] + "\n"]
@@ -258,6 +280,7 @@ def _plots(rep: dict[str, Any]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots: dict[str, str] = {}
     hist, util = rep["epsilon_history"], rep["utility"]
@@ -272,7 +295,8 @@ def _plots(rep: dict[str, Any]) -> dict[str, str]:
                 if rep["budget"]["target_epsilon"]:
                     ax.axhline(rep["budget"]["target_epsilon"], ls="--", color="#b3261e", label="target ε")
                 ax.set(title=f"ε over rounds (δ = {rep['epsilon']['delta']:g})", xlabel="round", ylabel="ε")
-                ax.set_ylim(bottom=0)
+                top = max([p[1] for p in hist["rdp"] + hist["pld"]] + [rep["budget"]["target_epsilon"] or 0])
+                ax.set_ylim(0, top * 1.12)
             else:
                 for phase, style in (("valid", dict(marker="o", color="#2e7d32")),
                                      ("test", dict(marker="*", ms=14, ls="none", color="#6a1b9a"))):
@@ -280,13 +304,17 @@ def _plots(rep: dict[str, Any]) -> dict[str, str]:
                     if pts:
                         ax.plot(*zip(*pts), label=phase, **style)
                 ax.set(title="Utility: NDCG@10", xlabel="round", ylabel="NDCG@10")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.margins(x=0.05, y=0.12)
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize=9)
         plots["main"] = _png(fig, plt)
     rl = rep["record_level"]
     if rl["used"] and rl["client_epsilons"]:
         fig, ax = plt.subplots(figsize=(5.6, 3.2))
-        ax.hist(rl["client_epsilons"], bins=min(20, max(5, len(rl["client_epsilons"]) // 2)), color="#1f5fa8")
+        ax.hist(rl["client_epsilons"], bins=min(20, max(5, len(rl["client_epsilons"]) // 2)), color="#1f5fa8",
+                edgecolor="white")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(title="Record-level ε per client", xlabel="ε", ylabel="clients")
         plots["hist"] = _png(fig, plt)
     return plots
@@ -307,17 +335,24 @@ margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}.meta{color:#666
 .bad{background:#fdecea;border:2px solid #b3261e;color:#8c1d18;font-weight:600;font-size:18px}
 .warn{background:#fff4e0;border:1px solid #e6a23c;color:#7a4a00;padding:10px 16px;margin:8px 0;border-radius:6px}
 .figs{display:flex;gap:16px;flex-wrap:wrap;margin:16px 0}.big{font-size:26px;font-weight:700;margin-right:28px}
-.figs img{max-width:100%;height:auto;border:1px solid #eee}table{border-collapse:collapse;margin:8px 0}
+.cols{display:flex;gap:48px;flex-wrap:wrap;align-items:flex-start}.cols h2{margin-top:12px}.figs img{max-width:100%;height:auto;border:1px solid #eee}table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ddd;padding:5px 12px;text-align:left;vertical-align:top}th{background:#f5f5f5}
 td.n{text-align:right;font-variant-numeric:tabular-nums}footer{margin-top:32px;color:#555;font-size:13px;
 border-top:1px solid #ddd;padding-top:8px}"""
 
 
-def _html_table(header: list[str], rows: list[tuple]) -> str:
+def _html_table(header: list[str], rows: list[tuple], *, align: bool = True) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if isinstance(c, (int, float)) else ''}>"
+    body = "".join("<tr>" + "".join(f"<td{' class=n' if align and _numeric(c) else ''}>"
                                     f"{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _numeric(c: Any) -> bool:
+    try:
+        return not isinstance(c, bool) and isinstance(float(c), float)
+    except (TypeError, ValueError):
+        return False
 
 
 def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
@@ -325,7 +360,7 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
     parts = [f"<h1>Privacy report: run {esc(rep['run']['id'])}</h1>",
              f"<div class=meta>Generated {esc(rep['run']['generated_at'])} from {esc(rep['run']['path'])}</div>"]
     if e:
-        parts.append(f"<div class='box ok'><span class=big>ε = {esc(_fmt(e['rdp']))}</span>"
+        parts.append(f"<div class='box ok'><span class=big>ε = {_eps(e['rdp'])}</span>"
                      f"<span class=big>δ = {esc(_fmt(e['delta']))}</span><span class=big>"
                      f"{rep['parameters']['rounds_released']} rounds released</span><p>{esc(rep['guarantee'])}</p>"
                      f"<div class=meta>{esc(rep['mechanism'])}</div></div>")
@@ -334,15 +369,17 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
     parts += [f"<div class=warn><b>WARNING:</b> {esc(w)}</div>" for w in rep["warnings"]]
     imgs = "".join(f"<img alt='{k}' src='data:image/png;base64,{v}'>" for k, v in plots.items() if k == "main")
     parts.append(f"<div class=figs>{imgs}</div>" if imgs else "")
-    parts += ["<h2>Parameters</h2>", _html_table(["parameter", "value"], _param_rows(rep))]
+    parts += ["<h2>Parameters</h2>", _html_table(["parameter", "value"], _param_rows(rep), align=False)]
+    cols = []
     if rep["epsilon_history"]:
-        parts += ["<h2>ε over rounds</h2>", _html_table(["round", "ε (RDP)", "ε (PLD)"], _eps_rows(rep))]
-    parts += ["<h2>Utility</h2>", _html_table(["round", "phase", "NDCG@10", "Recall@10"],
-                                              [(u["round"], u["phase"], u["ndcg@10"], u["recall@10"])
-                                               for u in rep["utility"]])]
+        cols.append("<h2>ε over rounds</h2>" + _html_table(["round", "ε (RDP)", "ε (PLD)"], _eps_rows(rep)))
+    cols.append("<h2>Utility</h2>" + _html_table(["round", "phase", "NDCG@10", "Recall@10"],
+                                                 [(u["round"], u["phase"], u["ndcg@10"], u["recall@10"])
+                                                  for u in rep["utility"]]))
     if rep["final_test"]:
-        ft = rep["final_test"]
-        parts.append("<p>Final test:</p>" + _html_table(list(ft), [tuple(ft.values())]))
+        header, rows, caption = _final_table(rep["final_test"])
+        cols.append(f"<h2>Final test</h2><p>{esc(caption)}</p>" + _html_table(header, rows))
+    parts.append("<div class=cols>" + "".join(f"<div>{c}</div>" for c in cols) + "</div>")
     rl = rep["record_level"]
     parts.append("<h2>Record-level DP (silos)</h2>")
     if rl["used"]:
@@ -351,7 +388,7 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
             parts.append(f"<div class=figs><img alt=hist src='data:image/png;base64,{plots['hist']}'></div>")
     parts.append(f"<p>{esc(rl['note'])}</p>")
     if "audit" in rep:
-        parts += ["<h2>Leakage audit</h2>", _html_table(["figure", "value"], list(rep["audit"].items()))]
+        parts += ["<h2>Leakage audit</h2>", _html_table(["figure", "value"], list(rep["audit"].items()), align=False)]
     parts += ["<h2>Trust model: who sees what</h2>", _html_table(["party", "what it sees / what is covered"],
                                                                  [(t["party"], t["statement"]) for t in rep["trust_model"]])]
     if rep["accounting_method"]:

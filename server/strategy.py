@@ -26,11 +26,11 @@ from flwr.server.strategy import Strategy
 
 from common import keys
 from common.config import RunConfig
-from common.federated import EVAL_KS, ServerOptimizer, poisson_sample
+from common.federated import EVAL_KS, ServerOptimizer, poisson_sample, server_update, sum_updates
 from common.metrics import RANKING_METRICS
 from common.mf import ItemParams
 from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
-from common.privacy.dp_fedavg import GaussianNoise, noisy_mean
+from common.privacy.dp_fedavg import GaussianNoise
 from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class FedRecStrategy(Strategy):
         if self.secure_aggregation:  # every result carries the survivors' mean
             total = [np.asarray(a, dtype=np.float64) * len(updates) for a in updates[0]]
         else:
-            total = [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(expected))]
+            total = sum_updates(updates)
         self._release(total, len(updates))
         if losses:
             self._row["train_loss"] = float(np.mean(losses))
@@ -162,20 +162,12 @@ class FedRecStrategy(Strategy):
         if self._released:
             raise RuntimeError(f"round {self.current_round} released twice")
         self._released = True
-        shapes = [a.shape for a in self.params.to_arrays()]
-        if total is None:
-            if self.ledger is None:
-                return  # no DP and no update: the model is unchanged
-            total = [np.zeros(s) for s in shapes]
+        dp = self.cfg.dp if self.ledger is not None else None
+        self.params = server_update(self.params, total, n, optimizer=self.optimizer, dp=dp,
+                                    expected_cohort=self.cfg.fed.sample_rate * self.population, noise=self.noise)
         if self.ledger is not None:
-            dp = self.cfg.dp
-            mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
-                              expected_cohort=self.cfg.fed.sample_rate * self.population, noise=self.noise)
             self.ledger.record(self._event(self.current_round))
             self._row["epsilon"] = self.ledger.epsilon(Accountant.RDP)
-        else:
-            mean = [t / n for t in total]
-        self.params = ItemParams.from_arrays(self.optimizer.step(self.params.to_arrays(), mean))
 
     def evaluate(self, server_round: int, parameters: Parameters):
         """Called by the workflow once per round after fit: per-round bookkeeping."""

@@ -10,6 +10,7 @@ import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def write_block_csv(path: Path, n_users: int = 12, n_items: int = 48, per_user: int = 16, seed: int = 0) -> Path:
