@@ -32,6 +32,8 @@ FLAGS = {
     "client_lr": "fed.client-lr", "server_lr": "fed.server-lr", "server_opt": "fed.server-opt",
     "eval_every": "fed.eval-every", "eval_clients": "fed.eval-clients", "partition": "fed.partition", "num_silos": "fed.num-silos",
     "timeout": "fed.timeout", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
+    "noise_multiplier": "dp.noise-multiplier", "clip": "dp.clip", "target_epsilon": "dp.target-epsilon",
+    "delta": "dp.delta",
 }
 
 
@@ -57,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int)
     p.add_argument("--loss", choices=["softmax", "bpr", "mse"])
     p.add_argument("--seed", type=int)
+    p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (the report then says so)")
+    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
+    p.add_argument("--clip", type=float, help="DP clipping norm C of one client's update")
+    p.add_argument("--target-epsilon", type=float, help="stop before a round whose release would exceed this ε")
+    p.add_argument("--delta", type=float, help="DP δ")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. fed.rounds=10")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     p.add_argument("--stop-after", type=int, metavar="ROUND", help="stop cleanly after this round; continue later with --resume")
@@ -73,6 +80,8 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
         value = getattr(args, flag)
         if value is not None:
             flat[key] = value
+    if getattr(args, "no_dp", False):
+        flat["dp.enabled"] = False
     for item in args.set:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
@@ -147,6 +156,17 @@ def summarize(run_dir, result: dict) -> str:
         lines.append(f"final {final['phase']:<5} ({final['users']} users, full ranking)")
         for k in ("ndcg@10", "recall@10", "hr@10", "mrr@10", "ndcg@20", "recall@20"):
             lines.append(f"  {k:<16} {final[k]:.4f}")
+    ledger = run_dir.load_ledger()
+    if ledger is not None:
+        from common.privacy import Accountant, PrivacyLedger
+
+        led = PrivacyLedger.from_state_dict(ledger["ledger"])
+        lines.append(f"privacy            user-level ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
+                     f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released")
+    else:
+        lines.append("privacy            NO DP GUARANTEE (run with DP disabled)")
+    if (run_dir.path / "privacy_report.html").exists():
+        lines.append(f"privacy report     {run_dir.path / 'privacy_report.html'}")
     text = "\n".join(lines)
     (run_dir.path / "summary.md").write_text("```\n" + text + "\n```\n")
     return text

@@ -73,6 +73,7 @@ class TreeSampler:
         self.metrics, self.interval, self.dump = metrics, interval, dump
         self.samples: list[tuple[float, int, int, int]] = []  # (t, total rss, driver rss, processes)
         self.row_times: list[float] = []  # time at which row i was first seen
+        self.foreign: list[float] = []  # times at which another Ray cluster ran on this machine
         self.t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
@@ -99,7 +100,7 @@ class TreeSampler:
 
     def write(self, path: Path) -> None:
         tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps({"samples": self.samples, "row_times": self.row_times}))
+        tmp.write_text(json.dumps({"samples": self.samples, "row_times": self.row_times, "foreign": self.foreign}))
         os.replace(tmp, path)
 
     def _sample(self) -> None:
@@ -120,6 +121,12 @@ class TreeSampler:
             if p.pid == self._me.pid:
                 driver = rss
         self.samples.append((now, total, driver, count))
+        if len(self.samples) % 10 == 1:  # every ~5 s: is someone else's simulation competing for the CPUs?
+            mine = {p.pid for p in procs}
+            for proc in psutil.process_iter(["name"]):
+                if proc.info["name"] == "raylet" and proc.pid not in mine:
+                    self.foreign.append(now)
+                    break
         if self.metrics is not None and self.metrics.is_file():
             try:
                 n = sum(1 for line in self.metrics.read_text().splitlines() if line.strip())
@@ -209,7 +216,7 @@ def run_sim(name: str, cfg: RunConfig, root: Path, *, num_cpus: float, progress:
             log.error("simulation %s exited with status %s", name, proc.returncode)
         dump = json.loads(dump_path.read_text()) if dump_path.is_file() else {"samples": [], "row_times": []}
         result = {"num_clients": None, "wall_seconds": math.nan}
-        figures = sim_figures(rows, result, dump["samples"], dump["row_times"])
+        figures = sim_figures(rows, result, dump["samples"], dump["row_times"], dump.get("foreign", []))
         figures["killed_after_seconds"] = wall
         run = SimRun(name, rows, figures, False)
     log.info("simulation %s %s: %s", name, "done" if run.complete else "INCOMPLETE",
@@ -228,13 +235,13 @@ def _sim_child(spec_path: Path) -> int:
                               stop_after=spec["stop_after"])
     sampler.write(run_dir.path / "bench-samples.json")
     result = {k: v for k, v in result.items() if k in ("num_clients", "wall_seconds")}
-    figures = sim_figures(run_dir.rounds(), result, sampler.samples, sampler.row_times)
+    figures = sim_figures(run_dir.rounds(), result, sampler.samples, sampler.row_times, sampler.foreign)
     (run_dir.path / "bench-result.json").write_text(json.dumps({"figures": figures, "result": result}))
     return 0
 
 
 def sim_figures(rows: list[dict[str, Any]], result: dict[str, Any], samples: list,
-                row_times: list[float]) -> dict[str, float]:
+                row_times: list[float], foreign: list[float] = ()) -> dict[str, float]:
     """Speed and memory figures of one simulation, from its metrics.jsonl rows and the samples."""
     fits = [r for r in rows if r.get("kind") == "fit"]
     secs = [float(r.get("seconds", 0.0)) for r in fits]
@@ -273,6 +280,8 @@ def sim_figures(rows: list[dict[str, Any]], result: dict[str, Any], samples: lis
     fig["peak_rss_mb"] = top[0] / 2**20
     fig["peak_rss_driver_mb"] = top[1] / 2**20
     fig["peak_processes"] = float(top[2])
+    # ~seconds during which another Ray simulation shared the machine (checked every ~5 s)
+    fig["overlap_seconds"] = 5.0 * len(foreign)
     return fig
 
 
@@ -322,6 +331,7 @@ SPEED_ROWS = [  # (label, figure suffix, digits)
     ("peak RSS MB, whole run", "peak_rss_mb", 0),
     ("  of which driver MB", "peak_rss_driver_mb", 0),
     ("  processes at peak", "peak_processes", 0),
+    ("another simulation ran, ~s", "overlap_seconds", 0),
 ]
 
 

@@ -19,7 +19,7 @@ from common import keys
 from common.config import RunConfig
 from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
-from common.privacy.dp_fedavg import clip_update
+from common.privacy.dp_fedavg import clip_item_update
 from client.data import simulated_client_data
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class RecClient(NumPyClient):
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
         arrays = update.to_arrays()
         if keys.CLIP_NORM in config:  # DP: bound this user's influence before anything leaves
-            arrays, _ = clip_update(arrays, float(config[keys.CLIP_NORM]))
+            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
         return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
 

@@ -102,6 +102,7 @@ class DPConfig:
     enabled: bool = True
     noise_multiplier: float = 1.0  # σ: noise std on the sum is σ·clip
     clip: float = 1.0  # C: L2 bound of one client's whole update
+    bias_share: float = 0.1  # per-group clipping: biases get this share of C² (≤ 0: one flat clip)
     delta: float = 1e-4
     target_epsilon: float = 0.0  # > 0: stop before a round whose release would exceed it
     accountant: str = "rdp"  # which accountant enforces target-epsilon (both are reported)
@@ -110,6 +111,7 @@ class DPConfig:
     def __post_init__(self) -> None:
         _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
         _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
+        _check(self.bias_share < 1, f"dp.bias-share must be < 1 (≤ 0 for flat clipping), got {self.bias_share}")
         _check(0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
         _check(self.target_epsilon >= 0, f"dp.target-epsilon must be ≥ 0 (0 = no cap), got {self.target_epsilon}")
         _check(self.accountant in ("rdp", "pld"), f"dp.accountant must be rdp or pld, got {self.accountant!r}")

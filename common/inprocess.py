@@ -26,7 +26,7 @@ from common.federated import (
 )
 from common.mf import ItemParams, init_items
 from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
-from common.privacy.dp_fedavg import GaussianNoise, clip_update
+from common.privacy.dp_fedavg import GaussianNoise, clip_item_update
 
 
 @dataclass
@@ -78,10 +78,10 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
                 continue
             arrays = update.to_arrays()
             if dp is not None:
-                arrays, _ = clip_update(arrays, dp.clip)
+                arrays = clip_item_update(arrays, dp.clip, dp.bias_share)
             updates.append(arrays)
         params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer, dp=dp,
-                               expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise)
+                               expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
         row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures}
         if ledger is not None:
             ledger.record(event)

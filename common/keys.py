@@ -6,6 +6,7 @@ CLIENT_LR = "client-lr"
 LOCAL_EPOCHS = "local-epochs"
 PHASE = "phase"  # evaluation phase: "valid" or "test"
 CLIP_NORM = "clip-norm"  # DP: L2 bound the client applies to its whole update before sending
+BIAS_SHARE = "bias-share"  # DP: share of the clip norm² given to the item biases (≤ 0: flat)
 
 # Properties a client reports once (a pseudonymous id: which partition/device it is).
 PROP_QUERY = "fedrec-identity"

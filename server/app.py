@@ -78,6 +78,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     strategy.elapsed = time.perf_counter() - t0
     if stop_after is None or stop_after >= cfg.fed.rounds:
         run_dir.save_model(strategy.params)
+    try:
+        from server.report import write_report
+
+        write_report(run_dir.path)
+    except Exception:  # the model is saved; `fedrec report RUN_DIR` can retry the report
+        log.exception("could not write the privacy report for %s", run_dir.path)
     return strategy
 
 

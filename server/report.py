@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             f"ε is recomputed from the privacy ledger with Google's dp-accounting: RDP over Opacus' orders "
             f"(α = {RDP_ORDERS[0]:g}…{RDP_ORDERS[-1]:g}, {len(RDP_ORDERS)} orders) and PLD (pessimistic, value "
             f"grid {PLD_VALUE_DISCRETIZATION_INTERVAL:g}), composing one Poisson-subsampled Gaussian mechanism "
-            f"(σ, q) per release over all {len(ledger.events)} released rounds, at δ = {ledger.delta:g}. "
+            f"(σ, q) per release over all {rounds_released} released rounds, at δ = {ledger.delta:g}. "
             "Rounds where nobody reported still released noise and are charged.")
     else:
         report["guarantee"] = NO_DP if not dp_on else "NO VERIFIABLE GUARANTEE: the privacy ledger is missing."
@@ -167,11 +168,10 @@ def _record_level(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {"used": False, "note": "record-level (per-rating) DP-SGD inside silos: not used in this run"}
     data = json.loads(path.read_text())
-    values = sorted(float(v) for v in (data.values() if isinstance(data, dict) else data))
-    mid = values[len(values) // 2] if values else None
-    return {"used": True, "client_epsilons": values,
-            "summary": {"clients": len(values), "min": values[0] if values else None, "median": mid,
-                        "max": values[-1] if values else None},
+    v = sorted(float(x) for x in (data.values() if isinstance(data, dict) else data))
+    return {"used": True, "client_epsilons": v,
+            "summary": {"clients": len(v), "min": v[0], "median": v[len(v) // 2], "max": v[-1]}
+            if v else {"clients": 0},
             "note": "record-level ε of each silo's DP-SGD (one rating's neighbour): not a user-level guarantee"}
 
 
@@ -197,13 +197,9 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool) -> list[dict[str, st
 
 # ---------------------------------------------------------------- rendering
 def _fmt(x: Any) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "on" if x else "off"
-    if not isinstance(x, float):
-        return str(x)
-    return f"{x:.4g}"
+    if x is None or isinstance(x, bool):
+        return {None: "—", True: "on", False: "off"}[x]
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
 def _eps(x: float) -> str:
@@ -244,7 +240,8 @@ def _final_table(ft: dict[str, Any]) -> tuple[list[str], list[tuple], str]:
 
 def _md_table(header: list[str], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(_fmt(c).replace("|", "\\|") for c in row) + " |"
+                              for row in rows]) + "\n"
 
 
 def to_markdown(rep: dict[str, Any]) -> str:
@@ -335,24 +332,21 @@ margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}.meta{color:#666
 .bad{background:#fdecea;border:2px solid #b3261e;color:#8c1d18;font-weight:600;font-size:18px}
 .warn{background:#fff4e0;border:1px solid #e6a23c;color:#7a4a00;padding:10px 16px;margin:8px 0;border-radius:6px}
 .figs{display:flex;gap:16px;flex-wrap:wrap;margin:16px 0}.big{font-size:26px;font-weight:700;margin-right:28px}
-.cols{display:flex;gap:48px;flex-wrap:wrap;align-items:flex-start}.cols h2{margin-top:12px}.figs img{max-width:100%;height:auto;border:1px solid #eee}table{border-collapse:collapse;margin:8px 0}
+.cols{display:flex;gap:48px;flex-wrap:wrap;align-items:flex-start}.cols h2{margin-top:12px}
+.figs img{max-width:100%;height:auto;border:1px solid #eee}table{border-collapse:collapse;margin:8px 0}
 td,th{border:1px solid #ddd;padding:5px 12px;text-align:left;vertical-align:top}th{background:#f5f5f5}
 td.n{text-align:right;font-variant-numeric:tabular-nums}footer{margin-top:32px;color:#555;font-size:13px;
 border-top:1px solid #ddd;padding-top:8px}"""
 
 
+_NUMBER = re.compile(r"[-+.\deE]+")
+
+
 def _html_table(header: list[str], rows: list[tuple], *, align: bool = True) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if align and _numeric(c) else ''}>"
+    body = "".join("<tr>" + "".join(f"<td{' class=n' if align and _NUMBER.fullmatch(_fmt(c)) else ''}>"
                                     f"{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _numeric(c: Any) -> bool:
-    try:
-        return not isinstance(c, bool) and isinstance(float(c), float)
-    except (TypeError, ValueError):
-        return False
 
 
 def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
@@ -389,8 +383,8 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
     parts.append(f"<p>{esc(rl['note'])}</p>")
     if "audit" in rep:
         parts += ["<h2>Leakage audit</h2>", _html_table(["figure", "value"], list(rep["audit"].items()), align=False)]
-    parts += ["<h2>Trust model: who sees what</h2>", _html_table(["party", "what it sees / what is covered"],
-                                                                 [(t["party"], t["statement"]) for t in rep["trust_model"]])]
+    trust = [(t["party"], t["statement"]) for t in rep["trust_model"]]
+    parts += ["<h2>Trust model: who sees what</h2>", _html_table(["party", "what it sees / what is covered"], trust)]
     if rep["accounting_method"]:
         parts.append(f"<footer><b>How ε was computed.</b> {esc(rep['accounting_method'])}</footer>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Privacy report "

@@ -90,9 +90,9 @@ class RunDir:
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
         return int(info.pop("round")), params, opt, info
 
-    def save_ledger(self, state: dict[str, Any], *, secure_noise: bool) -> None:
+    def save_ledger(self, state: dict[str, Any], *, secure_noise: bool, population: int) -> None:
         """``ledger.json``: every mechanism that ran (the privacy report is computed from it)."""
-        write_json(self.path / "ledger.json", {"ledger": state, "secure_noise": secure_noise})
+        write_json(self.path / "ledger.json", {"ledger": state, "secure_noise": secure_noise, "population": population})
 
     def load_ledger(self) -> dict[str, Any] | None:
         path = self.path / "ledger.json"

@@ -115,6 +115,7 @@ class FedRecStrategy(Strategy):
         config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
         if self.ledger is not None:
             config[keys.CLIP_NORM] = self.cfg.dp.clip
+            config[keys.BIAS_SHARE] = self.cfg.dp.bias_share
         # The strategy's parameters are the source of truth (a noise-only release may have
         # changed them in a round where nobody was sampled).
         ins = FitIns(ndarrays_to_parameters(self.params.to_arrays()), config)
@@ -164,7 +165,8 @@ class FedRecStrategy(Strategy):
         self._released = True
         dp = self.cfg.dp if self.ledger is not None else None
         self.params = server_update(self.params, total, n, optimizer=self.optimizer, dp=dp,
-                                    expected_cohort=self.cfg.fed.sample_rate * self.population, noise=self.noise)
+                                    expected_cohort=self.cfg.fed.sample_rate * self.population,
+                                    noise=self.noise.for_round(self.current_round))
         if self.ledger is not None:
             self.ledger.record(self._event(self.current_round))
             self._row["epsilon"] = self.ledger.epsilon(Accountant.RDP)
@@ -181,7 +183,8 @@ class FedRecStrategy(Strategy):
         extra: dict[str, Any] = {"failures": len(self.failures)}
         if self.ledger is not None:
             extra["ledger"] = self.ledger.state_dict()
-            self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure)
+            self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure,
+                                    population=self.population)
         self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(), extra)
         self.on_round(row)
         return None

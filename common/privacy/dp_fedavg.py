@@ -36,13 +36,40 @@ def clip_update(arrays: list[np.ndarray], clip: float) -> tuple[list[np.ndarray]
     return [(np.asarray(a, dtype=np.float64) * scale).astype(np.float32) for a in arrays], True
 
 
+def clip_item_update(arrays: list[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
+    """Clip an item-side update ``[embeddings, biases]`` so its joint L2 norm is at most ``clip``.
+
+    ``bias_share`` ≤ 0: one flat clip over everything. Otherwise per-group clipping (as in
+    McMahan et al. 2018): the biases are clipped to ``clip·√share`` and the embeddings to
+    ``clip·√(1−share)``, so the joint norm is still ≤ ``clip`` and the sensitivity (hence the
+    noise and ε) is unchanged, but the biases, whose gradient is large and simple, no longer
+    crowd the embeddings out of the clipped update.
+    """
+    if bias_share <= 0:
+        return clip_update(arrays, clip)[0]
+    if not 0 < bias_share < 1:
+        raise ValueError(f"bias_share must be in (0, 1), got {bias_share}")
+    emb, bias = arrays
+    return [clip_update([emb], clip * np.sqrt(1.0 - bias_share))[0][0],
+            clip_update([bias], clip * np.sqrt(bias_share))[0][0]]
+
+
 class GaussianNoise:
     """Gaussian noise source. ``seed=None``: secure (os.urandom + Box-Muller); otherwise a
     seeded NumPy generator (reproducible, NOT for production)."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | list[int] | None = None) -> None:
         self.secure = seed is None
+        self.seed = seed
         self._rng = None if seed is None else np.random.default_rng(seed)
+
+    def for_round(self, server_round: int) -> "GaussianNoise":
+        """The source for one round: secure stays secure; a seeded source is re-derived from
+        (seed, round) so an interrupted and resumed run draws the same noise."""
+        if self.secure:
+            return self
+        base = self.seed if isinstance(self.seed, list) else [self.seed]
+        return GaussianNoise([*base, server_round])
 
     def normal(self, shape: tuple[int, ...], std: float) -> np.ndarray:
         n = int(np.prod(shape))

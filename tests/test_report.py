@@ -1,0 +1,178 @@
+"""The privacy report: ε recomputed from the ledger, honest wording, self-contained HTML."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.config import RunConfig
+from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
+from server import report as rpt
+
+SIGMA, Q, DELTA = 1.0, 0.1, 1e-4
+
+
+def _ledger(rounds: int) -> PrivacyLedger:
+    ledger = PrivacyLedger(delta=DELTA, neighbouring=Neighbouring.USER)
+    for r in range(1, rounds + 1):
+        ledger.record(MechanismEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=1, neighbouring=Neighbouring.USER,
+                                     parameters=("item_embeddings", "item_bias"), round=r))
+    return ledger
+
+
+def make_run(path: Path, *, dp: bool = True, rounds: int = 4, stop: int | None = None, secure: bool = True,
+             population: int | None = None, flat: dict[str, Any] | None = None,
+             client_epsilons: list[float] | None = None, audit: dict[str, Any] | None = None) -> Path:
+    """A run directory written by hand: config, metrics (fit/eval/stop rows), ledger."""
+    path.mkdir(parents=True)
+    cfg = RunConfig().replace(**{"dp.enabled": dp, "dp.noise-multiplier": SIGMA, "fed.sample-rate": Q,
+                                 "dp.delta": DELTA, "fed.rounds": 10, "dp.noise-seed": -1 if secure else 3})
+    (path / "config.json").write_text(json.dumps({**cfg.to_flat(), **(flat or {})}))
+    rows: list[dict[str, Any]] = []
+    for r in range(1, rounds + 1):
+        rows.append({"kind": "fit", "round": r, "sampled": 9, "participants": 9, "failures": 0, "train_loss": 7.0 - r})
+        if r % 2 == 0:
+            rows.append({"kind": "eval", "round": r, "phase": "valid", "users": 50, "ndcg@10": 0.01 * r,
+                         "recall@10": 0.02 * r})
+    if stop is not None:
+        rows.append({"kind": "stop", "round": stop, "reason": "privacy budget"})
+    rows.append({"kind": "eval", "round": rounds, "phase": "test", "users": 90, "ndcg@10": 0.1, "recall@10": 0.2,
+                 "ndcg@20": 0.12, "recall@20": 0.3})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if dp:
+        stored: dict[str, Any] = {"ledger": _ledger(rounds).state_dict(), "secure_noise": secure}
+        if population is not None:
+            stored["population"] = population
+        (path / "ledger.json").write_text(json.dumps(stored))
+    if client_epsilons is not None:
+        (path / "client_epsilons.json").write_text(json.dumps(client_epsilons))
+    if audit is not None:
+        (path / "audit.json").write_text(json.dumps(audit))
+    return path
+
+
+def _written(run: Path) -> tuple[dict[str, Any], str, str]:
+    def strict(name: str) -> None:
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    paths = rpt.write_report(run)
+    assert [p.name for p in paths] == list(rpt.FILES) and all(p.is_file() for p in paths)
+    return json.loads(paths[0].read_text(), parse_constant=strict), paths[1].read_text(), paths[2].read_text()
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
+    run = make_run(tmp_path_factory.mktemp("r") / "dp", rounds=4, population=90,
+                   client_epsilons=[1.5, 2.0, 2.5, 4.0], audit={"membership AUC <b>": 0.51})
+    return _written(run)
+
+
+@pytest.fixture(scope="module")
+def off_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
+    return _written(make_run(tmp_path_factory.mktemp("r") / "off", dp=False))
+
+
+def test_final_epsilon_is_the_ledgers(dp_run) -> None:
+    rep, md, html = dp_run
+    ledger = _ledger(4)
+    assert rep["epsilon"]["rdp"] == ledger.epsilon()
+    assert rep["epsilon"]["pld"] == ledger.epsilon(Accountant.PLD)
+    assert rep["epsilon"]["pld"] < rep["epsilon"]["rdp"]
+    assert rep["epsilon"]["delta"] == DELTA
+    assert rpt._eps(ledger.epsilon()) in md and rpt._eps(ledger.epsilon()) in html
+
+
+def test_history_increases_and_counts_released_rounds(dp_run) -> None:
+    rep, _, _ = dp_run
+    for name in ("rdp", "pld"):
+        hist = rep["epsilon_history"][name]
+        assert [r for r, _ in hist] == [1, 2, 3, 4]
+        assert all(b > a for (_, a), (_, b) in zip(hist, hist[1:]))
+    assert rep["epsilon_history"]["rdp"][-1][1] == pytest.approx(rep["epsilon"]["rdp"], rel=1e-9)
+    assert rep["parameters"]["rounds_released"] == rep["parameters"]["events"] == 4
+    assert rep["parameters"]["rounds_configured"] == 10
+    assert rep["mechanism"] == rpt.MECHANISM and rep["dp_enabled"] is True
+
+
+def test_parameters_and_trust_model(dp_run) -> None:
+    rep, md, html = dp_run
+    p = rep["parameters"]
+    assert (p["noise_multiplier"], p["clip"], p["sample_rate"], p["population"]) == (SIGMA, 1.0, Q, 90)
+    assert p["neighbouring"] == "add/remove one user's entire data" and p["noise_source"].startswith("secure")
+    assert not rep["warnings"]
+    server = next(t["statement"] for t in rep["trust_model"] if t["party"] == "server")
+    assert "in plaintext" in server and "evaluation metric sums" in server
+    assert "central DP" in md and "How ε was computed" in html
+
+
+def test_record_level_and_audit(dp_run) -> None:
+    rep, md, html = dp_run
+    assert rep["record_level"]["used"] and rep["record_level"]["summary"]["max"] == 4.0
+    assert rep["audit"] == {"membership AUC <b>": 0.51}
+    assert "membership AUC &lt;b&gt;" in html and "<b>membership" not in html  # escaped
+    assert html.count("data:image/png;base64,") == 2  # ε beside utility, record-level histogram
+
+
+def test_html_is_self_contained(dp_run, off_run) -> None:
+    for _, _, html in (dp_run, off_run):
+        assert "data:image/png;base64," in html
+        assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+        assert "<link" not in html and "<script" not in html and "@import" not in html
+
+
+def test_dp_off_says_no_guarantee(off_run) -> None:
+    rep, md, html = off_run
+    assert rpt.NO_DP in md and rpt.NO_DP in html
+    assert rep["dp_enabled"] is False and rep["mechanism"] is None
+
+    def finite_epsilons(obj: Any, under: bool = False) -> list[Any]:
+        if isinstance(obj, dict):
+            return [x for k, v in obj.items() for x in finite_epsilons(v, under or "epsilon" in k)]
+        if isinstance(obj, list):
+            return [x for v in obj for x in finite_epsilons(v, under)]
+        return [obj] if under and isinstance(obj, (int, float)) and math.isfinite(obj) else []
+
+    assert finite_epsilons(rep) == []
+    assert "ε over rounds" not in html and html.count("data:image/png;base64,") == 1  # utility only
+    assert rep["parameters"]["rounds_released"] == 4  # un-noised models were still released
+
+
+def test_budget_stop_is_reported(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", rounds=3, stop=4, flat={"dp.target-epsilon": 2.5})
+    rep, md, html = _written(run)
+    assert rep["budget"] == {"target_epsilon": 2.5, "accountant": "rdp", "stopped_before_round": 4,
+                             "reason": "privacy budget"}
+    assert "stopped before round 4" in md and "stopped before round 4" in html
+
+
+def test_seeded_noise_unknown_population_and_secagg(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", rounds=2, secure=False, flat={"secagg.enabled": True})
+    rep = rpt.build_report(run)
+    assert rep["parameters"]["population"] == "unknown"
+    assert rep["parameters"]["noise_source"].startswith("SEEDED")
+    assert any("NOT for production" in w for w in rep["warnings"])
+    server = next(t["statement"] for t in rep["trust_model"] if t["party"] == "server")
+    assert "sum of masked updates" in server
+    assert rep["record_level"]["note"].endswith("not used in this run") and "audit" not in rep
+    _, md, html = _written(run)
+    assert "NOT for production" in md and "NOT for production" in html
+
+
+def test_long_runs_sample_the_pld_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rpt, "PLD_FULL_HISTORY_MAX_ROUNDS", 4)
+    monkeypatch.setattr(rpt, "PLD_HISTORY_POINTS", 3)
+    hist = rpt.build_report(make_run(tmp_path / "run", rounds=6))["epsilon_history"]
+    assert hist["pld_subsampled_rounds"] and len(hist["rdp"]) == 6
+    full = dict(_ledger(6).epsilon_history(Accountant.PLD))
+    assert [r for r, _ in hist["pld"]] == [1, 3, 6]  # evenly spaced, first and last included
+    assert all(e == pytest.approx(full[r], rel=1e-6) for r, e in hist["pld"])
+
+
+def test_not_a_run_dir(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        rpt.build_report(tmp_path)
