@@ -13,12 +13,16 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.app.message_type import MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from common import keys
 from common.config import RunConfig
 from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
+from common.federated import validate_update
 from common.privacy.dp_fedavg import clip_item_update
 from client.data import simulated_client_data
 
@@ -41,8 +45,11 @@ class RecClient(NumPyClient):
             seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
         arrays = update.to_arrays()
-        if keys.CLIP_NORM in config:  # DP: bound this user's influence before anything leaves
+        if keys.CLIP_NORM in config:  # DP and SecAgg+: bound this user's influence before anything leaves
             arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
+        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
+        if problem:  # refuse before masking: under SecAgg+ a NaN would silently corrupt the sum
+            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
         return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
 
@@ -68,8 +75,17 @@ def client_fn_for(cfg: RunConfig | None):
     return client_fn
 
 
+def secagg_when_requested(msg, context, call_next):
+    """Run Flower's ``secaggplus_mod`` on training messages that carry the SecAgg+ protocol, and
+    pass everything else through: one ClientApp serves runs with and without SecAgg+."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def build_client_app(cfg: RunConfig | None = None, mods: list | None = None) -> ClientApp:
-    return ClientApp(client_fn=client_fn_for(cfg), mods=mods or [])
+    # Extra mods (tests: failure injection) run outside SecAgg+, like a device failing.
+    return ClientApp(client_fn=client_fn_for(cfg), mods=[*(mods or []), secagg_when_requested])
 
 
 app = build_client_app()

@@ -118,12 +118,34 @@ class DPConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ (Bell et al. 2020) through Flower's SecAggPlusWorkflow / secaggplus_mod.
+
+    Each client's update is clipped to ``dp.clip`` (also without DP noise) so every coordinate is
+    within ±clip: the protocol's quantization range is set to exactly that, so nothing is
+    silently clipped by the protocol.
+    """
+
+    enabled: bool = True
+    num_shares: int = 7  # neighbours each client shares its key with (SecAgg+: O(log n))
+    reconstruction_threshold: int = 4  # shares needed to unmask a dropped client
+    quantization_bits: int = 22  # values are quantized to 2^bits levels over [-clip, clip]
+
+    def __post_init__(self) -> None:
+        _check(self.num_shares >= 3, f"secagg.num-shares must be ≥ 3, got {self.num_shares}")
+        _check(2 <= self.reconstruction_threshold <= self.num_shares,
+               f"secagg.reconstruction-threshold must be in [2, num-shares], got {self.reconstruction_threshold}")
+        _check(8 <= self.quantization_bits <= 24, f"secagg.quantization-bits must be in [8, 24], got {self.quantization_bits}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     dp: DPConfig = field(default_factory=DPConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     seed: int = 0
 
     # ---- flat <-> nested
@@ -164,7 +186,8 @@ class RunConfig:
         return RunConfig.from_flat({**self.to_flat(), **flat})
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig, "dp": DPConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig, "dp": DPConfig,
+             "secagg": SecAggConfig}
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

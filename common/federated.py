@@ -176,3 +176,18 @@ def sum_updates(updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:
     if not updates:
         return None
     return [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(updates[0]))]
+
+
+def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bound: float = np.inf) -> str | None:
+    """Why an update cannot be aggregated (wrong count or shape, NaN/Inf, a value outside
+    ±bound), or None. Used by the client before masking and by the server after receiving."""
+    if len(arrays) != len(shapes):
+        return f"{len(arrays)} arrays, expected {len(shapes)}"
+    for i, (a, shape) in enumerate(zip(arrays, shapes)):
+        if tuple(np.shape(a)) != tuple(shape):
+            return f"array {i} has shape {tuple(np.shape(a))}, expected {tuple(shape)}"
+        if not np.all(np.isfinite(a)):
+            return f"array {i} contains NaN or Inf"
+        if np.size(a) and float(np.max(np.abs(a))) > bound * (1 + 1e-6):
+            return f"array {i} has a value of magnitude {float(np.max(np.abs(a))):.4g} > {bound:.4g}"
+    return None

@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -70,10 +70,18 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     strategy.stop_after = stop_after
     remaining = cfg.fed.rounds - start
     t0 = time.perf_counter()
+    fit_workflow = None
+    if cfg.secagg.enabled:
+        strategy.secure_aggregation = True
+        fit_workflow = SecAggPlusWorkflow(
+            num_shares=cfg.secagg.num_shares, reconstruction_threshold=cfg.secagg.reconstruction_threshold,
+            max_weight=1.0,  # every client weighs 1 (num_examples = 1)
+            clipping_range=cfg.dp.clip,  # = the client's clip bound: the protocol never clips
+            quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
     if remaining > 0:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
         strategy.grid = BoundedGrid(grid, cfg.fed.timeout, strategy.note_failure)
-        DefaultWorkflow()(strategy.grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow)(strategy.grid, legacy)
     bar.close()
     strategy.elapsed = time.perf_counter() - t0
     if stop_after is None or stop_after >= cfg.fed.rounds:

@@ -26,7 +26,7 @@ from flwr.server.strategy import Strategy
 
 from common import keys
 from common.config import RunConfig
-from common.federated import EVAL_KS, ServerOptimizer, poisson_sample, server_update, sum_updates
+from common.federated import EVAL_KS, ServerOptimizer, poisson_sample, server_update, sum_updates, validate_update
 from common.metrics import RANKING_METRICS
 from common.mf import ItemParams
 from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
@@ -113,7 +113,7 @@ class FedRecStrategy(Strategy):
         chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.seed, server_round=rnd)
         self._row["sampled"] = len(chosen)
         config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
-        if self.ledger is not None:
+        if self.ledger is not None or self.secure_aggregation:
             config[keys.CLIP_NORM] = self.cfg.dp.clip
             config[keys.BIAS_SHARE] = self.cfg.dp.bias_share
         # The strategy's parameters are the source of truth (a noise-only release may have
@@ -128,7 +128,9 @@ class FedRecStrategy(Strategy):
         # Deterministic order: the sum does not depend on which reply came first.
         for proxy, res in sorted(results, key=lambda r: self.client_ids.get(r[0].cid, -1)):
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = _validate_update(arrays, expected)
+            problem = validate_update(arrays, expected, self.clip_bound)
+            if not problem and not self.secure_aggregation and res.num_examples != 1:
+                problem = f"claimed weight {res.num_examples}, the protocol's is 1"
             if problem:
                 self.note_failure(proxy.node_id, f"update refused: {problem}")
                 self._row["failures"] += 1
@@ -149,6 +151,11 @@ class FedRecStrategy(Strategy):
         return ndarrays_to_parameters(self.params.to_arrays()), {}
 
     # ---- the release: DP noise, server optimizer, privacy ledger
+    @property
+    def clip_bound(self) -> float:
+        """Every coordinate of a clipped update lies within ±C (no bound without clipping)."""
+        return self.cfg.dp.clip if (self.ledger is not None or self.secure_aggregation) else np.inf
+
     @property
     def population(self) -> int:
         return max(len(self.client_ids), 1)
@@ -175,8 +182,15 @@ class FedRecStrategy(Strategy):
         """Called by the workflow once per round after fit: per-round bookkeeping."""
         if server_round == 0 or self._stopped(self.start_round + server_round):
             return None
-        if not self._released:  # nobody sampled or nobody reported: with DP, noise is still released
-            self._release(None, 0)
+        if not self._released:
+            if self.secure_aggregation:
+                # The protocol could not complete (too few survivors, a failure during key setup):
+                # nothing is released, so no ε is charged; the next round starts afresh.
+                self._row["abandoned"] = True
+                log.warning("round %d abandoned: secure aggregation did not complete; no release, no ε charged",
+                            self.current_round)
+            else:  # nobody sampled or nobody reported: with DP, noise is still released
+                self._release(None, 0)
         self._row["seconds"] = time.perf_counter() - self._t0
         row = {"kind": "fit", **self._row}
         self.run_dir.log_round(row)
@@ -225,18 +239,6 @@ class FedRecStrategy(Strategy):
         self.run_dir.log_round(row)
         self.on_round(row)
         return None, {k: v for k, v in row.items() if isinstance(v, float)}
-
-
-def _validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]]) -> str | None:
-    """Why an update cannot be aggregated, or None."""
-    if len(arrays) != len(shapes):
-        return f"{len(arrays)} arrays, expected {len(shapes)}"
-    for i, (a, shape) in enumerate(zip(arrays, shapes)):
-        if a.shape != shape:
-            return f"array {i} has shape {a.shape}, expected {shape}"
-        if not np.all(np.isfinite(a)):
-            return f"array {i} contains NaN or Inf"
-    return None
 
 
 def flat_metrics(row: dict[str, Any]) -> dict[str, Scalar]:
