@@ -29,8 +29,18 @@ class BoundedGrid:
         for msg in replies:
             answered.add(msg.metadata.src_node_id)
             if msg.has_error():
-                self._on_failure(msg.metadata.src_node_id, f"{msg.error.code}: {msg.error.reason.strip().splitlines()[-1] if msg.error.reason else ''}")
+                self._on_failure(msg.metadata.src_node_id, _reason(msg.error.reason))
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self._on_failure(msg.metadata.dst_node_id, f"no reply within {timeout or self._timeout:.0f} s")
         return replies
+
+
+def _reason(text: str | None) -> str:
+    """The client's own message out of Flower's error text ("...Message: <ours>'>")."""
+    if not text:
+        return "error without a reason"
+    line = text.strip().splitlines()[-1]
+    if "Message: " in line:
+        line = line.split("Message: ", 1)[1]
+    return line.rstrip("'>").strip()

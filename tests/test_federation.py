@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def tiny_config(csv, **flat) -> RunConfig:
     base = {"data.source": str(csv), "fed.rounds": 3, "fed.sample-rate": 0.8, "fed.eval-every": 2,
-            "fed.eval-clients": 0, "fed.timeout": 60.0, "model.dim": 8, "fed.server-lr": 0.05}
+            "fed.eval-clients": 0, "fed.timeout": 300.0, "model.dim": 8, "fed.server-lr": 0.05}
     return RunConfig.from_flat({**base, **flat})
 
 

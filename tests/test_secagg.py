@@ -1,0 +1,130 @@
+"""SecAgg+ through a real Flower simulation: exactness, dropouts, abandoned rounds, bad updates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+import simulate
+from common import keys
+from common.config import RunConfig
+from common.data import load_interactions
+from common.data.splits import split_interactions
+from common.evaluation import EvalSets
+from common.federated import ClientData, client_train
+from common.mf import init_items
+from common.privacy.dp_fedavg import clip_item_update
+from common.serialization import load_arrays
+from server.run_dir import RunDir
+from tests.conftest import write_block_csv
+
+pytestmark = pytest.mark.slow
+
+CLIP = 0.5
+
+
+def config(csv, **flat) -> RunConfig:
+    base = {"data.source": str(csv), "fed.rounds": 1, "fed.sample-rate": 1.0, "fed.eval-every": 10,
+            "fed.eval-clients": 0, "fed.timeout": 300.0, "model.dim": 6, "model.item-reg": 0.0,
+            "fed.server-opt": "sgd", "fed.server-lr": 1.0, "dp.enabled": False, "dp.clip": CLIP,
+            "secagg.enabled": True}
+    return RunConfig.from_flat({**base, **flat})
+
+
+def expected_mean(csv, cfg: RunConfig, clients: list[int]) -> list[np.ndarray]:
+    """The plaintext mean of these clients' clipped round-1 updates, computed directly."""
+    sets = EvalSets.from_split(split_interactions(load_interactions(str(csv)), "random", seed=0))
+    params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
+    ups = []
+    for c in clients:
+        update, _, _ = client_train(params, ClientData.from_sets(c, np.array([c]), sets), model=cfg.model,
+                                    epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
+        ups.append(clip_item_update(update.to_arrays(), CLIP, cfg.dp.bias_share))
+    return [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)], params
+
+
+def aggregated_update(run_dir: RunDir, params) -> list[np.ndarray]:
+    model = load_arrays(run_dir.path / "model.safetensors")
+    return [model["item_embeddings"].astype(np.float64) - params.embeddings, model["item_bias"].astype(np.float64) - params.bias]
+
+
+def run(cfg, root, mods=None, monkeypatch=None):
+    if mods:
+        from client import app as client_app
+
+        original = client_app.build_client_app
+        monkeypatch.setattr(client_app, "build_client_app", lambda c: original(c, mods=mods))
+    run_dir = RunDir.create(root, cfg)
+    simulate.run(cfg, run_dir, progress=False)
+    return run_dir
+
+
+def test_secagg_aggregate_equals_the_plaintext_mean_within_one_quantization_step(tmp_path):
+    csv = write_block_csv(tmp_path / "r.csv", n_users=10)
+    cfg = config(csv)
+    run_dir = run(cfg, tmp_path / "runs")
+    mean, params = expected_mean(csv, cfg, list(range(10)))
+    got = aggregated_update(run_dir, params)
+    step = 2 * CLIP / 2 ** cfg.secagg.quantization_bits
+    for g, m in zip(got, mean):
+        assert np.max(np.abs(g - m)) <= step + 1e-7  # + float32 storage of the model
+    assert np.max(np.abs(mean[0])) > 100 * step  # the comparison is not trivially satisfied
+
+
+def _stage(msg: Message) -> str | None:
+    rec = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return None if rec is None else rec.get(Key.STAGE)
+
+
+def _drop_3_and_7_while_uploading(msg: Message, context: Context, call_next):
+    pid = int(context.node_config["partition-id"])
+    if pid in (3, 7) and _stage(msg) == Stage.COLLECT_MASKED_VECTORS:
+        raise RuntimeError("device lost its connection while uploading")
+    return call_next(msg, context)
+
+
+def test_two_of_ten_dropping_during_upload_still_gives_the_survivors_mean(tmp_path, monkeypatch):
+    csv = write_block_csv(tmp_path / "r.csv", n_users=10)
+    cfg = config(csv)
+    run_dir = run(cfg, tmp_path / "runs", [_drop_3_and_7_while_uploading], monkeypatch)
+    fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
+    assert fit["participants"] == 8 and not fit.get("abandoned")
+    survivors = [c for c in range(10) if c not in (3, 7)]
+    mean, params = expected_mean(csv, cfg, survivors)
+    step = 2 * CLIP / 2 ** cfg.secagg.quantization_bits
+    for g, m in zip(aggregated_update(run_dir, params), mean):
+        assert np.max(np.abs(g - m)) <= step + 1e-7
+
+
+def _fail_key_setup_once(msg: Message, context: Context, call_next):
+    # SecAgg+ messages carry the round as their group id.
+    if int(context.node_config["partition-id"]) == 3 and _stage(msg) == Stage.SETUP and msg.metadata.group_id == "1":
+        raise RuntimeError("crash during key setup")
+    return call_next(msg, context)
+
+
+def test_a_failure_during_key_setup_abandons_the_round_without_charging_epsilon(tmp_path, monkeypatch):
+    csv = write_block_csv(tmp_path / "r.csv", n_users=10)
+    cfg = config(csv, **{"fed.rounds": 2, "dp.enabled": True, "dp.noise-seed": 0, "fed.server-opt": "adam",
+                         "fed.server-lr": 0.01})
+    run_dir = run(cfg, tmp_path / "runs", [_fail_key_setup_once], monkeypatch)
+    fits = {r["round"]: r for r in run_dir.rounds() if r["kind"] == "fit"}
+    assert fits[1].get("abandoned") is True and "epsilon" not in fits[1]
+    assert not fits[2].get("abandoned") and fits[2]["participants"] == 10
+    ledger = run_dir.load_ledger()["ledger"]
+    assert [e["round"] for e in ledger["events"]] == [2]  # only the completed round is charged
+
+
+def test_a_nan_update_is_refused_on_the_device_before_masking(block_csv):
+    from client.app import RecClient
+
+    cfg = RunConfig.from_flat({"data.source": str(block_csv), "model.dim": 4})
+    sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    client = RecClient(cfg, ClientData.from_sets(0, np.array([0]), sets), ctx)
+    params = init_items(sets.n_items, 4, seed=0)
+    params.embeddings[5, 0] = np.nan  # e.g. a corrupted download
+    with pytest.raises(ValueError, match="update refused: .*NaN"):
+        client.fit(params.to_arrays(), {keys.SERVER_ROUND: 1, keys.CLIP_NORM: CLIP, keys.BIAS_SHARE: 0.1})
