@@ -215,7 +215,10 @@ def run_sim(name: str, cfg: RunConfig, root: Path, *, num_cpus: float, progress:
         if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
             log.error("simulation %s exited with status %s", name, proc.returncode)
         dump = json.loads(dump_path.read_text()) if dump_path.is_file() else {"samples": [], "row_times": []}
-        result = {"num_clients": None, "wall_seconds": math.nan}
+        from client.data import num_clients
+
+        result = {"num_clients": num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed),
+                  "wall_seconds": math.nan}
         figures = sim_figures(rows, result, dump["samples"], dump["row_times"], dump.get("foreign", []))
         figures["killed_after_seconds"] = wall
         run = SimRun(name, rows, figures, False)

@@ -3,6 +3,9 @@
 What leaves the device each round: the dense item-side update (same shape for every client),
 a mean training loss and the number of users trained (1 on a device). The user vector stays
 in ``context.state``. Evaluation returns sums of per-user ranking metrics and a user count.
+
+On a real device (node_config ``data-path``) the data are the user's own, in a
+:class:`client.store.DeviceStore`; the received global model and the user vector are kept there.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
 from common.federated import validate_update
 from common.privacy.dp_fedavg import clip_item_update
-from client.data import simulated_client_data
+from client.data import device_client_data, keep_on_device, simulated_client_data
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +64,46 @@ class RecClient(NumPyClient):
         return 0.0, users, {k: float(v) for k, v in metrics.items()}
 
 
+class DeviceRecClient(RecClient):
+    """A real device (node_config ``data-path``): trains on its DeviceStore and keeps there the
+    global model it receives and its new user vector, so ``fedrec-client recommend`` works offline."""
+
+    def __init__(self, cfg: RunConfig, data: ClientData, context: Context, data_path: str, n_items: int) -> None:
+        super().__init__(cfg, data, context)
+        self.data_path, self.n_items = data_path, n_items
+
+    def _check(self, parameters) -> None:
+        if np.shape(parameters[0])[0] != self.n_items:
+            raise ValueError(f"the global model has {np.shape(parameters[0])[0]} items, this device's catalogue "
+                             f"{self.n_items}: import the server's items file (fedrec-client import --items)")
+
+    def fit(self, parameters, config):
+        self._check(parameters)
+        reply = super().fit(parameters, config)
+        vector = self.state.array_records[keys.STATE_USER_VECTORS].to_numpy_ndarrays()[0][0]
+        exact = int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)) == 1 and self.cfg.model.loss != "bpr"
+        keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]) - 1, self.cfg.model, self.data,
+                       vector, exact)
+        return reply
+
+    def evaluate(self, parameters, config):
+        self._check(parameters)
+        if keys.SERVER_ROUND in config:
+            keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]), self.cfg.model, self.data,
+                           None, False)
+        return super().evaluate(parameters, config)
+
+
 def client_fn_for(cfg: RunConfig | None):
     """A ``client_fn``; ``cfg=None`` reads the run config from the context (``flwr run``)."""
 
     def client_fn(context: Context):
         torch.set_num_threads(1)
         run_cfg = cfg or RunConfig.from_flat(dict(context.run_config))
+        data_path = context.node_config.get(keys.NODE_DATA_PATH)
+        if data_path:  # a real device: its own store, indexed by the item catalogue kept there
+            data, n_items = device_client_data(str(data_path))
+            return DeviceRecClient(run_cfg, data, context, str(data_path), n_items).to_client()
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
         data = simulated_client_data(run_cfg.data, pid, kind=run_cfg.fed.partition,
                                      num_silos=run_cfg.fed.num_silos, seed=run_cfg.seed)

@@ -70,7 +70,7 @@ class CentralConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    rounds: int = 120
+    rounds: int = 150
     sample_rate: float = 0.1  # Poisson sampling: each client joins a round with probability q
     local_epochs: int = 1
     client_lr: float = 1.0
@@ -100,11 +100,11 @@ class DPConfig:
     """User-level DP-FedAvg: client-side clipping, server-side Gaussian noise, Poisson sampling."""
 
     enabled: bool = True
-    noise_multiplier: float = 1.0  # σ: noise std on the sum is σ·clip
+    noise_multiplier: float = 1.03  # σ: noise std on the sum is σ·clip (ε ≈ 7.95 at the defaults)
     clip: float = 1.0  # C: L2 bound of one client's whole update
-    bias_share: float = 0.1  # per-group clipping: biases get this share of C² (≤ 0: one flat clip)
+    bias_share: float = 0.05  # per-group clipping: biases get this share of C² (≤ 0: one flat clip)
     delta: float = 1e-4
-    target_epsilon: float = 0.0  # > 0: stop before a round whose release would exceed it
+    target_epsilon: float = 8.0  # > 0: stop before a round whose release would exceed it (0: no cap)
     accountant: str = "rdp"  # which accountant enforces target-epsilon (both are reported)
     noise_seed: int = -1  # -1: secure noise from os.urandom; ≥ 0: seeded (tests/debugging only)
 

@@ -51,7 +51,7 @@ def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConf
 
 
 def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = None, progress: bool = False,
-                  on_round: Callable[[dict[str, Any]], None] | None = None) -> InProcessResult:
+                  on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True) -> InProcessResult:
     parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
     clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
     params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
@@ -94,5 +94,6 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
     result.params = params
     result.seconds = time.perf_counter() - t0
     last = result.rounds[-1]["round"] if result.rounds else 0
-    result.evals.append({"round": last, "phase": "test", **evaluate_clients(params, clients, cfg, "test")})
+    if final_eval:
+        result.evals.append({"round": last, "phase": "test", **evaluate_clients(params, clients, cfg, "test")})
     return result

@@ -1,0 +1,399 @@
+"""``fedrec-client``: the device side of fedrec on the command line.
+
+::
+
+    fedrec-client import ratings.csv [--items items.csv]   your ratings (and the server's item list)
+    fedrec-client recommend [--k 10] [--model model.safetensors --items items.csv] [--timing]
+    fedrec-client status                                   what is stored on this device
+    fedrec-client forget [--yes]                           delete all of it
+    fedrec-client join --superlink HOST:PORT --root-certificates ca.pem [--auth-key KEY] [--port 9094]
+
+Everything lives in one SQLite file, ``--db`` (default ``~/.fedrec/device.sqlite``); see
+:mod:`client.store`. ``recommend`` runs on the device: the user vector is reconstructed from
+the stored ratings and never leaves it. Mistakes in what the user typed or gave end with one
+line ``fedrec-client: error: ...`` and exit status 2.
+
+Imports stay light (no torch) until a user vector has to be fitted: a cached vector makes
+``recommend`` a NumPy-only computation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.store import (
+    DEFAULT_DB,
+    DeviceStore,
+    GlobalModel,
+    MappedRatings,
+    StoreError,
+    read_items_file,
+    user_vector_fingerprint,
+)
+from common.data.errors import DataError
+from common.keys import ITEM_PARAM_NAMES, NODE_DATA_PATH
+from common.serialization import load_arrays
+
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API (the ClientApp talks to it) stays on this device
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit status 2."""
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return Path(args.db).expanduser().absolute()
+
+
+# ---------------------------------------------------------------- import
+
+def cmd_import(args: argparse.Namespace) -> int:
+    if args.ratings is None and args.items is None:
+        raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
+    items = read_items_file(args.items) if args.items else None  # validate both files before storing either
+    with DeviceStore(_db(args)) as store:
+        if items is not None:
+            dropped = store.set_catalog(*items)
+            print(f"{args.items}: item catalogue of {len(items[0])} items stored"
+                  + ("; the stored global model indexed another item list and was dropped" if dropped else ""))
+        if args.ratings is not None:
+            report = store.import_ratings(args.ratings)
+            print(report.summary())
+            catalog = store.catalog()[0]
+            if catalog:
+                unknown = store.map_ratings({item: i for i, item in enumerate(catalog)}).unknown
+                if unknown:
+                    print(f"note: {len(unknown)} rated items are not in the item catalogue and will not be used: "
+                          f"{_some(unknown)}")
+        counts = store.counts()
+    print(f"{_db(args)}: {counts['ratings']} ratings, {counts['catalog']} catalogue items")
+    return 0
+
+
+def _some(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f", ... ({len(ids) - n} more)" if len(ids) > n else "")
+
+
+# ---------------------------------------------------------------- recommend
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: int  # index in the model
+    score: float
+    because: int  # index of the most similar item the user liked
+    similarity: float  # cosine of the two item embeddings
+
+
+def rank_items(model: GlobalModel, vector: np.ndarray, rated: MappedRatings, k: int,
+               exclude: Sequence[int] = ()) -> list[Recommendation]:
+    """Top-``k`` items by ``u·v + b``, rated and ``exclude``d items left out, each with the liked
+    item (rating ≥ the user's mean rating) whose embedding is most similar (cosine)."""
+    scores = model.embeddings @ vector.astype(np.float32) + model.bias
+    scores[rated.items] = -np.inf
+    scores[np.asarray(exclude, dtype=np.int64)] = -np.inf
+    k = min(k, int(np.isfinite(scores).sum()))
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    liked = rated.items[rated.ratings >= rated.ratings.mean()]
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        e = model.embeddings[rows].astype(np.float64)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    cosine = unit(top) @ unit(liked).T
+    best = np.argmax(cosine, axis=1)
+    return [Recommendation(int(i), float(scores[i]), int(liked[b]), float(cosine[r, b]))
+            for r, (i, b) in enumerate(zip(top, best))]
+
+
+def load_model_files(model_path: str, items_path: str) -> GlobalModel:
+    """A run's ``model.safetensors`` and its items file; ``config.json`` beside the model, when
+    there, gives the run's ``model.loss`` and ``model.user-reg``."""
+    path = Path(model_path).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{path}: no such model file (a fedrec run's model.safetensors)")
+    try:
+        arrays = load_arrays(path)
+    except Exception as exc:  # safetensors raises its own types for a file that is not one
+        raise UsageError(f"{path}: not a safetensors model ({exc})") from None
+    missing = [k for k in ITEM_PARAM_NAMES if k not in arrays]
+    if missing:
+        raise UsageError(f"{path}: expected arrays {', '.join(ITEM_PARAM_NAMES)} (a fedrec run's model.safetensors), "
+                         f"found {', '.join(sorted(arrays)) or 'none'}")
+    emb, bias = arrays[ITEM_PARAM_NAMES[0]], arrays[ITEM_PARAM_NAMES[1]]
+    ids, titles = read_items_file(items_path)
+    if emb.ndim != 2 or bias.shape != (emb.shape[0],) or len(ids) != emb.shape[0]:
+        raise UsageError(f"{items_path} lists {len(ids)} items but {path.name} has embeddings {emb.shape} and biases "
+                         f"{bias.shape}: use the items file published with this model")
+    loss = user_reg = None
+    config = path.parent / "config.json"
+    if config.is_file():
+        flat = json.loads(config.read_text())
+        loss, user_reg = flat.get("model.loss"), flat.get("model.user-reg")
+    return GlobalModel(tuple(ids), tuple(titles), emb.astype(np.float32), bias.astype(np.float32), None, loss,
+                       None if user_reg is None else float(user_reg))
+
+
+def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:
+    """Reconstruct the user's vector against the model, as the federated evaluation does."""
+    import torch
+
+    from common.config import ModelConfig
+    from common.mf import ItemParams, UserData, fit_user, sample_negatives
+
+    torch.set_num_threads(1)  # a d×d Newton solve: more threads only contend (as in the ClientApp)
+    defaults = ModelConfig()
+    loss = model.loss or defaults.loss
+    reg = defaults.user_reg if model.user_reg is None else model.user_reg
+    params = ItemParams(model.embeddings, model.bias)
+    negatives = None
+    if loss == "bpr":  # the same draw as common.federated.reconstruct_users
+        negatives = sample_negatives(rated.items, params.n_items, len(rated.items), np.random.default_rng([0, 0xE7A1]))
+    return fit_user(params, UserData(rated.items, rated.ratings), loss=loss, reg=reg, negatives=negatives)
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    if (args.model is None) != (args.items is None):
+        raise UsageError("--model and --items go together: a model file and the item list its rows stand for")
+    t0 = time.perf_counter()
+    with DeviceStore(_db(args), create=False) as store:
+        model = load_model_files(args.model, args.items) if args.model else store.get_global_model()
+        if model is None:
+            raise UsageError("no global model on this device yet: join a federation (fedrec-client join ...) "
+                             "or give --model model.safetensors --items items.csv")
+        index = model.index()
+        rated = store.map_ratings(index)
+        if len(rated.items) == 0:
+            n = len(rated.unknown)
+            raise UsageError("no ratings on this device: import yours first (fedrec-client import ratings.csv)" if not n
+                             else f"none of your {n} rated items is in the model's item list: nothing to start from")
+        dismissed = [index[item] for item, kind, _ in store.feedback() if kind == "dismiss" and item in index]
+        t_load = time.perf_counter()
+        key = user_vector_fingerprint(model.embeddings, model.bias, rated.items, rated.ratings, model.loss,
+                                      model.user_reg)
+        vector = store.get_user_vector(key)
+        cached, t_import = vector is not None, 0.0
+        if vector is None:
+            start = time.perf_counter()
+            import common.mf  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
+            t_import = time.perf_counter() - start
+            vector = fit_user_vector(model, rated)
+            store.set_user_vector(vector, fingerprint=key)
+        t_user = time.perf_counter()
+        recs = rank_items(model, vector, rated, args.k, exclude=dismissed)
+        t_rank = time.perf_counter()
+    source = f"global model of round {model.round}" if model.round is not None else Path(args.model).name
+    print(f"Top {len(recs)} of {len(model.item_ids)} items for you ({source}; from {len(rated.items)} of your ratings)")
+    if rated.unknown:
+        print(f"note: {len(rated.unknown)} rated items are not in the model's item list and were not used: "
+              f"{_some(rated.unknown)}")
+    width = len(str(len(recs)))
+    for rank, rec in enumerate(recs, start=1):
+        print(f"{rank:>{width}}. {model.titles[rec.item]}  (score {rec.score:.3f})")
+        print(f"{'':>{width}}  because you liked {model.titles[rec.because]} (similarity {rec.similarity:.2f})")
+    if args.timing:
+        ms = lambda a, b: f"{1000 * (b - a):.1f} ms"  # noqa: E731
+        fitted = f"fitted, after {ms(0, t_import)} importing torch" if not cached else "cached"
+        print(f"timing: {ms(t0, t_rank - t_import)} (load {ms(t0, t_load)}, user vector "
+              f"{ms(t_load, t_user - t_import)} {fitted}, rank {ms(t_user, t_rank)})")
+    return 0
+
+
+# ---------------------------------------------------------------- status
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with DeviceStore(_db(args), create=False) as store:
+        counts, model, ledger = store.counts(), store.get_global_model(), store.ledger_state()
+        unknown = store.map_ratings(model.index() if model else dict.fromkeys(store.catalog()[0], 0)).unknown
+        has_vector = store.get_user_vector() is not None
+        print(f"device store: {store.path} (schema {store.schema_version()}, {_size(store.path)})")
+        print(f"client id (pseudonymous, sent to the server): {store.client_id()}")
+    known = f" ({len(unknown)} not in the catalogue)" if counts["catalog"] and unknown else ""
+    print(f"ratings: {counts['ratings']}{known}")
+    print(f"feedback events: {counts['feedback']}")
+    print(f"item catalogue: {counts['catalog']} items" if counts["catalog"] else "item catalogue: none")
+    if model is None:
+        print("global model: none")
+    else:
+        print(f"global model: {len(model.item_ids)} items x {model.embeddings.shape[1]}, round {model.round}"
+              f", loss {model.loss or 'default'}")
+    print(f"user vector: {'stored' if has_vector else 'none'} (never sent)")
+    if ledger is None:
+        print("privacy: no local release recorded (user-level DP noise, if any, is added by the server)")
+    else:
+        from common.privacy.ledger import PrivacyLedger  # its accountant libraries only when needed
+
+        spent = PrivacyLedger.from_state_dict(ledger)
+        print(f"privacy: epsilon {spent.epsilon():.3g} at delta {spent.delta:g} over {len(spent.events)} releases")
+    return 0
+
+
+def _size(path: Path) -> str:
+    total = sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+    return f"{total / 1024:.0f} KiB"
+
+
+# ---------------------------------------------------------------- forget
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    path = _db(args)
+    if not path.exists():
+        print(f"nothing to forget: no device store at {path}")
+        return 0
+    if not args.yes:
+        try:
+            answer = input(f"Delete every rating, model and key fedrec keeps in {path}? This cannot be undone. [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    with DeviceStore(path, create=False) as store:
+        removed = store.forget()
+    print(f"deleted {', '.join(str(p) for p in removed)}")
+    return 0
+
+
+# ---------------------------------------------------------------- join
+
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
+
+
+def supernode_command(args: argparse.Namespace) -> list[str]:
+    """The ``flower-supernode`` (Flower 1.42) command that connects this device.
+
+    ``--node-config data-path='<db>'`` tells the ClientApp where the device store is. The
+    Runtime API listens on 127.0.0.1:``--port``. 1.42 installs no app dependencies at run
+    time unless ``--allow-runtime-dependency-installation`` is given (it is not): the
+    installed ``fedrec[client]`` is what runs.
+    """
+    match = _ADDRESS.match(args.superlink)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise UsageError(f"--superlink {args.superlink!r}: expected HOST:PORT, e.g. fedrec.example.org:9092")
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: expected a port number 1-65535")
+    db = _db(args)
+    if "'" in str(db):
+        raise UsageError(f"--db {db}: a path with a single quote cannot be passed in --node-config")
+    files = [("--root-certificates", args.root_certificates)] + ([("--auth-key", args.auth_key)] if args.auth_key else [])
+    for flag, name in files:
+        if not Path(name).expanduser().is_file():
+            raise UsageError(f"{flag} {name}: no such file")
+    ca = str(Path(args.root_certificates).expanduser().absolute())
+    command = [_supernode_executable(), "--superlink", args.superlink, "--root-certificates", ca,
+               "--node-config", f"{NODE_DATA_PATH}='{db}'", "--host", RUNTIME_HOST, "--port", str(args.port)]
+    if args.auth_key:
+        command += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser().absolute())]
+    return command
+
+
+def _supernode_executable() -> str:
+    beside = Path(sys.executable).parent / "flower-supernode"  # this environment's, even when not on PATH
+    return str(beside) if beside.is_file() else shutil.which("flower-supernode") or "flower-supernode"
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    command = supernode_command(args)
+    with DeviceStore(_db(args), create=False) as store:
+        ids = store.catalog()[0]
+        if not ids:
+            raise UsageError("no item catalogue on this device: import the server's items file first "
+                             "(fedrec-client import --items items.csv)")
+        if len(store.map_ratings({item: i for i, item in enumerate(ids)}).items) == 0:
+            raise UsageError("none of your ratings is of a catalogue item: nothing to train on (fedrec-client import)")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    if args.dry_run:
+        print("FLWR_TELEMETRY_ENABLED=0 " + shlex.join(command))
+        return 0
+    if not Path(command[0]).is_file():
+        raise UsageError("flower-supernode not found: install fedrec[client] (it brings flwr)")
+    if os.name == "posix":
+        os.execve(command[0], command, env)  # the SuperNode replaces this process: signals reach it directly
+    import subprocess
+
+    return subprocess.call(command, env=env)
+
+
+# ---------------------------------------------------------------- parser
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS,
+                        help=f"the device store, an SQLite file (default {DEFAULT_DB})")
+    parser = argparse.ArgumentParser(prog="fedrec-client", parents=[common],
+                                     description="Your ratings, your recommendations, on this device.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = commands.add_parser("import", parents=[common], help="store your ratings (and the server's item list)",
+                              description="Ratings: CSV with header item,rating[,timestamp] or "
+                                          "user,item,rating,timestamp (one user). Items: item_id,title.")
+    imp.add_argument("ratings", nargs="?", help="your ratings file (.csv, or .tsv tab-separated)")
+    imp.add_argument("--items", help="the server's items file item_id,title (the model's item list)")
+    imp.set_defaults(run=cmd_import)
+
+    rec = commands.add_parser("recommend", parents=[common], help="top-K items for you, computed here")
+    rec.add_argument("--k", type=_positive_int, default=10, help="how many items (default 10)")
+    rec.add_argument("--model", help="a run's model.safetensors instead of the stored global model")
+    rec.add_argument("--items", help="the items file of --model (item_id,title, one row per model row)")
+    rec.add_argument("--timing", action="store_true", help="print how long it took")
+    rec.set_defaults(run=cmd_recommend)
+
+    status = commands.add_parser("status", parents=[common], help="what is stored on this device")
+    status.set_defaults(run=cmd_status)
+
+    forget = commands.add_parser("forget", parents=[common], help="delete everything stored on this device")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    forget.set_defaults(run=cmd_forget)
+
+    join = commands.add_parser("join", parents=[common], help="take part in federated training (flower-supernode)")
+    join.add_argument("--superlink", required=True, help="the server's Fleet API address HOST:PORT")
+    join.add_argument("--root-certificates", required=True, help="PEM CA certificate that signed the server's")
+    join.add_argument("--auth-key", help="this device's SuperNode private key (node authentication)")
+    join.add_argument("--port", type=int, default=9094, help="local Runtime API port (default 9094)")
+    join.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    join.set_defaults(run=cmd_join)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and argparse's own usage errors (2)
+        return int(exc.code or 0)
+    if "db" not in args:  # --db may come before or after the command: neither parser sets a default
+        args.db = DEFAULT_DB
+    try:
+        return int(args.run(args))
+    except (UsageError, DataError, StoreError) as exc:
+        message = " ".join(str(exc).split())
+        print(f"fedrec-client: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

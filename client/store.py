@@ -1,0 +1,553 @@
+"""The device's own data: one SQLite file that never leaves the device.
+
+Schema (version :data:`SCHEMA_VERSION`)::
+
+    schema_version(version)                       one row; a store of another version is refused
+    ratings(item PRIMARY KEY, rating, timestamp)  the user's ratings, item ids as the catalogue spells them
+    catalog(item PRIMARY KEY, idx, title)         the item id list the global model indexes:
+                                                  row ``idx`` of the item embeddings is ``item``
+    feedback(id, item -> catalog.item, kind, timestamp)   clicks and dismissals of recommendations
+    state(key PRIMARY KEY, value BLOB)            client-id (JSON), user-vector and global-model
+                                                  (safetensors bytes, never pickle), privacy-ledger (JSON)
+
+The catalogue is the server's published items file (``item_id,title``, one row per row of the
+model, in order; :func:`read_items_file`). It arrives with ``fedrec-client import --items`` or
+with a global model, and it is how a device turns its item ids into the model's indices.
+
+Opened in WAL mode with foreign keys on and ``secure_delete`` (deleted rows are zeroed).
+The file is created readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from common.data.errors import DataError
+from common.keys import ITEM_PARAM_NAMES
+
+if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
+    from common.federated import ClientData
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_DB = "~/.fedrec/device.sqlite"
+FEEDBACK_KINDS = ("click", "dismiss")
+
+# Keys of the state table.
+CLIENT_ID = "client-id"  # pseudonymous id sent to the server for sampling; new after forget()
+USER_VECTOR = "user-vector"
+GLOBAL_MODEL = "global-model"
+PRIVACY_LEDGER = "privacy-ledger"
+
+_SCHEMA = f"""
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+CREATE TABLE ratings (item TEXT NOT NULL, rating REAL NOT NULL, timestamp REAL, PRIMARY KEY (item));
+CREATE TABLE catalog (item TEXT NOT NULL PRIMARY KEY, idx INTEGER NOT NULL, title TEXT NOT NULL);
+CREATE TABLE feedback (
+    id INTEGER PRIMARY KEY,
+    item TEXT NOT NULL REFERENCES catalog(item) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ({", ".join(f"'{k}'" for k in FEEDBACK_KINDS)})),
+    timestamp REAL NOT NULL);
+CREATE TABLE state (key TEXT NOT NULL PRIMARY KEY, value BLOB NOT NULL);
+"""
+_TABLES = ("feedback", "ratings", "catalog", "state")  # children first (foreign keys)
+
+
+class StoreError(ValueError):
+    """A device store that cannot be used as asked (wrong file, wrong version, bad input)."""
+
+
+class StoreNotFoundError(StoreError):
+    """No device store at the path (and the caller did not ask to create one)."""
+
+
+@dataclass(frozen=True)
+class Rating:
+    item: str
+    rating: float
+    timestamp: float | None
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What :meth:`DeviceStore.import_ratings` did with each row of a file."""
+
+    path: str
+    user: str | None  # the file's user id, when it had a user column
+    rows: int  # data rows read
+    inserted: int  # items new on the device
+    updated: int  # items whose rating or timestamp changed
+    unchanged: int  # items already stored with the same rating and timestamp
+    stale: int  # rows older than the rating already stored (the stored one is kept)
+    duplicates: int  # rows of an item that appears again in the file (its latest row counts)
+
+    def summary(self) -> str:
+        return (f"{self.path}: {self.rows} rows: {self.inserted} inserted, {self.updated} updated, "
+                f"{self.unchanged} unchanged, {self.stale} older than stored (kept), "
+                f"{self.duplicates} duplicate rows (latest kept)")
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """A global model and the item ids (and titles) its rows stand for."""
+
+    item_ids: tuple[str, ...]
+    titles: tuple[str, ...]
+    embeddings: np.ndarray  # (I, d) float32
+    bias: np.ndarray  # (I,) float32
+    round: int | None  # the rounds completed when it was sent; None for a model read from a file
+    loss: str | None = None  # the run's model.loss / model.user-reg (None: the defaults)
+    user_reg: float | None = None
+
+    def index(self) -> dict[str, int]:
+        return {item: i for i, item in enumerate(self.item_ids)}
+
+
+@dataclass(frozen=True)
+class MappedRatings:
+    """The device's ratings in a catalogue's index space, sorted by index."""
+
+    items: np.ndarray  # int64 indices
+    ratings: np.ndarray  # float32
+    unknown: tuple[str, ...]  # rated item ids the catalogue does not have (not used, reported)
+
+
+def user_vector_fingerprint(embeddings: np.ndarray, bias: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                            loss: str | None, user_reg: float | None) -> str:
+    """What a reconstructed user vector depends on: a cached vector is valid while this matches."""
+    h = hashlib.sha256()
+    for array, dtype in ((embeddings, np.float32), (bias, np.float32), (items, np.int64), (ratings, np.float32)):
+        h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+    h.update(f"|{loss or 'default'}|{'default' if user_reg is None else repr(float(user_reg))}".encode())
+    return h.hexdigest()
+
+
+class DeviceStore:
+    """One user's data on one device (see the module docstring for the schema).
+
+    Parameters
+    ----------
+    path:
+        The SQLite file (``~`` is expanded).
+    create:
+        Create the file (and its folder) when missing; otherwise raise :class:`StoreNotFoundError`.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+        self.path = Path(path).expanduser().absolute()
+        if not self.path.is_file():
+            if not create:
+                raise StoreNotFoundError(f"{self.path}: no device store here; import your ratings first "
+                                         "(fedrec-client import ratings.csv)")
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # private before any data
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(f"{self.path}: not a fedrec device store ({exc})") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{self.path}: cannot use write-ahead logging here (journal mode {mode})")
+        for pragma in ("foreign_keys=ON", "secure_delete=ON", "synchronous=NORMAL"):
+            self._db.execute(f"PRAGMA {pragma}")
+        with self._tx() as db:  # IMMEDIATE: two processes creating the store at once cannot both create it
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                self._put(CLIENT_ID, json.dumps(secrets.randbelow(2**31)).encode())
+                return
+        if "schema_version" not in tables:
+            raise StoreError(f"{self.path}: an SQLite file, but not a fedrec device store (no schema_version table)")
+        version = self.schema_version()
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: device store of schema version {version}; this fedrec-client reads "
+                             f"version {SCHEMA_VERSION} (upgrade fedrec-client, or forget and import again)")
+
+    # ---------------------------------------------------------------- plumbing
+    def __enter__(self) -> "DeviceStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _get(self, key: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def _put(self, key: str, value: bytes) -> None:
+        self._db.execute("INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = "
+                         "excluded.value", (key, sqlite3.Binary(value)))
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
+
+    def client_id(self) -> int:
+        return int(json.loads(self._get(CLIENT_ID) or b"0"))
+
+    def counts(self) -> dict[str, int]:
+        return {table: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                for table in ("ratings", "feedback", "catalog")}
+
+    # ---------------------------------------------------------------- ratings
+    def import_ratings(self, csv_path: str | Path) -> ImportReport:
+        """Add or update ratings from a CSV file (``.tsv``: tab-separated) of this one user.
+
+        Header ``item,rating[,timestamp]`` or ``user,item,rating[,timestamp]`` (every row one
+        user). An item twice in the file counts once: its latest row (ties: the last). A row
+        older than the rating already stored is not applied. Raises :class:`DataError` naming
+        the file and line of the first bad row; nothing is stored then.
+        """
+        records, user = read_ratings_file(csv_path)
+        latest: dict[str, tuple[float, float | None]] = {}
+        for _, item, rating, stamp in records:
+            old = latest.get(item)
+            if old is None or stamp is None or old[1] is None or stamp >= old[1]:
+                latest[item] = (rating, stamp)
+        counts = dict.fromkeys(("inserted", "updated", "unchanged", "stale"), 0)
+        with self._tx() as db:
+            stored = {item: (r, t) for item, r, t in db.execute("SELECT item, rating, timestamp FROM ratings")}
+            upserts = []
+            for item, (rating, stamp) in latest.items():
+                before = stored.get(item)
+                if before is not None and stamp is not None and before[1] is not None and stamp < before[1]:
+                    counts["stale"] += 1
+                    continue
+                counts["inserted" if before is None else "unchanged" if before == (rating, stamp) else "updated"] += 1
+                upserts.append((item, rating, stamp))
+            db.executemany("INSERT INTO ratings (item, rating, timestamp) VALUES (?, ?, ?) ON CONFLICT(item) DO "
+                           "UPDATE SET rating = excluded.rating, timestamp = excluded.timestamp", upserts)
+        return ImportReport(path=str(csv_path), user=user, rows=len(records),
+                            duplicates=len(records) - len(latest), **counts)
+
+    def ratings(self) -> list[Rating]:
+        return [Rating(item, float(r), None if t is None else float(t))
+                for item, r, t in self._db.execute("SELECT item, rating, timestamp FROM ratings ORDER BY item")]
+
+    def map_ratings(self, item_index: Mapping[str, int]) -> MappedRatings:
+        """The ratings as indices of ``item_index``; ids it lacks are listed in ``unknown``."""
+        known, unknown = [], []
+        for r in self.ratings():
+            if r.item in item_index:
+                known.append((item_index[r.item], r.rating))
+            else:
+                unknown.append(r.item)
+        known.sort()
+        return MappedRatings(items=np.array([i for i, _ in known], dtype=np.int64),
+                             ratings=np.array([r for _, r in known], dtype=np.float32), unknown=tuple(unknown))
+
+    def client_data(self, item_index: Mapping[str, int]) -> "ClientData":
+        """This device as a federated client: one user, its ratings in ``item_index``'s space.
+
+        Rated items the index lacks are left out and logged as a warning with their count.
+        There are no held-out items on a device: ``valid`` and ``test`` are empty."""
+        from common.federated import ClientData
+        from common.mf import UserData
+
+        mapped = self.map_ratings(item_index)
+        if mapped.unknown:
+            log.warning("%s: %d of %d rated items are not in the item catalogue and are not used: %s",
+                        self.path, len(mapped.unknown), len(mapped.unknown) + len(mapped.items),
+                        ", ".join(mapped.unknown[:5]) + (", ..." if len(mapped.unknown) > 5 else ""))
+        empty = np.zeros(0, dtype=np.int64)
+        return ClientData(client_id=self.client_id(), users=(0,), train=(UserData(mapped.items, mapped.ratings),),
+                          valid=(empty,), test=(empty,))
+
+    # ---------------------------------------------------------------- feedback
+    def add_feedback(self, item: str, kind: str, timestamp: float | None = None) -> None:
+        if kind not in FEEDBACK_KINDS:
+            raise StoreError(f"feedback kind must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO feedback (item, kind, timestamp) VALUES (?, ?, ?)",
+                           (item, kind, time.time() if timestamp is None else float(timestamp)))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"no item {item!r} in the item catalogue: feedback is about catalogue items") from None
+
+    def feedback(self) -> list[tuple[str, str, float]]:
+        return list(self._db.execute("SELECT item, kind, timestamp FROM feedback ORDER BY id"))
+
+    # ---------------------------------------------------------------- catalogue and global model
+    def catalog(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(item ids, titles) in the global model's row order."""
+        rows = self._db.execute("SELECT item, title FROM catalog ORDER BY idx").fetchall()
+        return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
+
+    def set_catalog(self, item_ids: Sequence[str], titles: Sequence[str] | None = None) -> bool:
+        """Replace the item catalogue. A stored global model indexing another id list is dropped
+        (its rows would mean other items); returns whether that happened."""
+        with self._tx():
+            return self._write_catalog(item_ids, titles)
+
+    def _write_catalog(self, item_ids: Sequence[str], titles: Sequence[str] | None) -> bool:
+        ids = [str(i) for i in item_ids]
+        if len(set(ids)) != len(ids):
+            twice = sorted(i for i, n in Counter(ids).items() if n > 1)
+            raise StoreError(f"item ids must be unique, found {', '.join(map(repr, twice[:5]))} more than once")
+        if titles is not None and len(titles) != len(ids):
+            raise StoreError(f"{len(ids)} item ids but {len(titles)} titles")
+        current = {item: title for item, title in self._db.execute("SELECT item, title FROM catalog")}
+        old_ids = self.catalog()[0]
+        new_titles = [current.get(i, i) for i in ids] if titles is None else [str(t) for t in titles]
+        self._db.executemany("DELETE FROM catalog WHERE item = ?", [(i,) for i in set(current) - set(ids)])
+        self._db.executemany("INSERT INTO catalog (item, idx, title) VALUES (?, ?, ?) ON CONFLICT(item) DO UPDATE "
+                             "SET idx = excluded.idx, title = excluded.title",
+                             [(item, k, title) for k, (item, title) in enumerate(zip(ids, new_titles))])
+        if tuple(ids) != old_ids and self._get(GLOBAL_MODEL) is not None:
+            self._db.execute("DELETE FROM state WHERE key = ?", (GLOBAL_MODEL,))
+            return True
+        return False
+
+    def set_global_model(self, item_ids: Sequence[str], embeddings: np.ndarray, bias: np.ndarray, round: int, *,
+                         titles: Sequence[str] | None = None, loss: str | None = None,
+                         user_reg: float | None = None) -> None:
+        """Keep a global model: its arrays, the item ids of its rows (the catalogue; titles kept
+        by id unless given) and the run's ``model.loss``/``model.user-reg`` for reconstruction."""
+        emb, b = np.asarray(embeddings, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+        if emb.ndim != 2 or b.shape != (emb.shape[0],) or len(item_ids) != emb.shape[0]:
+            raise StoreError(f"global model: embeddings {emb.shape}, bias {b.shape} and {len(item_ids)} item ids "
+                             "must agree on the number of items")
+        if int(round) < 0:
+            raise StoreError(f"global model round must be ≥ 0, got {round}")
+        meta = {"format": "fedrec-mf-items", "round": str(int(round)), "loss": loss or "",
+                "user-reg": "" if user_reg is None else repr(float(user_reg))}
+        blob = save_safetensors({ITEM_PARAM_NAMES[0]: np.ascontiguousarray(emb),
+                                 ITEM_PARAM_NAMES[1]: np.ascontiguousarray(b)}, metadata=meta)
+        with self._tx():
+            self._write_catalog(item_ids, titles)
+            self._put(GLOBAL_MODEL, blob)
+
+    def get_global_model(self) -> GlobalModel | None:
+        blob = self._get(GLOBAL_MODEL)
+        if blob is None:
+            return None
+        arrays, meta = load_safetensors(blob), _metadata(blob)
+        ids, titles = self.catalog()
+        emb, bias = arrays[ITEM_PARAM_NAMES[0]], arrays[ITEM_PARAM_NAMES[1]]
+        if emb.shape[0] != len(ids):
+            raise StoreError(f"{self.path}: the stored global model has {emb.shape[0]} items, the catalogue "
+                             f"{len(ids)}: import the server's items file again")
+        return GlobalModel(ids, titles, emb, bias, int(meta["round"]), meta.get("loss") or None,
+                           float(meta["user-reg"]) if meta.get("user-reg") else None)
+
+    # ---------------------------------------------------------------- user vector
+    def set_user_vector(self, vector: np.ndarray, *, fingerprint: str = "") -> None:
+        """Keep the user's vector (bytes as given) and what it was fitted to (``fingerprint``)."""
+        vector = np.asarray(vector)
+        if vector.ndim != 1 or vector.dtype.kind != "f":
+            raise StoreError(f"a user vector is a 1-D float array, got shape {vector.shape} of {vector.dtype}")
+        with self._tx():
+            self._put(USER_VECTOR, save_safetensors({"user_vector": np.ascontiguousarray(vector)},
+                                                    metadata={"fingerprint": fingerprint}))
+
+    def get_user_vector(self, fingerprint: str | None = None) -> np.ndarray | None:
+        """The stored vector; None when there is none or it was fitted to another ``fingerprint``."""
+        blob = self._get(USER_VECTOR)
+        if blob is None or (fingerprint is not None and _metadata(blob).get("fingerprint") != fingerprint):
+            return None
+        return load_safetensors(blob)["user_vector"]
+
+    # ---------------------------------------------------------------- privacy ledger
+    def ledger_state(self) -> dict[str, Any] | None:
+        """The device's :class:`~common.privacy.ledger.PrivacyLedger` ``state_dict``, if any."""
+        blob = self._get(PRIVACY_LEDGER)
+        return None if blob is None else json.loads(blob.decode("utf-8"))
+
+    def set_ledger_state(self, state: Mapping[str, Any]) -> None:
+        with self._tx():
+            self._put(PRIVACY_LEDGER, json.dumps(dict(state), sort_keys=True, allow_nan=False).encode("utf-8"))
+
+    # ---------------------------------------------------------------- forget
+    def forget(self) -> list[Path]:
+        """Delete everything: the rows (zeroed on disk by secure_delete), then the file and its
+        ``-wal``/``-shm``/``-journal`` companions. The store is closed afterwards. Returns the
+        files removed."""
+        with self._tx() as db:
+            for table in _TABLES:
+                db.execute(f"DELETE FROM {table}")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.close()
+        removed = []
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = self.path.with_name(self.path.name + suffix)
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+        return removed
+
+
+def _metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header size, JSON header)."""
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + size]).get("__metadata__") or {}
+
+
+# ---------------------------------------------------------------- files a device reads
+
+def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line, fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped."""
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    line = 0
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, strict=True)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise DataError(path, f"expected well-formed CSV, found: {exc}", line + 1) from None
+            except UnicodeDecodeError:
+                raise DataError(path, "expected UTF-8 text, found bytes that are not", line + 1) from None
+            start, line = line + 1, reader.line_num
+            if any(f.strip() for f in fields):
+                yield start, [f.strip() for f in fields]
+
+
+def _number(path: Path, line: int, column: str, value: str) -> float:
+    try:
+        out = float(value)
+    except ValueError:
+        raise DataError(path, f"column '{column}': expected a number, found {value!r}", line) from None
+    if not math.isfinite(out):
+        raise DataError(path, f"column '{column}': expected a finite number, found {value!r}", line)
+    return out
+
+
+def _header(path: Path, records: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
+    first = next(records, None)
+    if first is None:
+        raise DataError(path, f"expected a header line {expected}, found an empty file", 1)
+    line, header = first
+    names = [h.lower() for h in header]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise DataError(path, f"column '{name}' appears twice in the header", line)
+    return line, names
+
+
+def _fields(path: Path, line: int, fields: list[str], header: list[str], sep: str) -> dict[str, str]:
+    if fields and [f.lower() for f in fields] == header:
+        raise DataError(path, f"expected a data row, found the header {sep.join(header)!r} again", line)
+    if len(fields) != len(header):
+        raise DataError(path, f"expected {len(header)} fields ({sep.join(header)}), found {len(fields)}", line)
+    return dict(zip(header, fields))
+
+
+def read_ratings_file(path: str | Path) -> tuple[list[tuple[int, str, float, float | None]], str | None]:
+    """Validated rows ``(line, item, rating, timestamp)`` of one user's ratings file, and the
+    user id when the file names one. Raises :class:`DataError` naming file and line."""
+    path = Path(path)
+    expected = "item,rating[,timestamp] or user,item,rating,timestamp"
+    records = _csv_records(path)
+    header_line, header = _header(path, records, expected)
+    for name in header:
+        if name not in ("user", "item", "rating", "timestamp"):
+            raise DataError(path, f"unexpected column '{name}': expected the header {expected}", header_line)
+    for name in ("item", "rating"):
+        if name not in header:
+            raise DataError(path, f"missing column '{name}': expected the header {expected}, found "
+                                  f"{','.join(header)}", header_line)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    out: list[tuple[int, str, float, float | None]] = []
+    user: tuple[str, int] | None = None
+    for line, fields in records:
+        row = _fields(path, line, fields, header, sep)
+        if not row["item"]:
+            raise DataError(path, "column 'item': expected a non-empty item id, found ''", line)
+        if "user" in row:
+            if not row["user"]:
+                raise DataError(path, "column 'user': expected a non-empty user id, found ''", line)
+            if user is None:
+                user = (row["user"], line)
+            elif row["user"] != user[0]:
+                raise DataError(path, f"expected the ratings of one user (this device's), found user {row['user']!r} "
+                                      f"here and {user[0]!r} on line {user[1]}: export only your own ratings "
+                                      "(a data set of many users is for the server: fedrec data info)", line)
+        stamp = _number(path, line, "timestamp", row["timestamp"]) if "timestamp" in row else None
+        out.append((line, row["item"], _number(path, line, "rating", row["rating"]), stamp))
+    if not out:
+        raise DataError(path, "expected rating rows after the header, found none", header_line + 1)
+    return out, None if user is None else user[0]
+
+
+def read_items_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """The item ids and titles of an items file, in row order (= the model's row order).
+
+    Format: CSV with a header naming ``item_id`` (or ``item``) and ``title``; other columns are
+    ignored. The server publishes one beside its ``model.safetensors``."""
+    path = Path(path)
+    records = _csv_records(path)
+    header_line, header = _header(path, records, "item_id,title")
+    id_col = "item_id" if "item_id" in header else "item" if "item" in header else None
+    if id_col is None or "title" not in header:
+        raise DataError(path, f"expected the header item_id,title, found {','.join(header)}", header_line)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    ids: list[str] = []
+    titles: list[str] = []
+    first: dict[str, int] = {}
+    for line, fields in records:
+        row = _fields(path, line, fields, header, sep)
+        item = row[id_col]
+        if not item:
+            raise DataError(path, f"column '{id_col}': expected a non-empty item id, found ''", line)
+        if item in first:
+            raise DataError(path, f"expected each item id once, found {item!r} again (first on line {first[item]})",
+                            line)
+        first[item] = line
+        ids.append(item)
+        titles.append(row["title"] or item)
+    if not ids:
+        raise DataError(path, "expected item rows after the header, found none", header_line + 1)
+    return ids, titles
+
+
+def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str]) -> None:
+    """Write an items file :func:`read_items_file` reads (what a server publishes with a model)."""
+    with Path(path).open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["item_id", "title"])
+        writer.writerows(zip(item_ids, titles))

@@ -1,0 +1,272 @@
+"""fedrec-client on a tiny catalogue whose right answers are known, and the device data path of
+the ClientApp (node_config ``data-path``)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client.cli import main
+from client.store import DeviceStore, write_items_file
+from common import keys
+from common.config import RunConfig
+from common.mf import ItemParams
+from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+from server.run_dir import RunDir
+
+# Two taste groups: items 0-3 point along one axis, 4-7 along another.
+TITLES = ["Star Wars (1977)", "Return of the Jedi (1983)", "Alien (1979)", "Blade Runner (1982)",
+          "Emma (1996)", "Sense and Sensibility (1995)", "Persuasion (1995)", "Clueless (1995)"]
+IDS = [str(50 + i) for i in range(8)]
+
+
+def catalogue_params() -> ItemParams:
+    rng = np.random.default_rng(0)
+    emb = np.zeros((8, 4), dtype=np.float32)
+    emb[:4, 0], emb[4:, 1] = 1.0, 1.0
+    emb += 0.05 * rng.standard_normal((8, 4)).astype(np.float32)
+    return ItemParams(emb, np.zeros(8, dtype=np.float32))
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    run = RunDir.create(tmp_path / "runs", RunConfig())  # config.json: the run's model.loss / user-reg
+    run.save_model(catalogue_params())
+    write_items_file(run.path / "items.csv", IDS, TITLES)
+    ratings = tmp_path / "ratings.csv"
+    # liked: Star Wars and Return of the Jedi (rating ≥ the mean); disliked: Emma
+    ratings.write_text(f"item,rating,timestamp\n{IDS[0]},5,1\n{IDS[1]},5,2\n{IDS[4]},1,3\n")
+    return {"db": tmp_path / "device.sqlite", "model": run.path / "model.safetensors",
+            "items": run.path / "items.csv", "ratings": ratings, "tmp": tmp_path}
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def recommendations(out: str) -> list[tuple[str, str]]:
+    """(title, reason) of each recommendation printed."""
+    lines = out.splitlines()
+    recs = []
+    for k, line in enumerate(lines):
+        match = re.match(r"^\s*\d+\. (.+)  \(score -?\d+\.\d+\)$", line)
+        if match:
+            reason = re.match(r"^\s+because you liked (.+) \(similarity -?\d\.\d\d\)$", lines[k + 1])
+            assert reason, f"no reason line after {line!r}"
+            recs.append((match.group(1), reason.group(1)))
+    return recs
+
+
+def test_import_recommend_status_forget(files, capsys):
+    db = files["db"]
+    code, out, _ = run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    assert code == 0 and "3 inserted" in out and "8 items" in out
+
+    code, out, err = run_cli(capsys, "recommend", "--db", db, "--k", "3", "--model", files["model"],
+                             "--items", files["items"], "--timing")
+    assert code == 0, err
+    recs = recommendations(out)
+    assert len(recs) == 3
+    rated = {TITLES[0], TITLES[1], TITLES[4]}
+    assert not {title for title, _ in recs} & rated  # rated items are never recommended
+    assert {title for title, _ in recs[:2]} == {"Alien (1979)", "Blade Runner (1982)"}  # the liked group first
+    assert all(reason in (TITLES[0], TITLES[1]) for _, reason in recs[:2])  # explained by a liked item
+    assert re.search(r"timing: [\d.]+ ms .*user vector [\d.]+ ms fitted", out)
+
+    code, out, _ = run_cli(capsys, "--db", db, "recommend", "--model", files["model"], "--items", files["items"],
+                           "--timing")
+    assert code == 0 and "cached" in out  # the user vector was kept for this model and these ratings
+    assert len(recommendations(out)) == 5  # 8 items less 3 rated
+
+    code, out, _ = run_cli(capsys, "--db", db, "status")
+    assert code == 0
+    assert "ratings: 3" in out and "item catalogue: 8 items" in out and "global model: none" in out
+    assert "user vector: stored" in out and "no local release" in out
+
+    code, out, _ = run_cli(capsys, "--db", db, "forget", "--yes")
+    assert code == 0 and not db.exists() and not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
+
+
+def test_recommend_with_the_stored_global_model_and_dismissals(files, capsys):
+    db = files["db"]
+    assert run_cli(capsys, "--db", db, "import", files["ratings"])[0] == 0
+    params = catalogue_params()
+    with DeviceStore(db) as store:
+        store.set_global_model(IDS, params.embeddings, params.bias, 12, titles=TITLES, loss="softmax",
+                               user_reg=40.0)
+        store.add_feedback(IDS[2], "dismiss")  # not Alien, thanks
+    code, out, _ = run_cli(capsys, "--db", db, "recommend", "--k", "2")
+    assert code == 0 and "round 12" in out
+    recs = recommendations(out)
+    assert recs[0][0] == "Blade Runner (1982)" and "Alien (1979)" not in {t for t, _ in recs}
+
+    with DeviceStore(db) as store:
+        ledger = PrivacyLedger(delta=1e-5, neighbouring=Neighbouring.LOCAL)
+        ledger.record(MechanismEvent(noise_multiplier=4.0, sample_rate=1.0, steps=1, neighbouring=Neighbouring.LOCAL,
+                                     parameters=keys.ITEM_PARAM_NAMES, round=12))
+        store.set_ledger_state(ledger.state_dict())
+    code, out, _ = run_cli(capsys, "--db", db, "status")
+    assert "global model: 8 items x 4, round 12, loss softmax" in out
+    assert re.search(r"privacy: epsilon [\d.]+ at delta 1e-05 over 1 releases", out)
+
+
+def test_unknown_items_are_reported(files, capsys):
+    db = files["db"]
+    extra = files["tmp"] / "more.csv"
+    extra.write_text("item,rating\nnot-in-catalogue,4\n")
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    code, out, _ = run_cli(capsys, "--db", db, "import", extra)
+    assert code == 0 and "1 rated items are not in the item catalogue" in out and "not-in-catalogue" in out
+    code, out, _ = run_cli(capsys, "--db", db, "recommend", "--model", files["model"], "--items", files["items"])
+    assert code == 0 and "1 rated items are not in the model's item list" in out
+
+
+def test_forget_asks_first(files, capsys, monkeypatch):
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"])
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    code, out, _ = run_cli(capsys, "--db", db, "forget")
+    assert code == 1 and db.exists() and "not deleted" in out
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    assert run_cli(capsys, "--db", db, "forget")[0] == 0 and not db.exists()
+    code, out, _ = run_cli(capsys, "--db", db, "forget")
+    assert code == 0 and "nothing to forget" in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["recommend"], "no device store here"),
+    (["status"], "no device store here"),
+    (["import"], "nothing to import"),
+    (["import", "{tmp}/missing.csv"], "missing.csv: file not found"),
+    (["import", "{tmp}/bad.csv"], "bad.csv:3: column 'rating': expected a number"),
+    (["recommend", "--model", "{model}"], "--model and --items go together"),
+])
+def test_user_mistakes_end_in_one_line_and_exit_2(files, capsys, argv, expected):
+    (files["tmp"] / "bad.csv").write_text("item,rating\na,5\nb,five\n")
+    argv = [a.format(tmp=files["tmp"], model=files["model"]) for a in argv]
+    code, out, err = run_cli(capsys, "--db", files["db"], *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("fedrec-client: error: ") and expected in err and err.count("\n") == 1
+
+
+def test_recommend_errors(files, capsys):
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"])
+    code, _, err = run_cli(capsys, "--db", db, "recommend")
+    assert code == 2 and "no global model on this device yet" in err
+    wrong = files["tmp"] / "wrong-items.csv"
+    write_items_file(wrong, IDS[:5], TITLES[:5])
+    code, _, err = run_cli(capsys, "--db", db, "recommend", "--model", files["model"], "--items", wrong)
+    assert code == 2 and "lists 5 items" in err
+    assert run_cli(capsys, "--db", db, "recommend", "--k", "0")[0] == 2  # argparse: a number ≥ 1
+
+
+# ---------------------------------------------------------------- join
+
+def test_join_dry_run_prints_a_supernode_command_flower_accepts(files, capsys):
+    from flwr.common.config import parse_config_args
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    db = files["db"]
+    ca, key = files["tmp"] / "ca.pem", files["tmp"] / "node.key"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    code, out, err = run_cli(capsys, "--db", db, "join", "--superlink", "fedrec.example.org:9092",
+                             "--root-certificates", ca, "--auth-key", key, "--port", "9095", "--dry-run")
+    assert code == 0, err
+    words = shlex.split(out.strip())
+    assert words[0] == "FLWR_TELEMETRY_ENABLED=0" and words[1].endswith("flower-supernode")
+    command = words[1:]
+    for flag, value in [("--superlink", "fedrec.example.org:9092"), ("--root-certificates", str(ca)),
+                        ("--auth-supernode-private-key", str(key)), ("--host", "127.0.0.1"), ("--port", "9095"),
+                        ("--node-config", f"data-path='{db}'")]:
+        assert command[command.index(flag) + 1] == value
+    assert "--allow-runtime-dependency-installation" not in command and "--insecure" not in command
+    # Flower 1.42's own parser accepts it: TLS on, no run-time dependency installation
+    args = _parse_args_run_supernode().parse_args(command[1:])
+    assert parse_config_args([args.node_config]) == {keys.NODE_DATA_PATH: str(db)}
+    assert args.runtime_dependency_install is False and args.insecure is False and args.port == 9095
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--superlink", "nohost", "--root-certificates", "{ca}"], "expected HOST:PORT"),
+    (["--superlink", "h:99999", "--root-certificates", "{ca}"], "expected HOST:PORT"),
+    (["--superlink", "h:9092", "--root-certificates", "{tmp}/none.pem"], "none.pem: no such file"),
+    (["--superlink", "h:9092", "--root-certificates", "{ca}", "--auth-key", "{tmp}/k"], "--auth-key"),
+    (["--superlink", "h:9092", "--root-certificates", "{ca}", "--port", "0"], "--port 0"),
+])
+def test_join_mistakes(files, capsys, argv, expected):
+    ca = files["tmp"] / "ca.pem"
+    ca.write_text("x")
+    run_cli(capsys, "--db", files["db"], "import", files["ratings"], "--items", files["items"])
+    argv = [a.format(ca=ca, tmp=files["tmp"]) for a in argv]
+    code, _, err = run_cli(capsys, "--db", files["db"], "join", *argv, "--dry-run")
+    assert code == 2 and expected in err
+
+
+def test_join_needs_a_catalogue(files, capsys):
+    ca = files["tmp"] / "ca.pem"
+    ca.write_text("x")
+    run_cli(capsys, "--db", files["db"], "import", files["ratings"])
+    code, _, err = run_cli(capsys, "--db", files["db"], "join", "--superlink", "h:9092", "--root-certificates", ca,
+                           "--dry-run")
+    assert code == 2 and "no item catalogue" in err
+
+
+# ---------------------------------------------------------------- the ClientApp on a device
+
+def test_client_app_trains_on_the_device_store_and_keeps_model_and_vector(files, capsys):
+    from flwr.common import FitIns, ndarrays_to_parameters
+
+    from client.app import DeviceRecClient, client_fn_for
+
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    cfg = RunConfig.from_flat({"model.dim": 4})
+    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_DATA_PATH: str(db)}, state=RecordDict(),
+                  run_config={})
+    client = client_fn_for(cfg)(ctx)
+    assert isinstance(client.numpy_client, DeviceRecClient)
+    assert client.numpy_client.data.train[0].items.tolist() == [0, 1, 4]
+    params = catalogue_params()
+    res = client.fit(FitIns(ndarrays_to_parameters(params.to_arrays()),
+                            {keys.SERVER_ROUND: 3, keys.LOCAL_EPOCHS: 1, keys.CLIENT_LR: 1.0}))
+    assert res.num_examples == 1
+    with DeviceStore(db, create=False) as store:
+        model = store.get_global_model()
+        assert model.round == 2 and model.titles == tuple(TITLES)  # the model of round 2 was sent for round 3
+        assert model.embeddings.tobytes() == params.embeddings.tobytes()
+    # the vector fitted during training is exactly the one recommend would reconstruct: reused
+    code, out, _ = run_cli(capsys, "--db", db, "recommend", "--k", "2", "--timing")
+    assert code == 0 and "cached" in out and "round 2" in out
+
+    wrong = ItemParams(np.zeros((5, 4), np.float32), np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="global model has 5 items, this device's catalogue 8"):
+        client.numpy_client.fit(wrong.to_arrays(), {keys.SERVER_ROUND: 4})
+
+
+def test_client_app_without_data_path_keeps_the_simulation_path(block_csv):
+    from client.app import DeviceRecClient, client_fn_for
+
+    cfg = RunConfig.from_flat({"data.source": str(block_csv), "model.dim": 4})
+    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0}, state=RecordDict(), run_config={})
+    client = client_fn_for(cfg)(ctx)
+    assert not isinstance(client.numpy_client, DeviceRecClient)
+
+
+def test_device_without_catalogue_fails_clearly(files, capsys):
+    from client.app import client_fn_for
+
+    run_cli(capsys, "--db", files["db"], "import", files["ratings"])
+    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_DATA_PATH: str(files["db"])}, state=RecordDict(),
+                  run_config={})
+    with pytest.raises(ValueError, match="no item catalogue"):
+        client_fn_for(RunConfig())(ctx)
