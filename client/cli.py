@@ -301,6 +301,13 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     return command
 
 
+def _shell_quote(word: str) -> str:
+    """shlex.quote, but data-path='...' reads as "data-path='...'" rather than '"'"' soup."""
+    if "'" in word and not re.search(r'["$`\\!]', word):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
 def _supernode_executable() -> str:
     beside = Path(sys.executable).parent / "flower-supernode"  # this environment's, even when not on PATH
     return str(beside) if beside.is_file() else shutil.which("flower-supernode") or "flower-supernode"
@@ -317,7 +324,7 @@ def cmd_join(args: argparse.Namespace) -> int:
             raise UsageError("none of your ratings is of a catalogue item: nothing to train on (fedrec-client import)")
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
     if args.dry_run:
-        print("FLWR_TELEMETRY_ENABLED=0 " + shlex.join(command))
+        print("FLWR_TELEMETRY_ENABLED=0 " + " ".join(_shell_quote(word) for word in command))
         return 0
     if not Path(command[0]).is_file():
         raise UsageError("flower-supernode not found: install fedrec[client] (it brings flwr)")

@@ -26,9 +26,11 @@ from server.strategy import FedRecStrategy
 log = logging.getLogger(__name__)
 
 
-def catalog_size(cfg: RunConfig) -> int:
-    """The server knows the item catalogue (public), not who rated what."""
-    return load_interactions(cfg.data.source, cfg.data.format, cfg.data.item_file or None).n_items
+def load_catalog(cfg: RunConfig) -> tuple[tuple[str, ...], list[str]]:
+    """The item catalogue (public: ids and titles, in model-row order), not who rated what."""
+    data = load_interactions(cfg.data.source, cfg.data.format, cfg.data.item_file or None)
+    titles = [info.title + (f" ({info.year})" if info.year else "") for info in data.items]
+    return data.item_ids, titles
 
 
 class _Progress:
@@ -52,8 +54,9 @@ class _Progress:
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *, expected_clients: int | None,
                progress: bool, stop_after: int | None = None) -> FedRecStrategy:
-    n_items = catalog_size(cfg)
-    params = init_items(n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
+    item_ids, titles = load_catalog(cfg)
+    run_dir.save_items(item_ids, titles)  # devices map their item ids to model rows with it
+    params = init_items(len(item_ids), cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
     start, extra = 0, {}
     checkpoint = run_dir.load_checkpoint()

@@ -7,6 +7,7 @@ Layout::
       metrics.jsonl        one JSON object per round
       checkpoint.safetensors + checkpoint.json   global model, optimizer state, last round
       model.safetensors    the final global model (item embeddings, item biases)
+      items.csv            item_id,title per model row (what a device needs to use the model)
       ledger.json          the privacy ledger: every DP mechanism that ran (absent without DP)
       privacy_report.{json,md,html}  written at the end of the run (server/report.py)
       summary.md           a short table written at the end
@@ -14,6 +15,7 @@ Layout::
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 from pathlib import Path
@@ -97,6 +99,13 @@ class RunDir:
     def load_ledger(self) -> dict[str, Any] | None:
         path = self.path / "ledger.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_items(self, item_ids: tuple[str, ...], titles: list[str]) -> None:
+        """``items.csv`` (item_id,title, one row per model row): published beside the model."""
+        with open(self.path / "items.csv", "w", encoding="utf-8", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["item_id", "title"])
+            writer.writerows(zip(item_ids, titles))
 
     def save_model(self, params: ItemParams) -> None:
         save_arrays(self.path / "model.safetensors",

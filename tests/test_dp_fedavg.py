@@ -103,6 +103,7 @@ def test_epsilon_per_round_comes_from_the_ledger_and_increases(block_csv):
     assert all(b > a for a, b in zip(eps, eps[1:]))
     ledger = PrivacyLedger(delta=cfg.dp.delta, neighbouring=Neighbouring.USER)
     for r in range(1, 6):
-        ledger.record(MechanismEvent(noise_multiplier=1.0, sample_rate=0.3, steps=1, neighbouring=Neighbouring.USER,
+        ledger.record(MechanismEvent(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=0.3, steps=1,
+                                     neighbouring=Neighbouring.USER,
                                      parameters=keys.ITEM_PARAM_NAMES, round=r))
     assert eps[-1] == pytest.approx(ledger.epsilon())
