@@ -132,28 +132,36 @@ def _unwrap(module: nn.Module) -> TextItemEncoder:
     return inner
 
 
+def _batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+    """Index batches of texts of similar length (less padding); callers scatter results back."""
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
+def _encode(fn: Any, texts: Sequence[str], width: int, batch_size: int) -> np.ndarray:
+    out = np.zeros((len(texts), width), dtype=np.float32)
+    for idx in _batches(texts, batch_size):
+        tok = tokenize([texts[i] for i in idx])
+        out[idx] = fn(tok["input_ids"], tok["attention_mask"]).numpy()
+    return out
+
+
 def encode_base(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Frozen MiniLM sentence embeddings (N, 384), float32, L2-normalised: the cacheable part."""
     base, _ = load_minilm()
-    out = [np.zeros((0, BASE_DIM), dtype=np.float32)]
-    for start in range(0, len(texts), batch_size):
-        tok = tokenize(texts[start:start + batch_size])
-        hidden = base(**tok).last_hidden_state
-        out.append(mean_pool(hidden, tok["attention_mask"]).numpy())
-    return np.concatenate(out)
+    return _encode(lambda ids, mask: mean_pool(base(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
+                   texts, BASE_DIM, batch_size)
 
 
-@torch.no_grad()
 def item_vectors(encoder: nn.Module, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """The encoder's item vectors (N, dim), float32, computed without gradients in eval mode."""
     was_training = encoder.training
     encoder.eval()
     try:
-        out = [encoder(**tokenize(texts[s:s + batch_size])).numpy() for s in range(0, len(texts), batch_size)]
+        return _encode(encoder, texts, _unwrap(encoder).dim, batch_size)
     finally:
         encoder.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, _unwrap(encoder).dim), dtype=np.float32)
 
 
 # ---------------------------------------------------------------- adapter state (what travels)
