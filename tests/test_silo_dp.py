@@ -1,0 +1,272 @@
+"""Record-level DP-SGD for a silo (common.silo_dp): per-sample gradients, the released update,
+accountant history across rounds, ε against our ledger, and a silo that learns under DP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import ModelConfig
+from common.data import load_interactions
+from common.data.splits import split_interactions
+from common.evaluation import EvalSets
+from common.federated import ClientData, client_evaluate
+from common.mf import ItemParams, UserData, fit_user, init_items, local_item_update
+from common.privacy import Neighbouring, PrivacyLedger
+from common.silo_dp import (GRAD_SAMPLE_MODES, RELEASED_PARAMETERS, ItemScorer, SiloDPResult, dp_sgd_item_update,
+                            ledger_from_history, user_records)
+from tests.conftest import write_block_csv
+
+torch.set_num_threads(1)
+
+REG = 1.0  # user reconstruction λ for these small silos
+DIM = 8
+N_SILO_USERS = 30
+
+# σ ≈ 0 is only there to compare directions; Opacus rightly warns that its ε is off the scale.
+huge_epsilon_ok = pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory) -> EvalSets:
+    """30 users in 4 taste groups (the ``block_csv`` generator with 30 users)."""
+    csv = write_block_csv(tmp_path_factory.mktemp("silo") / "ratings.csv", n_users=N_SILO_USERS)
+    return EvalSets.from_split(split_interactions(load_interactions(str(csv)), "random", seed=0))
+
+
+@pytest.fixture(scope="module")
+def silo(sets) -> ClientData:
+    """All 30 users in one silo."""
+    return ClientData.from_sets(0, np.arange(N_SILO_USERS), sets)
+
+
+@pytest.fixture(scope="module")
+def start(sets) -> ItemParams:
+    return init_items(sets.n_items, DIM, seed=0)
+
+
+def run(params: ItemParams, users: list[UserData], **overrides) -> SiloDPResult:
+    kwargs = dict(user_reg=REG, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1, epochs=1,
+                  lr=0.5, seed=0, history=[])
+    return dp_sgd_item_update(params, users, **{**kwargs, **overrides})
+
+
+def flat(p: ItemParams) -> np.ndarray:
+    return np.r_[p.embeddings.ravel(), p.bias].astype(np.float64)
+
+
+def cosine(a: ItemParams, b: ItemParams) -> float:
+    x, y = flat(a), flat(b)
+    return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+
+def per_example_grads(scorer: ItemScorer, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: one backward per record, (B, I, d) and (B, I)."""
+    weights, biases = [], []
+    for i in range(len(y)):
+        scorer.zero_grad()
+        torch.nn.functional.cross_entropy(scorer(x[i:i + 1]), y[i:i + 1]).backward()
+        weights.append(scorer.linear.weight.grad.numpy().copy())
+        biases.append(scorer.linear.bias.grad.numpy().copy())
+    return np.stack(weights), np.stack(biases)
+
+
+# ---------------------------------------------------------------- (1) per-sample gradients
+
+def test_item_scorer_round_trips_item_params(start):
+    scorer = ItemScorer.from_params(start)
+    u = torch.randn(3, DIM)
+    np.testing.assert_allclose(scorer(u).detach().numpy(), u.numpy() @ start.embeddings.T + start.bias, rtol=1e-5,
+                               atol=1e-6)
+    back = scorer.to_params()
+    np.testing.assert_array_equal(back.embeddings, start.embeddings)
+    np.testing.assert_array_equal(back.bias, start.bias)
+    back.embeddings[0, 0] += 1  # copies, not views
+    assert scorer.linear.weight[0, 0].item() == start.embeddings[0, 0]
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs need no gradient
+def test_opacus_per_sample_gradients_equal_a_per_example_loop(start):
+    from opacus import GradSampleModule
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(9, DIM, generator=gen), torch.randint(0, start.n_items, (9,), generator=gen)
+    reference = per_example_grads(ItemScorer.from_params(start), x, y)
+    module = GradSampleModule(ItemScorer.from_params(start), loss_reduction="mean")
+    torch.nn.functional.cross_entropy(module(x), y).backward()
+    weight, bias = module._module.linear.weight, module._module.linear.bias
+    np.testing.assert_allclose(weight.grad_sample.numpy(), reference[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bias.grad_sample.numpy(), reference[1], rtol=1e-5, atol=1e-6)
+    # and the closed form of one record's softmax gradient: (p − e_i) ⊗ u
+    p = torch.softmax(x @ torch.from_numpy(start.embeddings).T + torch.from_numpy(start.bias), 1)
+    residual = (p - torch.nn.functional.one_hot(y, start.n_items)).numpy()
+    np.testing.assert_allclose(reference[0], residual[:, :, None] * x.numpy()[:, None, :], rtol=1e-5, atol=1e-6)
+
+
+@huge_epsilon_ok
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_one_full_batch_step_is_the_clipped_mean_gradient(silo, start, mode):
+    """q = 1, σ ≈ 0: one step, ``−lr/n · Σ clip_C(g_i)``, with a C small enough to clip."""
+    users, lr, clip = list(silo.trainable), 0.1, 0.05
+    x, y = user_records(start, users, user_reg=REG)
+    w, b = per_example_grads(ItemScorer.from_params(start), x, y)
+    norms = np.sqrt((w ** 2).sum((1, 2)) + (b ** 2).sum(1))
+    assert (norms > clip).all()  # every record is clipped
+    factor = np.minimum(1.0, clip / norms)
+    result = run(start, users, sample_rate=1.0, noise_multiplier=1e-9, max_grad_norm=clip, lr=lr,
+                 grad_sample_mode=mode)
+    assert result.steps == 1 and result.records == len(y)
+    np.testing.assert_allclose(result.update.embeddings, -lr / len(y) * np.einsum("n,nid->id", factor, w),
+                               rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(result.update.bias, -lr / len(y) * np.einsum("n,ni->i", factor, b),
+                               rtol=1e-3, atol=1e-7)
+
+
+def test_ghost_clipping_and_per_sample_hooks_give_the_same_noisy_update(silo, start):
+    """Same seed: same Poisson batches and noise draws; only the clipping arithmetic differs."""
+    users = list(silo.trainable)
+    ghost = run(start, users, epochs=2, grad_sample_mode="ghost")
+    hooks = run(start, users, epochs=2, grad_sample_mode="hooks")
+    np.testing.assert_allclose(flat(ghost.update), flat(hooks.update), rtol=1e-4, atol=1e-6)
+    assert ghost.history == hooks.history and ghost.mean_loss == pytest.approx(hooks.mean_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_empty_poisson_batches_still_add_noise_and_are_charged(start, mode):
+    """Four records, batch 1: q = 1/4, so a step's batch is empty 32% of the time."""
+    user = UserData(np.array([3, 7, 11, 20], dtype=np.int64), np.ones(4, np.float32))
+    for seed in range(2):
+        result = run(start, [user], sample_rate=0.25, epochs=2, seed=seed, grad_sample_mode=mode)
+        assert result.steps == 8 and result.history == [(1.0, 0.25, 8)]
+        assert np.isfinite(flat(result.update)).all()
+        # noise reaches every coordinate, including items nobody rated
+        assert np.count_nonzero(result.update.embeddings) == result.update.embeddings.size
+
+
+# ---------------------------------------------------------------- (2) what is released
+
+def test_update_has_the_received_shapes_and_leaves_the_inputs_alone(silo, start):
+    users = list(silo.trainable)
+    before = start.copy()
+    result = run(start, users)
+    assert result.update.embeddings.shape == start.embeddings.shape
+    assert result.update.bias.shape == start.bias.shape
+    assert result.update.embeddings.dtype == np.float32 and result.update.bias.dtype == np.float32
+    assert np.isfinite(flat(result.update)).all() and np.abs(flat(result.update)).max() > 0
+    np.testing.assert_array_equal(start.embeddings, before.embeddings)  # received params not mutated
+    np.testing.assert_array_equal(start.bias, before.bias)
+    # the only trainable parameters are the item table and biases: user vectors are inputs
+    names = {n for n, p in ItemScorer.from_params(start).named_parameters() if p.requires_grad}
+    assert names == {"linear.weight", "linear.bias"}
+    assert result.event.parameters == RELEASED_PARAMETERS
+    assert result.event.neighbouring is Neighbouring.RECORD
+    assert result.records == sum(len(u.items) for u in users)
+    assert not result.secure_mode
+
+
+def test_user_records_hold_one_reconstructed_vector_per_rating(silo, start):
+    users = list(silo.trainable)[:3] + [UserData(np.zeros(0, np.int64), np.zeros(0, np.float32))]
+    x, y = user_records(start, users, user_reg=REG)
+    assert len(y) == sum(len(u.items) for u in users)
+    np.testing.assert_array_equal(y.numpy(), np.concatenate([u.items for u in users]))
+    np.testing.assert_array_equal(x[0].numpy(), fit_user(start, users[0], loss="softmax", reg=REG))
+    with pytest.raises(ValueError, match="no ratings"):
+        user_records(start, users[-1:], user_reg=REG)
+
+
+def test_same_seed_same_update_and_bad_arguments_refused(silo, start):
+    users = list(silo.trainable)
+    a, b = run(start, users, seed=3), run(start, users, seed=3)
+    np.testing.assert_array_equal(a.update.embeddings, b.update.embeddings)
+    assert not np.array_equal(a.update.embeddings, run(start, users, seed=4).update.embeddings)
+    with pytest.raises(ValueError, match="sample_rate"):
+        run(start, users, sample_rate=0.0)
+    with pytest.raises(ValueError, match="history"):
+        run(start, users, history=[(1.0, 0.1)])
+    with pytest.raises(ValueError, match="grad_sample_mode"):
+        run(start, users, grad_sample_mode="functorch")
+
+
+def test_secure_mode_fails_loudly_without_a_csprng(silo, start):
+    """Opacus' secure mode needs torchcsprng; without it there is no silent fallback."""
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchcsprng"):
+            run(start, list(silo.trainable), secure_mode=True)
+    else:  # pragma: no cover - not installed here
+        assert run(start, list(silo.trainable), secure_mode=True).secure_mode
+
+
+# ---------------------------------------------------------------- (3, 4) accounting
+
+def test_history_is_restored_so_epsilon_composes_across_rounds(silo, start):
+    users = list(silo.trainable)
+    first = run(start, users, server_round=1)
+    second = run(start, users, history=first.history, server_round=2, noise_multiplier=1.3)
+    alone = run(start, users, server_round=2, noise_multiplier=1.3)
+    assert first.history == [(1.0, first.sample_rate, first.steps)]
+    assert second.history == [*first.history, (1.3, second.sample_rate, second.steps)]
+    both = PrivacyLedger(delta=second.delta, neighbouring=Neighbouring.RECORD)
+    both.record(first.event)
+    both.record(second.event)
+    assert second.epsilon == pytest.approx(both.epsilon(), rel=0.01)
+    assert second.epsilon > alone.epsilon * 1.1 and second.epsilon > first.epsilon  # it did not restart
+    assert alone.epsilon == pytest.approx(alone.ledger_epsilon, rel=0.01)
+
+
+@pytest.mark.parametrize("sigma, rate, epochs", [(1.0, 0.1, 1), (0.8, 0.05, 2), (2.0, 0.25, 3)])
+def test_opacus_epsilon_agrees_with_our_ledger(silo, start, sigma, rate, epochs):
+    result = run(start, list(silo.trainable), noise_multiplier=sigma, sample_rate=rate, epochs=epochs)
+    assert result.steps == epochs * round(1 / result.sample_rate)
+    assert 0 < result.epsilon == pytest.approx(result.ledger_epsilon, rel=0.01)
+    assert ledger_from_history(result.history, delta=result.delta).epsilon() == result.ledger_epsilon
+
+
+# ---------------------------------------------------------------- (5) it is the non-DP gradient
+
+@huge_epsilon_ok
+def test_without_noise_or_clipping_the_update_follows_the_gradient(silo, start):
+    """σ ≈ 0 and C above every record's gradient norm (‖g‖² ≤ 2(‖u‖²+1), checked): DP-SGD is
+    plain SGD on the records. One full-batch step is −lr/n × the non-DP gradient; Poisson-sampled
+    steps with a small lr add up to the same direction; real noise does not."""
+    users = list(silo.trainable)
+    x, _ = user_records(start, users, user_reg=REG)
+    clip = 1e4
+    assert 2 * (float((x ** 2).sum(1).max()) + 1) < clip ** 2
+    reference, _, _ = local_item_update(start, users, loss="softmax", user_reg=REG, epochs=1, lr=1.0,
+                                        rng=np.random.default_rng(0))
+    n = sum(len(u.items) for u in users)
+
+    # lr large enough that new − old keeps float32 precision (it is a single step)
+    full = run(start, users, sample_rate=1.0, noise_multiplier=1e-9, max_grad_norm=clip, lr=0.1)
+    assert full.steps == 1 and cosine(full.update, reference) > 0.999
+    np.testing.assert_allclose(flat(full.update) * n / 0.1, flat(reference), rtol=1e-3, atol=1e-4)
+
+    sampled = run(start, users, sample_rate=0.25, epochs=8, noise_multiplier=1e-9, max_grad_norm=clip, lr=1e-3)
+    assert sampled.steps == 32 and cosine(sampled.update, reference) > 0.9
+
+    noisy = run(start, users, sample_rate=0.25, epochs=8, noise_multiplier=5.0, max_grad_norm=0.1, lr=1e-3)
+    assert cosine(noisy.update, reference) < 0.5  # the check above is not vacuous
+
+
+# ---------------------------------------------------------------- (6) a silo learns under DP
+
+def test_a_silo_learns_to_rank_under_record_level_dp(silo, start):
+    users, model = list(silo.trainable), ModelConfig(dim=DIM, user_reg=REG)
+
+    def ndcg(params: ItemParams) -> float:
+        sums = client_evaluate(params, silo, model=model, phase="valid", seed=0)
+        return sums["ndcg@10"] / sums["users"]
+
+    params, history, losses, epsilons = start.copy(), [], [], []
+    for server_round in range(1, 6):
+        result = run(params, users, lr=1.0, seed=server_round, history=history, server_round=server_round)
+        history = result.history
+        params = ItemParams(params.embeddings + result.update.embeddings, params.bias + result.update.bias)
+        losses.append(result.mean_loss)
+        epsilons.append(result.epsilon)
+    assert np.all(np.diff(epsilons) > 0)  # each round adds to the same budget
+    assert losses[-1] < losses[0]
+    assert ndcg(params) > ndcg(start) + 0.1, (ndcg(start), ndcg(params))
