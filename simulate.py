@@ -11,6 +11,7 @@ Writes runs/<timestamp>/ (see server/run_dir.py) and prints a summary table.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -163,8 +164,14 @@ def summarize(run_dir, result: dict) -> str:
         led = PrivacyLedger.from_state_dict(ledger["ledger"])
         lines.append(f"privacy            user-level ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
                      f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released")
+    elif run_dir.config().dp.enabled:
+        lines.append("privacy            no round was released (the privacy budget allowed none)")
     else:
-        lines.append("privacy            NO DP GUARANTEE (run with DP disabled)")
+        lines.append("privacy            NO DP GUARANTEE for users (run with user-level DP disabled)")
+    if (run_dir.path / "client_epsilons.json").exists():
+        eps = list(json.loads((run_dir.path / "client_epsilons.json").read_text()).values())
+        lines.append(f"record-level DP     silo ε (δ = {run_dir.config().dp.record_delta:g}): "
+                     f"min {min(eps):.3f}, max {max(eps):.3f} over {len(eps)} silos")
     if (run_dir.path / "privacy_report.html").exists():
         lines.append(f"privacy report     {run_dir.path / 'privacy_report.html'}")
     text = "\n".join(lines)

@@ -10,11 +10,12 @@ On a real device (node_config ``data-path``) the data are the user's own, in a
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -27,6 +28,7 @@ from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
 from common.federated import validate_update
 from common.privacy.dp_fedavg import clip_item_update
+from common.silo_dp import dp_sgd_item_update
 from client.data import device_client_data, keep_on_device, simulated_client_data
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class RecClient(NumPyClient):
 
     def fit(self, parameters, config):
         params = ItemParams.from_arrays(parameters)
+        if self.cfg.dp.record_level and self.cfg.fed.partition == "silo":
+            return self._fit_dp_sgd(params, parameters, config)
         update, loss, vectors = client_train(
             params, self.data, model=self.cfg.model,
             epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
@@ -55,6 +59,30 @@ class RecClient(NumPyClient):
             raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
         return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
+
+    def _fit_dp_sgd(self, params: ItemParams, parameters, config):
+        """A silo with many records: Opacus DP-SGD on the item side, ε composed across rounds
+        from the accountant history kept in this node's state (never restarted)."""
+        dp = self.cfg.dp
+        rnd = int(config[keys.SERVER_ROUND])
+        saved = self.state.config_records.get(keys.STATE_DPSGD_HISTORY)
+        history = [tuple(h) for h in json.loads(str(saved["json"]))] if saved else []
+        result = dp_sgd_item_update(
+            params, list(self.data.trainable), user_reg=self.cfg.model.user_reg,
+            noise_multiplier=dp.record_noise_multiplier, max_grad_norm=dp.record_clip,
+            sample_rate=dp.record_sample_rate, epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
+            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
+            seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
+            history=history, delta=dp.record_delta, server_round=rnd)
+        self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
+        arrays = result.update.to_arrays()
+        if keys.CLIP_NORM in config:
+            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
+        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
+        if problem:
+            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
+                           keys.M_RECORD_EPSILON: result.epsilon}
 
     def evaluate(self, parameters, config):
         params = ItemParams.from_arrays(parameters)
@@ -85,6 +113,30 @@ class DeviceRecClient(RecClient):
         keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]) - 1, self.cfg.model, self.data,
                        vector, exact)
         return reply
+
+    def _fit_dp_sgd(self, params: ItemParams, parameters, config):
+        """A silo with many records: Opacus DP-SGD on the item side, ε composed across rounds
+        from the accountant history kept in this node's state (never restarted)."""
+        dp = self.cfg.dp
+        rnd = int(config[keys.SERVER_ROUND])
+        saved = self.state.config_records.get(keys.STATE_DPSGD_HISTORY)
+        history = [tuple(h) for h in json.loads(str(saved["json"]))] if saved else []
+        result = dp_sgd_item_update(
+            params, list(self.data.trainable), user_reg=self.cfg.model.user_reg,
+            noise_multiplier=dp.record_noise_multiplier, max_grad_norm=dp.record_clip,
+            sample_rate=dp.record_sample_rate, epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
+            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
+            seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
+            history=history, delta=dp.record_delta, server_round=rnd)
+        self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
+        arrays = result.update.to_arrays()
+        if keys.CLIP_NORM in config:
+            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
+        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
+        if problem:
+            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
+                           keys.M_RECORD_EPSILON: result.epsilon}
 
     def evaluate(self, parameters, config):
         self._check(parameters)

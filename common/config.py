@@ -17,6 +17,7 @@ from common.data.splits import SPLITS
 from common.mf import LOSSES
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
+MODEL_KINDS = ("mf", "hybrid")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -46,12 +47,24 @@ class ModelConfig:
     user_reg: float = 40.0  # λ of |u|² in a user's summed loss when reconstructing u (federated, eval)
     item_reg: float = 0.0005  # λ of |V|² per user (central) / server-side weight decay (federated)
     init_scale: float = 0.1
+    # "mf": item embeddings + biases. "hybrid": item vector = free embedding + head(MiniLM(item text)),
+    # the head (and LoRA adapters when `lora`) trained federated like the MF arrays
+    # (common/hybrid_federated.py).
+    kind: str = "mf"
+    lora: bool = False  # hybrid: LoRA (r=8, q/v) on MiniLM as well as the head; False: frozen base + head
+    text_max_length: int = 32  # hybrid: item texts truncated to this many tokens (ML-100K: ≤ 31)
+    text_lr: float = 0.05  # hybrid: client SGD step size of the head/LoRA (sampled-softmax loss)
+    text_negatives: int = 64  # hybrid: sampled negatives per user in the head/LoRA step
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, f"model.dim must be ≥ 1, got {self.dim}")
         _check(self.loss in LOSSES, f"model.loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.user_reg > 0, f"model.user-reg must be > 0 (reconstruction must be strictly convex), got {self.user_reg}")
         _check(self.item_reg >= 0, f"model.item-reg must be ≥ 0, got {self.item_reg}")
+        _check(self.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+        _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
+        _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
+        _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,12 @@ class DPConfig:
     target_epsilon: float = 8.0  # > 0: stop before a round whose release would exceed it (0: no cap)
     accountant: str = "rdp"  # which accountant enforces target-epsilon (both are reported)
     noise_seed: int = -1  # -1: secure noise from os.urandom; ≥ 0: seeded (tests/debugging only)
+    # Record-level DP-SGD (Opacus) inside silo clients (fed.partition = silo): one rating is the unit.
+    record_level: bool = False
+    record_noise_multiplier: float = 1.0
+    record_clip: float = 1.0
+    record_sample_rate: float = 0.05
+    record_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
@@ -115,6 +134,9 @@ class DPConfig:
         _check(0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
         _check(self.target_epsilon >= 0, f"dp.target-epsilon must be ≥ 0 (0 = no cap), got {self.target_epsilon}")
         _check(self.accountant in ("rdp", "pld"), f"dp.accountant must be rdp or pld, got {self.accountant!r}")
+        _check(self.record_noise_multiplier > 0 and self.record_clip > 0, "dp.record-noise-multiplier and dp.record-clip must be > 0")
+        _check(0 < self.record_sample_rate <= 1, f"dp.record-sample-rate must be in (0, 1], got {self.record_sample_rate}")
+        _check(0 < self.record_delta < 1, f"dp.record-delta must be in (0, 1), got {self.record_delta}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +169,9 @@ class RunConfig:
     dp: DPConfig = field(default_factory=DPConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     seed: int = 0
+    # `flwr run` only: the run directory (absolute, or relative to $FEDREC_RUNS / ./runs); "" = a
+    # new runs/<timestamp>/. An existing one with a checkpoint is resumed (same config required).
+    run_dir: str = ""
 
     # ---- flat <-> nested
     def to_flat(self) -> dict[str, Any]:

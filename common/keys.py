@@ -16,6 +16,7 @@ PROP_CLIENT_ID = "client-id"
 M_TRAIN_LOSS = "train-loss"
 M_USERS = "users"
 M_FAILED = "failed"
+M_RECORD_EPSILON = "record-epsilon"  # silo DP-SGD: this client's ε so far (a function of public settings)
 
 # node_config keys
 NODE_PARTITION_ID = "partition-id"
@@ -24,6 +25,17 @@ NODE_DATA_PATH = "data-path"
 
 # context.state keys (kept on the node, never sent)
 STATE_USER_VECTORS = "fedrec.user-vectors"
+STATE_DPSGD_HISTORY = "fedrec.dpsgd-history"  # Opacus accountant history, restored every round
 
 # Names of the global parameter arrays, in the order they travel.
 ITEM_PARAM_NAMES = ("item_embeddings", "item_bias")
+
+# Hybrid model (model.kind = "hybrid", common/hybrid_federated.py). The trainable arrays travel as
+# ITEM_PARAM_NAMES + ("head.weight", "head.bias", sorted "lora.*"); after them the server appends
+# one NON-trainable context array, the item text vectors head(encoder(texts)) it computed from
+# the released adapter. The fit config says how many leading arrays are trainable and names the
+# context array; clients send an update for the trainable ones only.
+TRAINABLE_ARRAYS = "trainable-arrays"  # fit config: number of leading trainable arrays
+CONTEXT_ARRAYS = "context-arrays"  # fit config: names of the trailing non-trainable arrays
+TEXT_VECTORS_NAME = "item_text_vectors"
+M_TEXT_LOSS = "text-loss"  # hybrid: the head/LoRA step's sampled-softmax loss

@@ -29,6 +29,10 @@ from common.mf import ItemParams
 from common.serialization import append_jsonl, load_arrays, read_jsonl, save_arrays, write_json
 
 
+# Keys that say where the run lives, not what it computes: never compared on resume.
+NOT_COMPARED = ("run-dir",)
+
+
 class ConfigMismatchError(ValueError):
     pass
 
@@ -57,7 +61,8 @@ class RunDir:
         """Refuse to resume with a config that differs from the run's, naming what changed."""
         saved = json.loads((self.path / "config.json").read_text())
         now = cfg.to_flat()
-        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        keys = sorted((set(saved) | set(now)) - set(NOT_COMPARED))
+        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
         if diff:
             raise ConfigMismatchError(f"cannot resume {self.path}: the config changed ({'; '.join(diff)}). "
                                       "Resume with the run's own config, or start a new run.")
@@ -99,6 +104,10 @@ class RunDir:
     def load_ledger(self) -> dict[str, Any] | None:
         path = self.path / "ledger.json"
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_client_epsilons(self, epsilons: dict[int, float]) -> None:
+        """``client_epsilons.json``: each silo's record-level ε (Opacus DP-SGD), for the report."""
+        write_json(self.path / "client_epsilons.json", {str(k): v for k, v in sorted(epsilons.items())})
 
     def save_items(self, item_ids: tuple[str, ...], titles: list[str]) -> None:
         """``items.csv`` (item_id,title, one row per model row): published beside the model."""

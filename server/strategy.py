@@ -61,6 +61,7 @@ class FedRecStrategy(Strategy):
         self.noise = GaussianNoise(None if dp.noise_seed < 0 else dp.noise_seed)
         self.budget_stopped_at: int | None = None
         self._released = False
+        self.record_epsilons: dict[int, float] = {}  # client id -> latest record-level ε (silo DP-SGD)
 
     # ---- identities
     def _resolve_ids(self, client_manager: ClientManager) -> list[ClientProxy]:
@@ -138,6 +139,8 @@ class FedRecStrategy(Strategy):
             updates.append(arrays)
             if keys.M_TRAIN_LOSS in res.metrics:
                 losses.append(float(res.metrics[keys.M_TRAIN_LOSS]))
+            if keys.M_RECORD_EPSILON in res.metrics:  # silo DP-SGD: each silo's record-level ε
+                self.record_epsilons[self.client_ids.get(proxy.cid, -1)] = float(res.metrics[keys.M_RECORD_EPSILON])
         self._row["participants"] = len(updates)
         if not updates:
             return None, {}
@@ -200,6 +203,8 @@ class FedRecStrategy(Strategy):
             self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure,
                                     population=self.population)
         self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(), extra)
+        if self.record_epsilons:
+            self.run_dir.save_client_epsilons(self.record_epsilons)
         self.on_round(row)
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Message
@@ -85,3 +87,19 @@ def test_a_failing_client_is_counted_and_the_round_goes_on(block_csv, tmp_path, 
     assert [r["failures"] for r in fits] == [1, 1]
     assert [r["participants"] for r in fits] == [11, 11]
     assert "client 3 failed" in caplog.text
+
+
+def test_silo_record_level_dp_sgd_composes_epsilon_across_rounds(tmp_path):
+    from tests.conftest import write_block_csv
+
+    csv = write_block_csv(tmp_path / "r.csv", n_users=30)
+    eps = []
+    for rounds in (1, 2):
+        cfg = tiny_config(csv, **{"fed.rounds": rounds, "fed.partition": "silo", "fed.num-silos": 3,
+                                  "fed.sample-rate": 1.0, "dp.enabled": False, "dp.record-level": True,
+                                  "dp.record-sample-rate": 0.2})
+        run_dir, _ = run(cfg, tmp_path / f"runs{rounds}")
+        eps.append(json.loads((run_dir.path / "client_epsilons.json").read_text()))
+        assert set(eps[-1]) == {"0", "1", "2"}
+    # the accountant history is restored every round: two rounds cost more than one
+    assert all(eps[1][k] > eps[0][k] * 1.1 for k in eps[0])
