@@ -81,6 +81,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
             max_weight=1.0,  # every client weighs 1 (num_examples = 1)
             clipping_range=cfg.dp.clip,  # = the client's clip bound: the protocol never clips
             quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
+        strategy.secagg_workflow = fit_workflow
     if remaining > 0:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
         strategy.grid = BoundedGrid(grid, cfg.fed.timeout, strategy.note_failure)

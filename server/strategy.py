@@ -56,12 +56,32 @@ class FedRecStrategy(Strategy):
         self.elapsed = 0.0
         self.stop_after: int | None = None  # stop cleanly after this round (resume later)
         self.secure_aggregation = False  # results carry the survivors' mean (SecAgg+), not updates
+        self.secagg_workflow = None  # Flower's SecAggPlusWorkflow, sized to each round's cohort
         dp = cfg.dp
         self.ledger = PrivacyLedger(delta=dp.delta, neighbouring=Neighbouring.USER) if dp.enabled else None
         self.noise = GaussianNoise(None if dp.noise_seed < 0 else dp.noise_seed)
         self.budget_stopped_at: int | None = None
         self._released = False
         self.record_epsilons: dict[int, float] = {}  # client id -> latest record-level ε (silo DP-SGD)
+        # Hybrid (model.kind = "hybrid"): self.params is a HybridParams; the text side computes the
+        # item text vectors sent after the trainable arrays (a context array, never trained).
+        self.text_side = None
+        self.text_vectors: np.ndarray | None = None
+
+    def set_text_side(self, side) -> None:
+        """Hybrid: the text side (common.hybrid_federated.TextSide) and the current text vectors."""
+        self.text_side = side
+        self.text_vectors = side.vectors(self.params.adapter)
+
+    def _outgoing(self) -> list[np.ndarray]:
+        """What an instruction carries: the trainable arrays (+ the item text vectors, hybrid)."""
+        arrays = self.params.to_arrays()
+        return arrays if self.text_side is None else [*arrays, self.text_vectors]
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the released (trainable) arrays, for the privacy ledger."""
+        return keys.ITEM_PARAM_NAMES if self.text_side is None else self.params.names()
 
     # ---- identities
     def _resolve_ids(self, client_manager: ClientManager) -> list[ClientProxy]:
@@ -92,7 +112,7 @@ class FedRecStrategy(Strategy):
 
     # ---- Strategy hooks
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return ndarrays_to_parameters(self.params.to_arrays())
+        return ndarrays_to_parameters(self._outgoing())
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager):
         rnd = self.start_round + server_round
@@ -113,13 +133,17 @@ class FedRecStrategy(Strategy):
         by_id = {self.client_ids[p.cid]: p for p in proxies}
         chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.seed, server_round=rnd)
         self._row["sampled"] = len(chosen)
+        self._size_secagg(len(chosen))
         config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
         if self.ledger is not None or self.secure_aggregation:
             config[keys.CLIP_NORM] = self.cfg.dp.clip
             config[keys.BIAS_SHARE] = self.cfg.dp.bias_share
         # The strategy's parameters are the source of truth (a noise-only release may have
         # changed them in a round where nobody was sampled).
-        ins = FitIns(ndarrays_to_parameters(self.params.to_arrays()), config)
+        if self.text_side is not None:  # the trailing context array gets no update
+            config[keys.TRAINABLE_ARRAYS] = len(self.params.to_arrays())
+            config[keys.CONTEXT_ARRAYS] = keys.TEXT_VECTORS_NAME
+        ins = FitIns(ndarrays_to_parameters(self._outgoing()), config)
         return [(by_id[c], ins) for c in chosen]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures):
@@ -151,7 +175,18 @@ class FedRecStrategy(Strategy):
         self._release(total, len(updates))
         if losses:
             self._row["train_loss"] = float(np.mean(losses))
-        return ndarrays_to_parameters(self.params.to_arrays()), {}
+        return ndarrays_to_parameters(self._outgoing()), {}
+
+    def _size_secagg(self, cohort: int) -> None:
+        """SecAgg+ needs num_shares ≤ cohort and a threshold ≤ num_shares: with a small cohort
+        (a few silos or devices) every client shares with all others, same threshold ratio."""
+        wf, sa = self.secagg_workflow, self.cfg.secagg
+        if wf is None:
+            return
+        if cohort >= sa.num_shares:
+            wf.num_shares, wf.reconstruction_threshold = sa.num_shares, sa.reconstruction_threshold
+        else:  # floats: proportions of the sampled clients / of the shares (Flower's convention)
+            wf.num_shares, wf.reconstruction_threshold = 1.0, sa.reconstruction_threshold / sa.num_shares
 
     # ---- the release: DP noise, server optimizer, privacy ledger
     @property
@@ -165,7 +200,7 @@ class FedRecStrategy(Strategy):
 
     def _event(self, rnd: int) -> MechanismEvent:
         return MechanismEvent(noise_multiplier=self.cfg.dp.noise_multiplier, sample_rate=self.cfg.fed.sample_rate,
-                              steps=1, neighbouring=Neighbouring.USER, parameters=keys.ITEM_PARAM_NAMES, round=rnd)
+                              steps=1, neighbouring=Neighbouring.USER, parameters=self.param_names, round=rnd)
 
     def _release(self, total: list[np.ndarray] | None, n: int) -> None:
         """Turn the round's sum of updates (None: nobody reported) into the next global model.
@@ -174,9 +209,17 @@ class FedRecStrategy(Strategy):
             raise RuntimeError(f"round {self.current_round} released twice")
         self._released = True
         dp = self.cfg.dp if self.ledger is not None else None
-        self.params = server_update(self.params, total, n, optimizer=self.optimizer, dp=dp,
-                                    expected_cohort=self.cfg.fed.sample_rate * self.population,
-                                    noise=self.noise.for_round(self.current_round))
+        if self.text_side is not None:  # hybrid: every trainable array alike, then new text vectors
+            from common.hybrid_federated import hybrid_server_update
+
+            self.params = hybrid_server_update(self.params, total, n, optimizer=self.optimizer, dp=dp,
+                                               expected_cohort=self.cfg.fed.sample_rate * self.population,
+                                               noise=self.noise.for_round(self.current_round))
+            self.text_vectors = self.text_side.vectors(self.params.adapter)
+        else:
+            self.params = server_update(self.params, total, n, optimizer=self.optimizer, dp=dp,
+                                        expected_cohort=self.cfg.fed.sample_rate * self.population,
+                                        noise=self.noise.for_round(self.current_round))
         if self.ledger is not None:
             self.ledger.record(self._event(self.current_round))
             self._row["epsilon"] = self.ledger.epsilon(Accountant.RDP)
