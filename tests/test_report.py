@@ -30,8 +30,10 @@ def make_run(path: Path, *, dp: bool = True, rounds: int = 4, stop: int | None =
              client_epsilons: list[float] | None = None, audit: dict[str, Any] | None = None) -> Path:
     """A run directory written by hand: config, metrics (fit/eval/stop rows), ledger."""
     path.mkdir(parents=True)
+    # SecAgg+ off unless `flat` turns it on: the trust model's plaintext wording is the default here.
     cfg = RunConfig().replace(**{"dp.enabled": dp, "dp.noise-multiplier": SIGMA, "fed.sample-rate": Q,
-                                 "dp.delta": DELTA, "fed.rounds": 10, "dp.noise-seed": -1 if secure else 3})
+                                 "dp.delta": DELTA, "fed.rounds": 10, "dp.noise-seed": -1 if secure else 3,
+                                 "secagg.enabled": False})
     (path / "config.json").write_text(json.dumps({**cfg.to_flat(), **(flat or {})}))
     rows: list[dict[str, Any]] = []
     for r in range(1, rounds + 1):
