@@ -4,6 +4,7 @@
     python simulate.py                      # ML-100K, one client per user, defaults from RunConfig
     python simulate.py --rounds 50 --sample-rate 0.2
     python simulate.py --resume runs/20261127-220000
+    python simulate.py --model hybrid       # + MiniLM text part (frozen + head; --lora adds LoRA)
 
 Writes runs/<timestamp>/ (see server/run_dir.py) and prints a summary table.
 """
@@ -34,7 +35,7 @@ FLAGS = {
     "eval_every": "fed.eval-every", "eval_clients": "fed.eval-clients", "partition": "fed.partition", "num_silos": "fed.num-silos",
     "timeout": "fed.timeout", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
     "noise_multiplier": "dp.noise-multiplier", "clip": "dp.clip", "target_epsilon": "dp.target-epsilon",
-    "delta": "dp.delta",
+    "delta": "dp.delta", "model": "model.kind",
 }
 
 
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, help="seconds a round waits for clients")
     p.add_argument("--dim", type=int)
     p.add_argument("--loss", choices=["softmax", "bpr", "mse"])
+    p.add_argument("--model", choices=["mf", "hybrid"],
+                   help="mf, or hybrid: item vector = free embedding + head(MiniLM(item text)), trained federated")
+    p.add_argument("--lora", action="store_true", help="hybrid: train LoRA adapters of MiniLM too (costly on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (the report then says so)")
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
@@ -81,6 +85,8 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
         value = getattr(args, flag)
         if value is not None:
             flat[key] = value
+    if getattr(args, "lora", False):
+        flat["model.lora"] = True
     if getattr(args, "no_dp", False):
         flat["dp.enabled"] = False
     for item in args.set:

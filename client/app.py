@@ -42,6 +42,8 @@ class RecClient(NumPyClient):
         return {keys.PROP_CLIENT_ID: int(self.data.client_id)}
 
     def fit(self, parameters, config):
+        if self.cfg.model.kind == "hybrid":
+            return self._fit_hybrid(parameters, config)
         params = ItemParams.from_arrays(parameters)
         if self.cfg.dp.record_level and self.cfg.fed.partition == "silo":
             return self._fit_dp_sgd(params, parameters, config)
@@ -84,7 +86,33 @@ class RecClient(NumPyClient):
         return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
                            keys.M_RECORD_EPSILON: result.epsilon}
 
+    def _fit_hybrid(self, parameters, config):
+        """``model.kind = hybrid``: the trainable arrays (free item part, biases, head, LoRA) are
+        followed by the item text vectors, a context array the server computed: no update is sent
+        for it. Clipped per group and validated like the MF update (common/hybrid_federated.py)."""
+        from common.hybrid_federated import client_side, clip_hybrid_update, hybrid_client_train, split_arrays
+
+        side = client_side(self.cfg)
+        n = int(config.get(keys.TRAINABLE_ARRAYS, len(parameters) - 1))
+        params, text_vectors = split_arrays(parameters, n, side.adapter_names)
+        arrays, loss, vectors, text_loss = hybrid_client_train(
+            params, text_vectors, self.data, side, model=self.cfg.model,
+            epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
+            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
+            seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
+        self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
+        if keys.CLIP_NORM in config:
+            arrays = clip_hybrid_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
+        problem = validate_update(arrays, [np.shape(p) for p in parameters[:n]], float(config.get(keys.CLIP_NORM, np.inf)))
+        if problem:
+            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors), keys.M_TEXT_LOSS: text_loss}
+
     def evaluate(self, parameters, config):
+        if self.cfg.model.kind == "hybrid":  # item vectors = free part + the server's text vectors
+            from common.hybrid_federated import effective_from_arrays
+
+            parameters = effective_from_arrays(parameters).to_arrays()
         params = ItemParams.from_arrays(parameters)
         metrics = client_evaluate(params, self.data, model=self.cfg.model,
                                   phase=str(config.get(keys.PHASE, "test")), seed=self.cfg.seed)
@@ -153,6 +181,9 @@ def client_fn_for(cfg: RunConfig | None):
         torch.set_num_threads(1)
         run_cfg = cfg or RunConfig.from_flat(dict(context.run_config))
         data_path = context.node_config.get(keys.NODE_DATA_PATH)
+        if data_path and run_cfg.model.kind == "hybrid":
+            raise ValueError("model.kind = hybrid runs in simulation only for now: a device's store keeps an MF "
+                             "model and no item texts")
         if data_path:  # a real device: its own store, indexed by the item catalogue kept there
             data, n_items = device_client_data(str(data_path))
             return DeviceRecClient(run_cfg, data, context, str(data_path), n_items).to_client()

@@ -53,8 +53,9 @@ class ModelConfig:
     kind: str = "mf"
     lora: bool = False  # hybrid: LoRA (r=8, q/v) on MiniLM as well as the head; False: frozen base + head
     text_max_length: int = 32  # hybrid: item texts truncated to this many tokens (ML-100K: ≤ 31)
-    text_lr: float = 0.05  # hybrid: client SGD step size of the head/LoRA (sampled-softmax loss)
-    text_negatives: int = 64  # hybrid: sampled negatives per user in the head/LoRA step
+    text_lr: float = 10.0  # hybrid: SGD step of the head/LoRA (one step: sets its weight in the clipped update)
+    text_negatives: int = 32  # hybrid: sampled negatives per user in the head/LoRA step
+    text_positives: int = 32  # hybrid: at most this many of a user's positives (sampled) per head/LoRA step
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1, f"model.dim must be ≥ 1, got {self.dim}")
@@ -65,6 +66,7 @@ class ModelConfig:
         _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
         _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
         _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")
+        _check(self.text_positives >= 1, f"model.text-positives must be ≥ 1, got {self.text_positives}")
 
 
 @dataclass(frozen=True)

@@ -158,16 +158,26 @@ def server_update(params: ItemParams, total: list[np.ndarray] | None, n: int, *,
     ``total`` is None when nobody reported. Without DP: the mean over the ``n`` reporters (an
     empty round leaves the model unchanged). With DP: Gaussian noise once on the sum, divided by
     the expected cohort ``q·N`` (also when nobody reported: the release still happens)."""
+    arrays = server_update_arrays(params.to_arrays(), total, n, optimizer=optimizer, dp=dp,
+                                  expected_cohort=expected_cohort, noise=noise)
+    return params if arrays is None else ItemParams.from_arrays(arrays)
+
+
+def server_update_arrays(arrays: list[np.ndarray], total: list[np.ndarray] | None, n: int, *,
+                         optimizer: ServerOptimizer, dp: DPConfig | None, expected_cohort: float,
+                         noise: GaussianNoise) -> list[np.ndarray] | None:
+    """:func:`server_update` on a list of arrays (any model's trainable arrays, in travel
+    order); None when the model stays unchanged (no DP and nobody reported)."""
     if dp is None:
         if total is None or n == 0:
-            return params
+            return None
         mean = [np.asarray(t, dtype=np.float64) / n for t in total]
     else:
         if total is None:
-            total = [np.zeros(a.shape) for a in params.to_arrays()]
+            total = [np.zeros(a.shape) for a in arrays]
         mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
                           expected_cohort=expected_cohort, noise=noise)
-    return ItemParams.from_arrays(optimizer.step(params.to_arrays(), mean))
+    return optimizer.step(arrays, mean)
 
 
 def sum_updates(updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:

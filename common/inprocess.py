@@ -9,8 +9,9 @@ that would take hours through Ray; headline numbers come from the Flower simulat
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,8 @@ class InProcessResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    optimizer: Any = None  # the server optimizer (hybrid runs: to continue a run with `resume=`)
+    text_vectors: Any = None  # hybrid: the item text vectors of the final adapter (I, d)
 
 
 def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConfig, phase: str) -> dict[str, float]:
@@ -51,7 +54,11 @@ def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConf
 
 
 def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = None, progress: bool = False,
-                  on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True) -> InProcessResult:
+                  on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
+                  texts: Sequence[str] | None = None) -> InProcessResult:
+    if cfg.model.kind == "hybrid":  # `texts`: the item texts (default: those of cfg.data)
+        return run_inprocess_hybrid(cfg, sets, texts=texts, eval_every=eval_every, progress=progress,
+                                    on_round=on_round, final_eval=final_eval)
     parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
     clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
     params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
@@ -96,4 +103,90 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
     last = result.rounds[-1]["round"] if result.rounds else 0
     if final_eval:
         result.evals.append({"round": last, "phase": "test", **evaluate_clients(params, clients, cfg, "test")})
+    return result
+
+
+def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None = None,
+                         eval_every: int | None = None, progress: bool = False,
+                         on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
+                         resume: InProcessResult | None = None) -> InProcessResult:
+    """The hybrid federation (``model.kind = "hybrid"``) in one process: the functions the
+    ClientApp and the strategy call (hybrid_client_train, clip_hybrid_update, poisson_sample,
+    sum_updates, hybrid_server_update, the text side's item vectors after each release).
+
+    ``resume``: continue a previous hybrid result (its model, optimizer moments and ledger) from
+    its last round up to ``cfg.fed.rounds``; when ``cfg.model.lora`` and the previous model had
+    no LoRA arrays, they are added (B = 0) with zero optimizer moments: frozen rounds, then LoRA.
+    """
+    from common.hybrid_federated import (add_lora, clip_hybrid_update, extend_optimizer, hybrid_client_train,
+                                         hybrid_server_update, init_hybrid, item_texts, text_side)
+
+    texts = tuple(texts) if texts is not None else item_texts(cfg.data)
+    side = text_side(texts, cfg.model, cfg.seed)
+    parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
+    clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
+    dp = cfg.dp if cfg.dp.enabled else None
+    if resume is None:
+        params = init_hybrid(init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale), side)
+        optimizer = make_server_optimizer(cfg.fed, cfg.model)
+        ledger = PrivacyLedger(delta=cfg.dp.delta, neighbouring=Neighbouring.USER) if dp else None
+        first = 1
+    else:
+        params, optimizer = resume.params.copy(), copy.deepcopy(resume.optimizer)
+        ledger = PrivacyLedger.from_state_dict(resume.ledger.state_dict()) if resume.ledger is not None else None
+        if (ledger is None) != (dp is None):
+            raise ValueError("resume: DP on/off must not change within a run")
+        if cfg.model.lora and not any(k.startswith("lora.") for k in params.adapter):
+            extended = add_lora(params, side)
+            extend_optimizer(optimizer, params, extended)
+            params = extended
+        first = (resume.rounds[-1]["round"] if resume.rounds else 0) + 1
+    text_vectors = side.vectors(params.adapter)
+    noise = GaussianNoise(None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed)
+    result = InProcessResult(params=params, ledger=ledger, optimizer=optimizer, text_vectors=text_vectors)
+    t0 = time.perf_counter()
+    for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process hybrid rounds", disable=not progress):
+        event = MechanismEvent(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate, steps=1,
+                               neighbouring=Neighbouring.USER, parameters=params.names(), round=rnd)
+        if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
+                event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
+            break
+        t_round = time.perf_counter()
+        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.seed, server_round=rnd)
+        updates, failures = [], 0
+        for cid in chosen:
+            try:
+                arrays, _, _, _ = hybrid_client_train(params, text_vectors, clients[cid], side, model=cfg.model,
+                                                      epochs=cfg.fed.local_epochs, lr=cfg.fed.client_lr,
+                                                      seed=cfg.seed, server_round=rnd)
+            except ValueError:
+                failures += 1
+                continue
+            if dp is not None:
+                arrays = clip_hybrid_update(arrays, dp.clip, dp.bias_share)
+            updates.append(arrays)
+        t_clients = time.perf_counter() - t_round
+        params = hybrid_server_update(params, sum_updates(updates), len(updates), optimizer=optimizer, dp=dp,
+                                      expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
+        t_server = time.perf_counter()
+        text_vectors = side.vectors(params.adapter)
+        row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures,
+                               "client_seconds": t_clients, "text_vector_seconds": time.perf_counter() - t_server}
+        if ledger is not None:
+            ledger.record(event)
+            row["epsilon"] = ledger.epsilon(Accountant.RDP)
+        result.rounds.append(row)
+        if eval_every and rnd % eval_every == 0 and rnd < cfg.fed.rounds:
+            result.evals.append({"round": rnd, "phase": "valid",
+                                 **evaluate_clients(params.effective(text_vectors), clients, cfg, "valid")})
+        if on_round:
+            on_round(row)
+    result.params, result.text_vectors = params, text_vectors
+    result.seconds = time.perf_counter() - t0
+    if resume is not None:
+        result.rounds = [*resume.rounds, *result.rounds]
+    last = result.rounds[-1]["round"] if result.rounds else 0
+    if final_eval:
+        result.evals.append({"round": last, "phase": "test",
+                             **evaluate_clients(params.effective(text_vectors), clients, cfg, "test")})
     return result

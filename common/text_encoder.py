@@ -139,27 +139,28 @@ def _batches(texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def _encode(fn: Any, texts: Sequence[str], width: int, batch_size: int) -> np.ndarray:
+def _encode(fn: Any, texts: Sequence[str], width: int, batch_size: int, max_length: int = 32) -> np.ndarray:
     out = np.zeros((len(texts), width), dtype=np.float32)
     for idx in _batches(texts, batch_size):
-        tok = tokenize([texts[i] for i in idx])
+        tok = tokenize([texts[i] for i in idx], max_length=max_length)
         out[idx] = fn(tok["input_ids"], tok["attention_mask"]).numpy()
     return out
 
 
-def encode_base(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Frozen MiniLM sentence embeddings (N, 384), float32, L2-normalised: the cacheable part."""
+def encode_base(texts: Sequence[str], batch_size: int = 64, max_length: int = 32) -> np.ndarray:
+    """Frozen MiniLM sentence embeddings (N, 384), float32, L2-normalised: the cacheable part.
+    Texts are truncated to ``max_length`` tokens."""
     base, _ = load_minilm()
     return _encode(lambda ids, mask: mean_pool(base(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
-                   texts, BASE_DIM, batch_size)
+                   texts, BASE_DIM, batch_size, max_length)
 
 
-def item_vectors(encoder: nn.Module, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+def item_vectors(encoder: nn.Module, texts: Sequence[str], batch_size: int = 64, max_length: int = 32) -> np.ndarray:
     """The encoder's item vectors (N, dim), float32, computed without gradients in eval mode."""
     was_training = encoder.training
     encoder.eval()
     try:
-        return _encode(encoder, texts, _unwrap(encoder).dim, batch_size)
+        return _encode(encoder, texts, _unwrap(encoder).dim, batch_size, max_length)
     finally:
         encoder.train(was_training)
 

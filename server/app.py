@@ -19,6 +19,7 @@ from common.config import RunConfig
 from common.data import load_interactions
 from common.federated import make_server_optimizer
 from common.mf import init_items
+from common.serialization import write_json
 from server.grid import BoundedGrid
 from server.run_dir import RunDir
 from server.strategy import FedRecStrategy
@@ -57,6 +58,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     item_ids, titles = load_catalog(cfg)
     run_dir.save_items(item_ids, titles)  # devices map their item ids to model rows with it
     params = init_items(len(item_ids), cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
+    text_side = None
+    if cfg.model.kind == "hybrid":  # + head (+ LoRA); the server computes the item text vectors
+        from common.hybrid_federated import init_hybrid, item_texts, text_side as make_text_side
+
+        text_side = make_text_side(item_texts(cfg.data), cfg.model, cfg.seed)
+        params = init_hybrid(params, text_side)
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
     start, extra = 0, {}
     checkpoint = run_dir.load_checkpoint()
@@ -67,6 +74,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
         log.info("resuming %s after round %d", run_dir.path, start)
     bar = _Progress(cfg.fed.rounds, start, progress)
     strategy = FedRecStrategy(cfg, run_dir, params, optimizer, start_round=start, on_round=bar)
+    if text_side is not None:
+        strategy.set_text_side(text_side)
     if strategy.ledger is not None and "ledger" in extra:
         strategy.ledger.load_state_dict(extra["ledger"])  # ε spent before the interruption stays spent
     strategy.expected_clients = expected_clients
@@ -114,12 +123,37 @@ def build_server_app(cfg: RunConfig, run_dir: RunDir, *, expected_clients: int |
     return app
 
 
-# `flwr run .`: the config comes from [tool.flwr.app.config]; runs go to $FEDREC_RUNS or ./runs.
+def flwr_run_dir(cfg: RunConfig, root: Path) -> RunDir:
+    """The run directory of a ``flwr run``: ``run-dir`` when set (absolute, or relative to
+    ``root``), created with its config.json when new and resumed when it exists -- after
+    checking that the config is the run's own (``run-dir`` itself is not compared); without
+    ``run-dir`` a new ``root/<timestamp>/``."""
+    if not cfg.run_dir:
+        return RunDir.create(root, cfg)
+    path = Path(cfg.run_dir).expanduser()
+    path = path if path.is_absolute() else root / path
+    run_dir = RunDir(path)
+    if (path / "config.json").is_file():
+        run_dir.check_resume(cfg)  # ConfigMismatchError names what changed; the run then fails
+        if run_dir.load_checkpoint() is None and (path / "metrics.jsonl").is_file():
+            run_dir.truncate_metrics(0)  # an attempt that never completed a round: start clean
+        log.info("run-dir %s exists: resuming it", path)
+        return run_dir
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"run-dir {path}: exists and is not a fedrec run directory (no config.json); "
+                         "give a new or empty directory")
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "config.json", cfg.to_flat())
+    return run_dir
+
+
+# `flwr run .`: the config comes from [tool.flwr.app.config] (+ --run-config); runs go to
+# run-dir when set, else to a new $FEDREC_RUNS/<timestamp>/ (default ./runs).
 app = ServerApp()
 
 
 @app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(dict(context.run_config))
-    run_dir = RunDir.create(Path(os.environ.get("FEDREC_RUNS", "runs")), cfg)
+    run_dir = flwr_run_dir(cfg, Path(os.environ.get("FEDREC_RUNS", "runs")))
     run_server(grid, context, cfg, run_dir, expected_clients=None, progress=False)

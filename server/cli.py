@@ -6,6 +6,7 @@
     fedrec privacy plan --target-epsilon ...   the noise multiplier a privacy budget allows
     fedrec report RUN_DIR                      (re)write the privacy report of a run
     fedrec audit leakage [--run-dir RUN_DIR]   how well the server infers which items a client rated
+    fedrec deploy certs|keys|items|local       TLS files, SuperNode keys, the item list, a local federation
 
 Mistakes in what the user typed (a bad path, an unknown config key, a number out of range)
 end with one line on stderr and exit status 2, never a traceback. Heavy modules (torch, the
@@ -168,6 +169,55 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.add_argument("--run-dir", metavar="RUN_DIR", help="a run directory: its config, and audit.json written there")
     leakage.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     leakage.set_defaults(handler=cmd_audit_leakage)
+
+    # ---- deploy
+    deploy = commands.add_parser(
+        "deploy", help="deploy on Flower's SuperLink/SuperNodes (TLS, node auth)",
+        description="Material and processes for a real deployment on Flower 1.42 (see docs/DEPLOY.md).")
+    deploy_cmds = deploy.add_subparsers(dest="deploy_command", metavar="ACTION", required=True)
+    certs = deploy_cmds.add_parser(
+        "certs", help="a CA and a SuperLink server certificate",
+        description="Create a CA (ca.crt, ca.key) and a server certificate signed by it (server.pem, server.key) "
+                    "valid for every --host (DNS names and IP addresses). ca.crt goes to every device and to "
+                    "flwr; server.* stay on the server host; keep ca.key offline.")
+    certs.add_argument("--out", required=True, metavar="DIR", help="directory to write the files to")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                       help="a name devices use to reach the SuperLink (repeatable; localhost and 127.0.0.1 "
+                            "are always added)")
+    certs.add_argument("--days", type=positive_int, default=825, help="validity in days (default 825)")
+    certs.add_argument("--force", action="store_true",
+                       help="overwrite existing files (every device then needs the new ca.crt)")
+    certs.set_defaults(handler=cmd_deploy_certs)
+    keys = deploy_cmds.add_parser(
+        "keys", help="SuperNode authentication key pairs (ECDSA P-384, OpenSSH format)",
+        description="Create N key pairs PREFIX1.key/PREFIX1.pub ... The .pub files are registered on the server "
+                    "(flwr supernode register KEY.pub CONNECTION); each .key goes to its device only.")
+    keys.add_argument("--out", required=True, metavar="DIR", help="directory to write the keys to")
+    keys.add_argument("-n", type=positive_int, default=1, metavar="N", help="how many key pairs (default 1)")
+    keys.add_argument("--prefix", default="node", help="file name prefix (default node)")
+    keys.add_argument("--force", action="store_true", help="overwrite existing key files")
+    keys.set_defaults(handler=cmd_deploy_keys)
+    items = deploy_cmds.add_parser(
+        "items", help="the items file devices import before joining",
+        description="Write items.csv (item_id,title, one row per model row) for a data source: the file every run "
+                    "directory publishes, needed by devices before the first run (fedrec-client import --items).")
+    items.add_argument("--data", default="ml-100k", metavar="SOURCE", help="the run's data.source (default ml-100k)")
+    items.add_argument("--format", default="auto", choices=FORMATS, help="the run's data.format")
+    items.add_argument("--item-file", default="", metavar="FILE", help="the run's data.item-file")
+    items.add_argument("--out", default="items.csv", metavar="FILE", help="where to write it (default items.csv)")
+    items.set_defaults(handler=cmd_deploy_items)
+    local = deploy_cmds.add_parser(
+        "local", help="a SuperLink and one SuperNode per device store on this machine",
+        description="Start a SuperLink (TLS, SuperNode authentication, SQLite state) and one SuperNode per device "
+                    "store given, each with its own key and port, register the keys, wait until every node is "
+                    "online, print how to start a run with flwr, and stop everything on Ctrl-C.")
+    local.add_argument("dbs", nargs="+", metavar="DB", help="device stores (fedrec-client --db DB import ...)")
+    local.add_argument("--workdir", default="deploy-local", metavar="DIR",
+                       help="TLS files, keys, logs, flwr config and SuperLink state (default deploy-local)")
+    local.add_argument("--host", default="127.0.0.1", help="SuperLink address (default 127.0.0.1)")
+    local.add_argument("--port", type=positive_int, help="SuperLink port (default: a free one)")
+    local.add_argument("--runs-dir", default="runs", metavar="DIR", help="where runs are written (default runs)")
+    local.set_defaults(handler=cmd_deploy_local)
     return parser
 
 
@@ -363,6 +413,105 @@ def cmd_audit_leakage(args: argparse.Namespace) -> int:
         write_json(Path(args.json), figures)
         print(args.json)
     return 0
+
+
+# ---------------------------------------------------------------- deploy
+def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise UserError(f"{', '.join(existing)} already exist(s); --force overwrites")
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from server.deploy import DEFAULT_HOSTS, make_ca_and_certs
+
+    out = Path(args.out)
+    _refuse_overwrite([out / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")], args.force)
+    hosts = list(dict.fromkeys([*args.host, *DEFAULT_HOSTS]))
+    try:
+        files = make_ca_and_certs(out, hosts, days=args.days)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"server certificate for {', '.join(hosts)} (valid {args.days} days)")
+    print(f"  {files.ca_cert}     CA certificate: to every device (--root-certificates) and to flwr")
+    print(f"  {files.server_cert}  SuperLink --ssl-certfile")
+    print(f"  {files.server_key}  SuperLink --ssl-keyfile (private, 0600)")
+    print(f"  {files.ca_key}      CA private key (0600): keep it offline; only needed for new server certificates")
+    return 0
+
+
+def cmd_deploy_keys(args: argparse.Namespace) -> int:
+    from server.deploy import make_node_keys
+
+    out = Path(args.out)
+    _refuse_overwrite([out / f"{args.prefix}{i}.{ext}" for i in range(1, args.n + 1) for ext in ("key", "pub")],
+                      args.force)
+    for pair in make_node_keys(out, args.n, prefix=args.prefix):
+        print(f"{pair.private} (to its device only)   register: flwr supernode register {pair.public} CONNECTION")
+    return 0
+
+
+def cmd_deploy_items(args: argparse.Namespace) -> int:
+    from server.deploy import write_catalog
+
+    _load(args.data, args.format, args.item_file)  # a bad source ends here with its file and line
+    out = write_catalog(args.out, source=args.data, fmt=args.format, item_file=args.item_file)
+    print(f"{out}: the item list of {args.data} (devices: fedrec-client import --items {out.name})")
+    return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from client.store import DeviceStore, StoreError
+    from server import deploy
+
+    catalogs = set()
+    for db in args.dbs:
+        try:
+            with DeviceStore(db, create=False) as store:
+                catalog = store.catalog()[0]
+        except StoreError as exc:
+            raise UserError(str(exc)) from None
+        if not catalog:
+            raise UserError(f"{db}: no item catalogue; import the server's items file first "
+                            "(fedrec-client --db DB import --items items.csv)")
+        catalogs.add(catalog)
+    if len(catalogs) > 1:
+        raise UserError("the device stores hold different item catalogues: import the same items file into each")
+    if not (deploy.PROJECT_ROOT / "pyproject.toml").is_file():
+        print(f"note: no pyproject.toml in {deploy.PROJECT_ROOT}: run flwr from a fedrec source checkout")
+
+    def on_signal(signum, frame):  # noqa: ARG001 - SIGTERM (and SIGINT, even if inherited as ignored) stop everything
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with deploy.Deployment(args.workdir, args.dbs, host=args.host, port=args.port,
+                               runs_dir=args.runs_dir) as fed:
+            print(f"SuperLink on {fed.address} (TLS: {fed.tls.ca_cert.parent}, state: {fed.database})")
+            for i, node in enumerate(fed.nodes, 1):
+                print(f"  SuperNode {i}: {node.db} (node id {node.node_id}, runtime port {node.port}, "
+                      f"log {node.proc.log})")
+            print(f"{len(fed.nodes)} SuperNodes online; runs are written to {fed.runs_dir}. Start a run with\n")
+            print(fed.connection_help())
+            print("\n(the run's data.source must give the items file the devices imported). Ctrl-C stops everything.",
+                  flush=True)
+            while True:
+                time.sleep(2)
+                dead = [p for p in [fed.superlink, *(n.proc for n in fed.nodes)] if p is not None and not p.alive()]
+                if dead:
+                    raise UserError(f"{dead[0].name} exited with status {dead[0].popen.returncode}; its log "
+                                    f"{dead[0].log} ends:\n{deploy.tail(dead[0].log)}")
+    except deploy.DeployError as exc:
+        raise UserError(str(exc)) from None
+    except KeyboardInterrupt:
+        print("stopped: SuperLink and SuperNodes", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- entry point

@@ -97,6 +97,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "accounting_method": None,
     }
     if ledger is not None:
+        # every array the ledger charged (MF: item embeddings and biases; hybrid: + head, LoRA)
+        report["parameters"]["released_arrays"] = list(dict.fromkeys(n for e in ledger.events for n in e.parameters))
         eps = {"rdp": ledger.epsilon(Accountant.RDP), "pld": ledger.epsilon(Accountant.PLD), "delta": ledger.delta}
         report["epsilon"] = eps
         report["epsilon_history"] = _histories(ledger)
@@ -215,6 +217,11 @@ def _param_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
         "sampling": "sampling", "neighbouring": "neighbouring relation", "noise_source": "noise source",
         "secure_aggregation": "secure aggregation", "partition": "partition"}
     rows = [(label, _fmt(p[key])) for key, label in names.items()]
+    if p.get("released_arrays"):
+        released = p["released_arrays"]
+        lora = [n for n in released if n.startswith("lora.")]
+        shown = [n for n in released if not n.startswith("lora.")] + ([f"{len(lora)} LoRA arrays (lora.*)"] if lora else [])
+        rows.append(("released arrays (covered by ε)", ", ".join(shown)))
     if rep["budget"]:
         b = rep["budget"]
         rows.append(("target ε", _fmt(b["target_epsilon"]) if b["target_epsilon"] else "none"))

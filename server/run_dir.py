@@ -82,7 +82,10 @@ class RunDir:
     # ---- checkpoints
     def save_checkpoint(self, server_round: int, params: ItemParams, optimizer_state: dict[str, np.ndarray],
                         extra: dict[str, Any]) -> None:
-        arrays = {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias}
+        if hasattr(params, "named_arrays"):  # hybrid: free part, biases, head, LoRA (by name)
+            arrays = dict(params.named_arrays())
+        else:
+            arrays = {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias}
         arrays.update({f"opt.{k}": v for k, v in optimizer_state.items()})
         save_arrays(self.path / "checkpoint.safetensors", arrays)
         write_json(self.path / "checkpoint.json", {"round": server_round, **extra})
@@ -94,6 +97,10 @@ class RunDir:
         info = json.loads(meta.read_text())
         arrays = load_arrays(self.path / "checkpoint.safetensors")
         params = ItemParams(arrays[keys.ITEM_PARAM_NAMES[0]], arrays[keys.ITEM_PARAM_NAMES[1]])
+        if "head.weight" in arrays:  # a hybrid run's checkpoint
+            from common.hybrid_federated import HybridParams
+
+            params = HybridParams.from_named({k: v for k, v in arrays.items() if not k.startswith("opt.")})
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
         return int(info.pop("round")), params, opt, info
 
@@ -117,6 +124,12 @@ class RunDir:
             writer.writerows(zip(item_ids, titles))
 
     def save_model(self, params: ItemParams) -> None:
+        if hasattr(params, "named_arrays"):  # hybrid: the released arrays by name (the base model is public)
+            save_arrays(self.path / "model.safetensors", dict(params.named_arrays()),
+                        metadata={"format": "fedrec-hybrid-items", "dim": str(params.dim),
+                                  "text_encoder": "all-MiniLM-L6-v2 (frozen) + head"
+                                  + (" + LoRA" if any(k.startswith("lora.") for k in params.adapter) else "")})
+            return
         save_arrays(self.path / "model.safetensors",
                     {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias},
                     metadata={"format": "fedrec-mf-items", "dim": str(params.dim)})

@@ -1,0 +1,377 @@
+"""Deployment on Flower 1.42's SuperLink/SuperNode runtime (server/deploy.py).
+
+Fast: the TLS files, SuperNode keys and flwr config as Flower itself reads them, the commands,
+``run-dir`` resolution, and stopping process trees by PID.
+
+Slow (end to end, no Ray): a SuperLink with TLS and SuperNode authentication on 127.0.0.1, three
+SuperNodes on device stores made with ``fedrec-client import``, runs started with ``flwr run``
+and judged by their real status (``flwr ls``). One federation serves all of them (starting it
+costs ~20 s); every process it started is stopped by PID when the module ends, also after a
+failure (``Deployment.__exit__``). Each message to a SuperNode starts a ``flwr-clientapp``
+process, so rounds are slow: the model and the data are tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from client.store import DeviceStore
+from server import deploy
+from tests.conftest import write_block_csv
+
+slow = pytest.mark.slow
+
+N_DEVICES = 3
+# A tiny run: everyone in every round, SecAgg+ among 3 (every node shares with both others,
+# threshold 2), seeded DP noise, no budget cap, evaluation only after the last round.
+BASE = {"fed.sample-rate": 1.0, "model.dim": 8, "fed.timeout": 90.0, "fed.eval-every": 1000,
+        "fed.eval-clients": 0, "dp.enabled": True, "dp.noise-seed": 0, "dp.target-epsilon": 0.0,
+        "secagg.num-shares": 3, "secagg.reconstruction-threshold": 2}
+
+
+# ---------------------------------------------------------------- fast: files, commands, run-dir
+def _tls_handshake(tls: deploy.TLSFiles, server_name: str, cafile: Path) -> None:
+    """A real TLS handshake on 127.0.0.1: the server presents server.pem, the client checks it
+    against ``cafile`` and ``server_name`` (as the SuperNode and flwr do)."""
+    import socket
+    import ssl
+    import threading
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(tls.server_cert, tls.server_key)
+    client_ctx = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve():
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                with client_ctx.wrap_socket(raw, server_hostname=server_name):
+                    pass
+        finally:
+            thread.join(timeout=10)
+
+
+def test_the_server_certificate_is_signed_by_the_ca_for_every_host(tmp_path):
+    import ssl
+
+    from cryptography import x509
+
+    tls = deploy.make_ca_and_certs(tmp_path, hosts=["fedrec.example.org", "10.1.2.3", "localhost", "127.0.0.1"])
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fedrec.example.org", "localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.1.2.3", "127.0.0.1"]
+    for private in (tls.server_key, tls.ca_key):
+        assert private.stat().st_mode & 0o777 == 0o600
+    for name in ("localhost", "127.0.0.1"):  # a DNS name and an IP address SAN both verify
+        _tls_handshake(tls, name, tls.ca_cert)
+    other = deploy.make_ca_and_certs(tmp_path / "other")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_handshake(tls, "localhost", other.ca_cert)
+    with pytest.raises(ssl.SSLCertVerificationError):  # a name the certificate was not made for
+        _tls_handshake(tls, "elsewhere.example.org", tls.ca_cert)
+
+
+def test_node_keys_are_p384_in_the_formats_flower_reads(tmp_path):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    pairs = deploy.make_node_keys(tmp_path, 2)
+    assert [p.private.name for p in pairs] == ["node1.key", "node2.key"]
+    for pair in pairs:
+        private = load_ssh_private_key(pair.private.read_bytes(), None)  # what flower-supernode does
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        assert pair.private.stat().st_mode & 0o777 == 0o600
+        assert pair.public.read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert try_load_public_key(pair.public)  # what `flwr supernode register` does
+    assert pairs[0].public.read_bytes() != pairs[1].public.read_bytes()
+
+
+def test_the_flwr_connection_is_read_by_flower(tmp_path, monkeypatch):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    tls = deploy.make_ca_and_certs(tmp_path / "tls")
+    deploy.write_flwr_config(tmp_path / "home", address="127.0.0.1:9093", root_certificates=tls.ca_cert)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    for name in (deploy.CONNECTION, None):  # by name, and as the default
+        conn = read_superlink_connection(name)
+        assert conn.address == "127.0.0.1:9093" and conn.insecure is False
+        assert conn.root_certificates == str(tls.ca_cert.absolute())
+
+
+def test_the_commands_carry_tls_node_auth_and_the_device_store(tmp_path):
+    from client.cli import build_parser, supernode_command
+
+    tls = deploy.make_ca_and_certs(tmp_path / "tls")
+    key = deploy.make_node_keys(tmp_path, 1)[0]
+    link = deploy.superlink_command(tls, database=tmp_path / "state.sqlite", port=9300)
+    flags = dict(zip(link[1::2], link[2::2]))
+    assert Path(link[0]).name == "flower-superlink"
+    assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(link)
+    assert flags["--ssl-ca-certfile"] == str(tls.ca_cert) and flags["--ssl-certfile"] == str(tls.server_cert)
+    assert flags["--ssl-keyfile"] == str(tls.server_key) and flags["--database"] == str(tmp_path / "state.sqlite")
+    assert (flags["--host"], flags["--port"], flags["--isolation"]) == ("127.0.0.1", "9300", "subprocess")
+    assert "--insecure" not in link
+
+    db = tmp_path / "device.sqlite"
+    node = deploy.supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
+                                    auth_key=key.private)
+    args = build_parser().parse_args(["--db", str(db), "join", "--superlink", "127.0.0.1:9300", "--root-certificates",
+                                      str(tls.ca_cert), "--auth-key", str(key.private), "--port", "9401"])
+    assert node == supernode_command(args)  # exactly what `fedrec-client join` runs on a device
+    flags = dict(zip(node[1::2], node[2::2]))
+    assert flags["--node-config"] == f"data-path='{db}'" and flags["--port"] == "9401"
+    assert flags["--auth-supernode-private-key"] == str(key.private) and "--insecure" not in node
+
+
+def test_run_config_overrides_are_checked_and_typed(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    path = deploy.write_run_config(tmp_path / "o.toml", {"fed.rounds": "3", "fed.timeout": 30, "dp.enabled": "false",
+                                                          "run-dir": "exp 1", "data.source": "/data/my ratings.csv"})
+    assert parse_config_args([str(path)]) == {"fed.rounds": 3, "fed.timeout": 30.0, "dp.enabled": False,
+                                              "run-dir": "exp 1", "data.source": "/data/my ratings.csv"}
+    with pytest.raises(ValueError, match="fed.round"):
+        deploy.write_run_config(tmp_path / "bad.toml", {"fed.round": 3})
+
+
+def test_run_dir_is_created_resumed_or_refused(tmp_path):
+    from common.config import RunConfig
+    from server.app import flwr_run_dir
+    from server.run_dir import ConfigMismatchError
+
+    cfg = RunConfig.from_flat({"run-dir": "exp", "fed.rounds": 4})
+    run = flwr_run_dir(cfg, tmp_path)
+    assert run.path == tmp_path / "exp" and run.config() == cfg  # relative: under the runs root
+    assert flwr_run_dir(cfg.replace(**{"run-dir": str(tmp_path / "exp")}), tmp_path).path == run.path  # same run
+    with pytest.raises(ConfigMismatchError, match="fed.rounds"):
+        flwr_run_dir(cfg.replace(**{"fed.rounds": 5}), tmp_path)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a fedrec run directory"):
+        flwr_run_dir(cfg.replace(**{"run-dir": str(tmp_path / "other")}), tmp_path)
+    fresh = flwr_run_dir(RunConfig(), tmp_path / "runs")  # no run-dir: a new timestamped one
+    assert fresh.path.parent == tmp_path / "runs" and fresh.config() == RunConfig()
+
+
+def test_stop_processes_ends_a_whole_tree_by_pid_including_orphans_and_stubborn_children(tmp_path):
+    import psutil
+
+    stubborn = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)")
+    parent = deploy.start_process("tree", [sys.executable, "-c", f"import subprocess, sys, time; "
+                                           f"subprocess.Popen([sys.executable, '-c', {stubborn!r}]); time.sleep(120)"],
+                                  tmp_path / "tree.log")
+    orphaner = deploy.start_process("orphaner", ["sh", "-c", "sleep 120 & exit 0"], tmp_path / "orphan.log")
+    deadline = time.monotonic() + 60
+    while len(psutil.Process(parent.pid).children(recursive=True)) < 2:
+        assert time.monotonic() < deadline, "the process tree did not start"
+        time.sleep(0.1)
+    orphaner.popen.wait(timeout=30)
+    members = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
+    orphans = [p for p in psutil.process_iter() if p.pid != orphaner.pid and _pgid(p.pid) == orphaner.pid]
+    assert orphans  # `sleep` outlived its shell
+
+    deploy.stop_processes([parent, orphaner], timeout=2.0)
+
+    for p in members + orphans:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE, p
+
+
+def _pgid(pid: int) -> int | None:
+    import os
+
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def test_fedrec_deploy_certs_and_keys_refuse_to_overwrite(tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["deploy", "certs", "--out", str(tmp_path / "tls"), "--host", "fedrec.example.org"]) == 0
+    assert main(["deploy", "certs", "--out", str(tmp_path / "tls")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["deploy", "keys", "--out", str(tmp_path / "keys"), "-n", "2"]) == 0
+    assert "flwr supernode register" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["node1.key", "node1.pub", "node2.key", "node2.pub"]
+    assert main(["deploy", "keys", "--out", str(tmp_path / "keys"), "-n", "1"]) == 2
+
+
+# ---------------------------------------------------------------- slow: a federation on this machine
+def make_devices(root: Path, n: int) -> tuple[Path, list[Path]]:
+    """A small ratings CSV (the server's data.source: it defines the item catalogue), its items
+    file, and one device store per user made the way a user makes one (fedrec-client import)."""
+    csv = write_block_csv(root / "ratings.csv", n_users=n, n_items=24, per_user=10)
+    items = deploy.write_catalog(root / "items.csv", source=str(csv))
+    header, *rows = csv.read_text().splitlines()
+    dbs = []
+    for u in range(n):
+        mine = root / f"user{u}.csv"
+        mine.write_text("\n".join([header, *(r for r in rows if r.startswith(f"u{u},"))]) + "\n")
+        db = root / f"device{u}.sqlite"
+        subprocess.run([sys.executable, "-m", "client.cli", "--db", str(db), "import", str(mine),
+                        "--items", str(items)], check=True, capture_output=True, text=True)
+        dbs.append(db)
+    return csv, dbs
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    csv, dbs = make_devices(root, N_DEVICES)
+    with deploy.Deployment(root / "fed", dbs) as fed:
+        fed.csv = csv
+        yield fed
+    # Deployment.__exit__ has stopped the SuperLink and the SuperNodes, children included.
+    assert not fed.superlink.alive() and not any(n.proc.alive() for n in fed.nodes)
+
+
+def fit_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "fit"]
+
+
+def online_nodes(fed) -> set[str]:
+    return {row["node-id"] for row in fed.nodes_status() if row["status"] == "online"}
+
+
+def wait_exit(proc: deploy.Proc, timeout: float = 90.0) -> int:
+    try:
+        return proc.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.name} still running after {timeout:.0f} s; its log ends:\n{deploy.tail(proc.log)}")
+
+
+def gone(process, timeout: float = 30.0) -> None:
+    """Wait until a process we do not parent is dead (gone, or a zombie its parent has yet to reap)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"process {process.pid} still alive {timeout:.0f} s after SIGKILL")
+
+
+@slow
+def test_a_secure_private_run_completes_on_three_supernodes(federation):
+    fed = federation
+    registered = {str(n.node_id) for n in fed.nodes}
+    assert online_nodes(fed) == registered  # exactly the registered keys, all online
+    before = set(fed.runs_dir.glob("*")) if fed.runs_dir.exists() else set()
+
+    status = fed.run({**BASE, "data.source": str(fed.csv), "fed.rounds": 2, "secagg.enabled": True}, timeout=480)
+
+    assert status.status == "finished:completed", status  # flwr run exits 0 either way: this is flwr ls
+    (run_dir,) = set(fed.runs_dir.glob("*")) - before
+    assert (run_dir / "model.safetensors").is_file()
+    assert (run_dir / "privacy_report.html").is_file()
+    # what the devices imported before the first run is what the run publishes
+    assert (run_dir / "items.csv").read_text() == (fed.csv.parent / "items.csv").read_text()
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [e["round"] for e in ledger["ledger"]["events"]] == [1, 2]
+    rows = fit_rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["participants"] == N_DEVICES and r["failures"] == 0 for r in rows), rows
+    assert json.loads((run_dir / "config.json").read_text())["secagg.enabled"] is True
+    # Each device kept the global model it was sent last (the final one, sent for evaluation).
+    for node in fed.nodes:
+        with DeviceStore(node.db, create=False) as store:
+            assert store.get_global_model().round == 2
+
+
+@slow
+@pytest.mark.parametrize("keyed", [True, False], ids=["unregistered-key", "no-key"])
+def test_a_supernode_without_a_registered_key_is_rejected(federation, tmp_path, keyed):
+    fed = federation
+    key = deploy.make_node_keys(tmp_path, 1, prefix="rogue")[0] if keyed else None
+    proc = fed.start_supernode(fed.nodes[0].db, key, name=f"rogue-{'key' if keyed else 'nokey'}")
+    assert wait_exit(proc) != 0  # Flower exit code 305: the SuperLink refused to activate it
+    log = proc.log_text()
+    if keyed:
+        assert "Failed to activate SuperNode" in log, log
+        assert "No SuperNode found with the given public key" in fed.superlink.log_text()
+    else:
+        assert "All SuperNodes must be registered" in log, log
+    assert online_nodes(fed) == {str(n.node_id) for n in fed.nodes}
+
+
+@slow
+def test_a_supernode_trusting_another_ca_fails_the_tls_handshake(federation, tmp_path):
+    fed = federation
+    other = deploy.make_ca_and_certs(tmp_path / "other-ca")
+    key = deploy.make_node_keys(tmp_path, 1, prefix="wrongca")[0]
+    deploy.register_node(key.public, fed.flwr_home)  # a valid, registered key: only the CA is wrong
+    proc = fed.start_supernode(fed.nodes[0].db, key, root_certificates=other.ca_cert, name="wrong-ca")
+    assert wait_exit(proc) != 0
+    log = proc.log_text()
+    assert "CERTIFICATE_VERIFY_FAILED" in log, log
+    assert online_nodes(fed) == {str(n.node_id) for n in fed.nodes}  # it never connected
+
+
+@slow
+def test_a_killed_serverapp_resumes_from_its_checkpoint_with_run_dir(federation, tmp_path):
+    fed = federation
+    run_dir = tmp_path / "resumable"
+    cfg = {**BASE, "data.source": str(fed.csv), "fed.rounds": 4, "secagg.enabled": False, "run-dir": str(run_dir)}
+    first = fed.start_run(cfg)
+
+    checkpoint = run_dir / "checkpoint.json"
+    deadline = time.monotonic() + 420
+    while not (checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] >= 2):
+        assert time.monotonic() < deadline, "round 2 never checkpointed"
+        time.sleep(0.2)
+    (serverapp,) = fed.serverapp_processes()  # flwr-serverapp, started by the SuperLink's SuperExec
+    serverapp.kill()  # SIGKILL by PID: a crash, no chance to clean up
+    gone(serverapp)
+    killed_at = json.loads(checkpoint.read_text())["round"]
+    assert killed_at == 2
+    done_before = [r for r in fit_rows(run_dir) if r["round"] <= killed_at]
+
+    # Flower 1.42 cannot restart a run: a new run with the same run-dir continues the old one.
+    second = fed.start_run(cfg)
+    status = fed.wait_for_run(second, timeout=420)
+    assert status.status == "finished:completed", status
+
+    rows = fit_rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]  # each round once: 3 and 4 by the second run
+    assert rows[:killed_at] == done_before  # rounds 1-2 were not redone
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert [e["round"] for e in ledger["ledger"]["events"]] == [1, 2, 3, 4]  # ε of rounds 1-2 still counted
+    assert (run_dir / "model.safetensors").is_file()
+    # The killed run is not reported as a success: the SuperLink fails it when its heartbeats stop.
+    killed = fed.wait_for_run(first, timeout=180)
+    assert killed.status == "finished:failed", killed
+
+    # Resuming with another config is refused by name, and the run is reported as failed.
+    refused = fed.run({**cfg, "fed.rounds": 5}, check=False, timeout=300)
+    assert refused.status == "finished:failed", refused
+    assert "cannot resume" in deploy.run_log(refused.run_id, fed.flwr_home)
+    assert [r["round"] for r in fit_rows(run_dir)] == [1, 2, 3, 4]  # untouched
