@@ -53,14 +53,19 @@ class RecClient(NumPyClient):
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
-        arrays = update.to_arrays()
-        if keys.CLIP_NORM in config:  # DP and SecAgg+: bound this user's influence before anything leaves
-            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
-        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
-        if problem:  # refuse before masking: under SecAgg+ a NaN would silently corrupt the sum
-            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        arrays = self._protect(update.to_arrays(), parameters, config)
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
         return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
+
+    def _protect(self, arrays: list[np.ndarray], parameters, config) -> list[np.ndarray]:
+        """Clip (DP and SecAgg+: bound this user's influence before anything leaves) and refuse a
+        bad update before masking: under SecAgg+ a NaN would silently corrupt the sum."""
+        if keys.CLIP_NORM in config:
+            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
+        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
+        if problem:
+            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        return arrays
 
     def _fit_dp_sgd(self, params: ItemParams, parameters, config):
         """A silo with many records: Opacus DP-SGD on the item side, ε composed across rounds
@@ -77,12 +82,7 @@ class RecClient(NumPyClient):
             seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
             history=history, delta=dp.record_delta, server_round=rnd)
         self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
-        arrays = result.update.to_arrays()
-        if keys.CLIP_NORM in config:
-            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
-        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
-        if problem:
-            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        arrays = self._protect(result.update.to_arrays(), parameters, config)
         return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
                            keys.M_RECORD_EPSILON: result.epsilon}
 
@@ -141,30 +141,6 @@ class DeviceRecClient(RecClient):
         keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]) - 1, self.cfg.model, self.data,
                        vector, exact)
         return reply
-
-    def _fit_dp_sgd(self, params: ItemParams, parameters, config):
-        """A silo with many records: Opacus DP-SGD on the item side, ε composed across rounds
-        from the accountant history kept in this node's state (never restarted)."""
-        dp = self.cfg.dp
-        rnd = int(config[keys.SERVER_ROUND])
-        saved = self.state.config_records.get(keys.STATE_DPSGD_HISTORY)
-        history = [tuple(h) for h in json.loads(str(saved["json"]))] if saved else []
-        result = dp_sgd_item_update(
-            params, list(self.data.trainable), user_reg=self.cfg.model.user_reg,
-            noise_multiplier=dp.record_noise_multiplier, max_grad_norm=dp.record_clip,
-            sample_rate=dp.record_sample_rate, epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
-            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
-            seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
-            history=history, delta=dp.record_delta, server_round=rnd)
-        self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
-        arrays = result.update.to_arrays()
-        if keys.CLIP_NORM in config:
-            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
-        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
-        if problem:
-            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
-        return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
-                           keys.M_RECORD_EPSILON: result.epsilon}
 
     def evaluate(self, parameters, config):
         self._check(parameters)
