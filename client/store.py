@@ -24,7 +24,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import sqlite3
@@ -41,6 +40,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from common.data.errors import DataError
+from common.data.readers import parse_number
 from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
@@ -447,16 +447,6 @@ def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield start, [f.strip() for f in fields]
 
 
-def _number(path: Path, line: int, column: str, value: str) -> float:
-    try:
-        out = float(value)
-    except ValueError:
-        raise DataError(path, f"column '{column}': expected a number, found {value!r}", line) from None
-    if not math.isfinite(out):
-        raise DataError(path, f"column '{column}': expected a finite number, found {value!r}", line)
-    return out
-
-
 def _header(path: Path, records: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
     first = next(records, None)
     if first is None:
@@ -507,8 +497,8 @@ def read_ratings_file(path: str | Path) -> tuple[list[tuple[int, str, float, flo
                 raise DataError(path, f"expected the ratings of one user (this device's), found user {row['user']!r} "
                                       f"here and {user[0]!r} on line {user[1]}: export only your own ratings "
                                       "(a data set of many users is for the server: fedrec data info)", line)
-        stamp = _number(path, line, "timestamp", row["timestamp"]) if "timestamp" in row else None
-        out.append((line, row["item"], _number(path, line, "rating", row["rating"]), stamp))
+        stamp = parse_number(path, line, "timestamp", row["timestamp"]) if "timestamp" in row else None
+        out.append((line, row["item"], parse_number(path, line, "rating", row["rating"]), stamp))
     if not out:
         raise DataError(path, "expected rating rows after the header, found none", header_line + 1)
     return out, None if user is None else user[0]

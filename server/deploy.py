@@ -718,8 +718,7 @@ def write_catalog(out: str | Path, *, source: str = "ml-100k", fmt: str = "auto"
     """``items.csv`` (item_id,title; one row per model row) for ``source``: exactly the file
     every run directory publishes, available before the first run so devices can import it
     (``fedrec-client import --items items.csv``) and join."""
-    import csv
-
+    from client.store import write_items_file
     from common.config import RunConfig
     from server.app import load_catalog
 
@@ -727,8 +726,5 @@ def write_catalog(out: str | Path, *, source: str = "ml-100k", fmt: str = "auto"
     ids, titles = load_catalog(cfg)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["item_id", "title"])
-        writer.writerows(zip(ids, titles))
+    write_items_file(out, ids, titles)
     return out

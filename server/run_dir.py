@@ -15,7 +15,6 @@ Layout::
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 from pathlib import Path
@@ -117,11 +116,11 @@ class RunDir:
         write_json(self.path / "client_epsilons.json", {str(k): v for k, v in sorted(epsilons.items())})
 
     def save_items(self, item_ids: tuple[str, ...], titles: list[str]) -> None:
-        """``items.csv`` (item_id,title, one row per model row): published beside the model."""
-        with open(self.path / "items.csv", "w", encoding="utf-8", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["item_id", "title"])
-            writer.writerows(zip(item_ids, titles))
+        """``items.csv`` (item_id,title, one row per model row): published beside the model, in
+        the format the device reads (client.store.read_items_file)."""
+        from client.store import write_items_file
+
+        write_items_file(self.path / "items.csv", item_ids, titles)
 
     def save_model(self, params: ItemParams) -> None:
         if hasattr(params, "named_arrays"):  # hybrid: the released arrays by name (the base model is public)

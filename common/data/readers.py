@@ -48,13 +48,14 @@ def _read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     return lines
 
 
-def _float(path: Path, lineno: int, column: str, value: str) -> float:
+def parse_number(path: Path, lineno: int, column: str, value: str) -> float:
+    """``value`` as a finite float, or a DataError naming file, line and column."""
     try:
         out = float(value)
     except ValueError:
-        raise DataError(path, f"column '{column}': expected a number, got {value!r}", lineno) from None
+        raise DataError(path, f"column '{column}': expected a number, found {value!r}", lineno) from None
     if not np.isfinite(out):
-        raise DataError(path, f"column '{column}': expected a finite number, got {value!r}", lineno)
+        raise DataError(path, f"column '{column}': expected a finite number, found {value!r}", lineno)
     return out
 
 
@@ -85,9 +86,9 @@ def read_atomic(directory: Path, name: str | None = None) -> Interactions:
         users.append(fields[iu])
         items.append(fields[ii])
         if ir is not None:
-            ratings.append(_float(inter, lineno, "rating", fields[ir]))
+            ratings.append(parse_number(inter, lineno, "rating", fields[ir]))
         if it is not None:
-            stamps.append(_float(inter, lineno, "timestamp", fields[it]))
+            stamps.append(parse_number(inter, lineno, "timestamp", fields[it]))
     if not users:
         raise DataError(inter, "no interaction rows after the header")
     info: dict[str, ItemInfo] = {}
