@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="hybrid: train LoRA adapters of MiniLM too (costly on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (the report then says so)")
+    p.add_argument("--local-dp", action="store_true",
+                   help="local DP: each device noises its own update (σ planned for --target-epsilon unless given)")
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
     p.add_argument("--clip", type=float, help="DP clipping norm C of one client's update")
     p.add_argument("--target-epsilon", type=float, help="stop before a round whose release would exceed this ε")
@@ -77,6 +79,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     return p.parse_args(argv)
+
+
+def _local_dp(cfg: RunConfig, *, planned: bool) -> RunConfig:
+    """``dp.mode = local``; σ planned so the run's rounds fit the target ε (local DP needs ~14×
+    the central σ: no amplification by sampling, sensitivity 2C)."""
+    if not cfg.dp.enabled:
+        raise SystemExit("--local-dp and --no-dp contradict each other")
+    sigma = cfg.dp.noise_multiplier
+    if planned:
+        if cfg.dp.target_epsilon <= 0:
+            raise SystemExit("--local-dp without --target-epsilon needs --noise-multiplier")
+        from common.privacy import Accountant, plan_local_noise_multiplier
+
+        sigma = plan_local_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta,
+                                            rounds=cfg.fed.rounds, accountant=Accountant(cfg.dp.accountant))
+    return cfg.replace(**{"dp.mode": "local", "dp.noise-multiplier": sigma})
 
 
 def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
@@ -95,6 +113,8 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
         key, value = item.split("=", 1)
         flat[key.strip()] = value.strip()
     cfg = RunConfig.from_flat(flat)
+    if getattr(args, "local_dp", False):
+        cfg = _local_dp(cfg, planned=args.noise_multiplier is None)
     if args.clients_per_round is not None:
         from client.data import num_clients
 
@@ -168,7 +188,8 @@ def summarize(run_dir, result: dict) -> str:
         from common.privacy import Accountant, PrivacyLedger
 
         led = PrivacyLedger.from_state_dict(ledger["ledger"])
-        lines.append(f"privacy            user-level ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
+        unit = "local" if led.neighbouring.value == "local" else "user-level"
+        lines.append(f"privacy            {unit} ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
                      f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released")
     elif run_dir.config().dp.enabled:
         lines.append("privacy            no round was released (the privacy budget allowed none)")

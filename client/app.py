@@ -27,7 +27,7 @@ from common.config import RunConfig
 from common.federated import ClientData, client_evaluate, client_train
 from common.mf import ItemParams
 from common.federated import validate_update
-from common.privacy.dp_fedavg import clip_item_update
+from common.privacy.dp_fedavg import add_local_noise, clip_item_update, ledger_for, local_bound, local_noise_for, release_event
 from common.silo_dp import dp_sgd_item_update
 from client.data import device_client_data, keep_on_device, simulated_client_data
 
@@ -57,14 +57,41 @@ class RecClient(NumPyClient):
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
         return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
 
-    def _protect(self, arrays: list[np.ndarray], parameters, config) -> list[np.ndarray]:
-        """Clip (DP and SecAgg+: bound this user's influence before anything leaves) and refuse a
-        bad update before masking: under SecAgg+ a NaN would silently corrupt the sum."""
+    def _protect(self, arrays: list[np.ndarray], parameters, config, clip=clip_item_update,
+                 names: tuple[str, ...] = keys.ITEM_PARAM_NAMES) -> list[np.ndarray]:
+        """Clip (DP and SecAgg+: bound this user's influence before anything leaves), add local DP
+        noise when the run asks for it, and refuse a bad update before masking: under SecAgg+ a
+        NaN would silently corrupt the sum."""
+        bound = float(config.get(keys.CLIP_NORM, np.inf))
         if keys.CLIP_NORM in config:
-            arrays = clip_item_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
-        problem = validate_update(arrays, [np.shape(p) for p in parameters], float(config.get(keys.CLIP_NORM, np.inf)))
+            arrays = clip(arrays, bound, float(config.get(keys.BIAS_SHARE, 0.0)))
+        if keys.LOCAL_NOISE in config:
+            if keys.CLIP_NORM not in config:
+                raise ValueError(f"client {self.data.client_id}: local DP asked for without a clip norm")
+            arrays = self._local_dp(arrays, float(config[keys.LOCAL_NOISE]), bound, int(config[keys.SERVER_ROUND]), names)
+            bound = local_bound(float(config[keys.LOCAL_NOISE]), bound)
+        problem = validate_update(arrays, [np.shape(p) for p in parameters[:len(arrays)]], bound)
         if problem:
             raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+        return arrays
+
+    def _local_dp(self, arrays: list[np.ndarray], sigma: float, clip: float, rnd: int,
+                  names: tuple[str, ...]) -> list[np.ndarray]:
+        """Local DP: noise added here, on the device. The device never accepts less noise than its
+        own run config asks for, and keeps its own ledger of what it released (context.state)."""
+        dp = self.cfg.dp
+        if dp.enabled and dp.mode == "local" and sigma < dp.noise_multiplier:
+            raise ValueError(f"client {self.data.client_id}: the server asked for local noise σ={sigma:g}, below this "
+                             f"device's σ={dp.noise_multiplier:g}: refusing to send")
+        noise = local_noise_for(None if dp.noise_seed < 0 else dp.noise_seed, rnd, self.data.client_id)
+        arrays = add_local_noise(arrays, noise_multiplier=sigma, clip=clip, noise=noise)
+        saved = self.state.config_records.get(keys.STATE_LOCAL_LEDGER)
+        ledger = ledger_for("local", dp.delta)
+        if saved:
+            ledger.load_state_dict(json.loads(str(saved["json"])))
+        ledger.record(release_event("local", noise_multiplier=sigma, sample_rate=1.0,
+                                    parameters=names, server_round=rnd))
+        self.state.config_records[keys.STATE_LOCAL_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
         return arrays
 
     def _fit_dp_sgd(self, params: ItemParams, parameters, config):
@@ -101,12 +128,7 @@ class RecClient(NumPyClient):
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
-        if keys.CLIP_NORM in config:
-            arrays = clip_hybrid_update(arrays, float(config[keys.CLIP_NORM]), float(config.get(keys.BIAS_SHARE, 0.0)))
-        problem = validate_update(arrays, [np.shape(p) for p in parameters[:n]], float(config.get(keys.CLIP_NORM, np.inf)))
-        if problem:
-            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
-        return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors), keys.M_TEXT_LOSS: text_loss}
+        return self._protect(arrays, parameters[:n], config, clip=clip_hybrid_update, names=params.names()), 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors), keys.M_TEXT_LOSS: text_loss}
 
     def evaluate(self, parameters, config):
         if self.cfg.model.kind == "hybrid":  # item vectors = free part + the server's text vectors

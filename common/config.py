@@ -18,6 +18,7 @@ from common.mf import LOSSES
 
 SERVER_OPTIMIZERS = ("adam", "sgd")
 MODEL_KINDS = ("mf", "hybrid")
+DP_MODES = ("central", "local")
 
 
 def _check(cond: bool, message: str) -> None:
@@ -115,7 +116,11 @@ class DPConfig:
     """User-level DP-FedAvg: client-side clipping, server-side Gaussian noise, Poisson sampling."""
 
     enabled: bool = True
-    noise_multiplier: float = 1.03  # σ: noise std on the sum is σ·clip (ε ≈ 7.95 at the defaults)
+    # central: the server adds N(0, (σC)²) once to the sum (trusts the server with the noise;
+    #   under SecAgg+ it still never sees one update). local: each device adds N(0, (σC)²) to its
+    #   own clipped update before it leaves (trusts nobody; far more noise for the same ε).
+    mode: str = "central"
+    noise_multiplier: float = 1.03  # σ: noise std is σ·clip (central: on the sum, ε ≈ 7.95 at the defaults)
     clip: float = 1.0  # C: L2 bound of one client's whole update
     bias_share: float = 0.05  # per-group clipping: biases get this share of C² (≤ 0: one flat clip)
     delta: float = 1e-4
@@ -130,6 +135,7 @@ class DPConfig:
     record_delta: float = 1e-5
 
     def __post_init__(self) -> None:
+        _check(self.mode in DP_MODES, f"dp.mode must be one of {DP_MODES}, got {self.mode!r}")
         _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
         _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
         _check(self.bias_share < 1, f"dp.bias-share must be < 1 (≤ 0 for flat clipping), got {self.bias_share}")

@@ -26,8 +26,9 @@ from common.federated import (
     ClientData, client_evaluate, client_train, make_server_optimizer, poisson_sample, server_update, sum_updates,
 )
 from common.mf import ItemParams, init_items
-from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
-from common.privacy.dp_fedavg import GaussianNoise, clip_item_update
+from common.privacy import Accountant, PrivacyLedger
+from common.privacy.dp_fedavg import (GaussianNoise, add_local_noise, clip_item_update, ledger_for, local_noise_for,
+                                      release_event)
 
 
 @dataclass
@@ -64,13 +65,15 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
     params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
     dp = cfg.dp if cfg.dp.enabled else None
-    ledger = PrivacyLedger(delta=cfg.dp.delta, neighbouring=Neighbouring.USER) if dp else None
-    noise = GaussianNoise(None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed)
+    local = dp is not None and dp.mode == "local"  # the devices add the noise; the server only averages
+    ledger = ledger_for(cfg.dp.mode, cfg.dp.delta) if dp else None
+    seed = None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed
+    noise = GaussianNoise(seed)
     result = InProcessResult(params=params, ledger=ledger)
     t0 = time.perf_counter()
     for rnd in tqdm(range(1, cfg.fed.rounds + 1), desc="in-process rounds", disable=not progress):
-        event = MechanismEvent(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate, steps=1,
-                               neighbouring=Neighbouring.USER, parameters=keys.ITEM_PARAM_NAMES, round=rnd)
+        event = release_event(cfg.dp.mode, noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate,
+                              parameters=keys.ITEM_PARAM_NAMES, server_round=rnd)
         if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
                 event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
             break
@@ -86,8 +89,12 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
             arrays = update.to_arrays()
             if dp is not None:
                 arrays = clip_item_update(arrays, dp.clip, dp.bias_share)
+            if local:
+                arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                                         noise=local_noise_for(seed, rnd, cid))
             updates.append(arrays)
-        params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer, dp=dp,
+        params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
+                               dp=None if local else dp,
                                expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
         row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures}
         if ledger is not None:
@@ -129,7 +136,7 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
     if resume is None:
         params = init_hybrid(init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale), side)
         optimizer = make_server_optimizer(cfg.fed, cfg.model)
-        ledger = PrivacyLedger(delta=cfg.dp.delta, neighbouring=Neighbouring.USER) if dp else None
+        ledger = ledger_for(cfg.dp.mode, cfg.dp.delta) if dp else None
         first = 1
     else:
         params, optimizer = resume.params.copy(), copy.deepcopy(resume.optimizer)
@@ -142,12 +149,14 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
             params = extended
         first = (resume.rounds[-1]["round"] if resume.rounds else 0) + 1
     text_vectors = side.vectors(params.adapter)
-    noise = GaussianNoise(None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed)
+    local = dp is not None and dp.mode == "local"
+    seed = None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed
+    noise = GaussianNoise(seed)
     result = InProcessResult(params=params, ledger=ledger, optimizer=optimizer, text_vectors=text_vectors)
     t0 = time.perf_counter()
     for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process hybrid rounds", disable=not progress):
-        event = MechanismEvent(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate, steps=1,
-                               neighbouring=Neighbouring.USER, parameters=params.names(), round=rnd)
+        event = release_event(cfg.dp.mode, noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate,
+                              parameters=params.names(), server_round=rnd)
         if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
                 event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
             break
@@ -164,9 +173,13 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
                 continue
             if dp is not None:
                 arrays = clip_hybrid_update(arrays, dp.clip, dp.bias_share)
+            if local:
+                arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                                         noise=local_noise_for(seed, rnd, cid))
             updates.append(arrays)
         t_clients = time.perf_counter() - t_round
-        params = hybrid_server_update(params, sum_updates(updates), len(updates), optimizer=optimizer, dp=dp,
+        params = hybrid_server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
+                                      dp=None if local else dp,
                                       expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
         t_server = time.perf_counter()
         text_vectors = side.vectors(params.adapter)

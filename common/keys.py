@@ -7,6 +7,7 @@ LOCAL_EPOCHS = "local-epochs"
 PHASE = "phase"  # evaluation phase: "valid" or "test"
 CLIP_NORM = "clip-norm"  # DP: L2 bound the client applies to its whole update before sending
 BIAS_SHARE = "bias-share"  # DP: share of the clip norm² given to the item biases (≤ 0: flat)
+LOCAL_NOISE = "local-noise"  # local DP: σ; the device adds N(0, (σ·clip)²) to its clipped update
 
 # Properties a client reports once (a pseudonymous id: which partition/device it is).
 PROP_QUERY = "fedrec-identity"
@@ -26,6 +27,7 @@ NODE_DATA_PATH = "data-path"
 # context.state keys (kept on the node, never sent)
 STATE_USER_VECTORS = "fedrec.user-vectors"
 STATE_DPSGD_HISTORY = "fedrec.dpsgd-history"  # Opacus accountant history, restored every round
+STATE_LOCAL_LEDGER = "fedrec.local-ledger"  # local DP: this device's own ledger of what it sent
 
 # Names of the global parameter arrays, in the order they travel.
 ITEM_PARAM_NAMES = ("item_embeddings", "item_bias")

@@ -88,7 +88,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
         fit_workflow = SecAggPlusWorkflow(
             num_shares=cfg.secagg.num_shares, reconstruction_threshold=cfg.secagg.reconstruction_threshold,
             max_weight=1.0,  # every client weighs 1 (num_examples = 1)
-            clipping_range=cfg.dp.clip,  # = the client's clip bound: the protocol never clips
+            clipping_range=strategy.clip_bound,  # = the client's bound (C, or C(1+8σ) with local DP): never clips
             quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
         strategy.secagg_workflow = fit_workflow
     if remaining > 0:

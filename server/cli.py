@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="privacy budget epsilon of the whole run")
     plan.add_argument("--delta", type=probability, required=True, metavar="D", help="delta of the guarantee")
     plan.add_argument("--rounds", type=positive_int, required=True, metavar="R", help="rounds of the run")
-    rate = plan.add_mutually_exclusive_group(required=True)
+    rate = plan.add_mutually_exclusive_group()
     rate.add_argument("--sample-rate", type=sample_rate, metavar="q", help="Poisson sampling rate per round")
     rate.add_argument("--clients-per-round", type=positive_int, metavar="K",
                       help="expected clients per round (needs --population)")
@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="noisy steps per round (local DP-SGD steps; 1 for DP-FedAvg, default)")
     plan.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
                       help="accountant the plan must satisfy (default rdp, the conservative one)")
+    plan.add_argument("--local", action="store_true",
+                      help="local DP (dp.mode=local): the sigma each device adds to its own update; sampling "
+                           "gives no amplification, so no rate is needed")
     plan.set_defaults(handler=cmd_privacy_plan)
 
     # ---- report
@@ -328,6 +331,9 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     from common.privacy.ledger import Accountant
     from common.privacy.plan import format_plan, plan_noise_multiplier, sample_rate_from
 
+    accountant = Accountant(args.accountant)
+    if args.local:
+        return _plan_local(args, accountant)
     if args.clients_per_round is not None:
         if args.population is None:
             raise UserError("--clients-per-round needs --population (the number of clients)")
@@ -335,11 +341,12 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
             q = sample_rate_from(args.clients_per_round, args.population)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    elif args.sample_rate is None:
+        raise UserError("give --sample-rate q or --clients-per-round K with --population N (or --local)")
     else:
         if args.population is not None:
             raise UserError("--population goes with --clients-per-round, not with --sample-rate")
         q = args.sample_rate
-    accountant = Accountant(args.accountant)
     common = {"delta": args.delta, "rounds": args.rounds, "sample_rate": q, "steps_per_round": args.steps_per_round}
     try:
         sigma = plan_noise_multiplier(target_epsilon=args.target_epsilon, accountant=accountant, **common)
@@ -348,6 +355,25 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     print(f"noise multiplier sigma = {sigma:.3f}  (smallest on a 0.001 grid with "
           f"{accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g}, q = {q:.4g})")
     print(format_plan(noise_multipliers=[sigma], target_epsilon=args.target_epsilon, **common))
+    return 0
+
+
+def _plan_local(args: argparse.Namespace, accountant) -> int:
+    from common.privacy.plan import format_plan, plan_local_noise_multiplier
+
+    if args.steps_per_round != 1:
+        raise UserError("--steps-per-round does not apply to local DP (one noisy update per round)")
+    try:
+        sigma = plan_local_noise_multiplier(target_epsilon=args.target_epsilon, delta=args.delta,
+                                            rounds=args.rounds, accountant=accountant)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(f"local DP: each device adds N(0, (sigma*C)^2) with sigma = {sigma:.3f} to its clipped update "
+          f"({accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g} over "
+          f"{args.rounds} rounds, every round charged, no amplification by sampling)")
+    print("accounting per round: Gaussian with multiplier sigma/2 (sensitivity 2C), q = 1:")
+    print(format_plan(noise_multipliers=[sigma / 2], target_epsilon=args.target_epsilon, delta=args.delta,
+                      rounds=args.rounds, sample_rate=1.0))
     return 0
 
 

@@ -26,6 +26,9 @@ from common.serialization import read_jsonl, write_json
 
 NO_DP = "NO DIFFERENTIAL PRIVACY GUARANTEE: this model was trained without DP; ε is infinite."
 MECHANISM = "user-level DP-FedAvg, Gaussian, Poisson sampling"
+LOCAL_MECHANISM = "local DP: each device adds Gaussian noise to its own clipped update (Poisson sampling, no amplification claimed)"
+LOCAL_SAMPLING = ("Poisson, each client independently with probability q; NOT used in the accounting: every "
+                  "round is charged to every user, as if each took part in all of them")
 SAMPLING = ("Poisson, each client independently with probability q; "
             "amplification by subsampling is used in the accounting")
 PLD_FULL_HISTORY_MAX_ROUNDS = 300  # a full PLD history costs ~6 s at 300 rounds, growing with rounds
@@ -49,6 +52,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     secure = stored.get("secure_noise", int(flat["dp.noise-seed"]) < 0) if stored else None
     population = stored.get("population", "unknown") if stored else "unknown"
     per_user = flat["fed.partition"] == "user"
+    local = dp_on and flat.get("dp.mode", "central") == "local"
     # Without DP every trained round released an un-noised model.
     rounds_released = (len({e.round for e in ledger.events}) if ledger else
                        sum(r.get("kind") == "fit" for r in rows))
@@ -65,7 +69,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "run": {"id": run_dir.resolve().name, "path": str(run_dir.resolve()),
                 "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
         "dp_enabled": dp_on,
-        "mechanism": MECHANISM if dp_on else None,
+        "mechanism": (LOCAL_MECHANISM if local else MECHANISM) if dp_on else None,
+        "dp_mode": (flat.get("dp.mode", "central") if dp_on else None),
         "parameters": {
             "noise_multiplier": flat["dp.noise-multiplier"] if dp_on else None,
             "clip": flat["dp.clip"] if dp_on else None,
@@ -76,8 +81,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "events": len(ledger.events) if ledger else 0,
             "population": population,
             "accountant": flat["dp.accountant"] if dp_on else None,
-            "sampling": SAMPLING if dp_on else "Poisson, each client independently with probability q",
-            "neighbouring": ("add/remove one user's entire data" if per_user else
+            "sampling": (LOCAL_SAMPLING if local else SAMPLING) if dp_on else
+            "Poisson, each client independently with probability q",
+            "neighbouring": ("any two data sets of one device (local DP: sensitivity 2C)" if local else
+                             "add/remove one user's entire data" if per_user else
                              "add/remove one client's entire data (a silo of many users: covers any one user)")
             if dp_on else None,
             "noise_source": None if secure is None else
@@ -93,7 +100,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "final_test": next(({k: v for k, v in r.items() if k not in ("kind", "phase", "failures")}
                             for r in reversed(rows) if r.get("kind") == "eval" and r.get("phase") == "test"), None),
         "record_level": _record_level(run_dir),
-        "trust_model": _trust_model(dp_on, bool(flat.get("secagg.enabled", False)), per_user),
+        "trust_model": _trust_model(dp_on, bool(flat.get("secagg.enabled", False)), per_user, local),
         "accounting_method": None,
     }
     if ledger is not None:
@@ -106,16 +113,23 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         report["budget"] = {"target_epsilon": target, "accountant": flat["dp.accountant"],
                             "stopped_before_round": stop["round"] if stop else None,
                             "reason": stop.get("reason") if stop else None}
-        report["guarantee"] = (f"For any one {'user' if per_user else 'client (silo)'}, everything released "
-                               f"(the item model after each of {rounds_released} rounds) is "
+        released = ("each update its device sent, and hence the item model after each of "
+                    f"{rounds_released} rounds," if local else
+                    f"everything released (the item model after each of {rounds_released} rounds)")
+        report["guarantee"] = (f"For any one {'user' if per_user else 'client (silo)'}, {released} is "
                                f"(ε = {_eps(eps['rdp'])}, δ = {ledger.delta:g})-differentially private (RDP; "
                                f"PLD gives ε = {_eps(eps['pld'])}).")
         report["accounting_method"] = (
             f"ε is recomputed from the privacy ledger with Google's dp-accounting: RDP over Opacus' orders "
             f"(α = {RDP_ORDERS[0]:g}…{RDP_ORDERS[-1]:g}, {len(RDP_ORDERS)} orders) and PLD (pessimistic, value "
-            f"grid {PLD_VALUE_DISCRETIZATION_INTERVAL:g}), composing one Poisson-subsampled Gaussian mechanism "
-            f"(σ, q) per release over all {rounds_released} released rounds, at δ = {ledger.delta:g}. "
-            "Rounds where nobody reported still released noise and are charged.")
+            f"grid {PLD_VALUE_DISCRETIZATION_INTERVAL:g}), composing " + (
+                "one Gaussian mechanism per round with multiplier σ/2 (the device's noise σC over sensitivity "
+                f"2C; no amplification by sampling) over all {rounds_released} rounds, at δ = {ledger.delta:g}. "
+                "Conservative: a user is charged for every round, also those it did not take part in; each "
+                "device also keeps its own ledger of the rounds it actually reported in." if local else
+                f"one Poisson-subsampled Gaussian mechanism (σ, q) per release over all {rounds_released} "
+                f"released rounds, at δ = {ledger.delta:g}. "
+                "Rounds where nobody reported still released noise and are charged."))
     else:
         report["guarantee"] = NO_DP if not dp_on else "NO VERIFIABLE GUARANTEE: the privacy ledger is missing."
     audit = run_dir / "audit.json"
@@ -177,9 +191,10 @@ def _record_level(run_dir: Path) -> dict[str, Any]:
             "note": "record-level ε of each silo's DP-SGD (one rating's neighbour): not a user-level guarantee"}
 
 
-def _trust_model(dp_on: bool, secagg: bool, per_user: bool) -> list[dict[str, str]]:
+def _trust_model(dp_on: bool, secagg: bool, per_user: bool, local: bool = False) -> list[dict[str, str]]:
     holder = "The device" if per_user else "Each silo (client)"
-    update = "clipped update (L2 ≤ C)" if dp_on else "update (not clipped: DP is off)"
+    update = ("clipped and locally noised update (L2 ≤ C, then + N(0, (σC)²) per coordinate)" if local else
+              "clipped update (L2 ≤ C)" if dp_on else "update (not clipped: DP is off)")
     server = (f"sees only the sum of masked updates (secure aggregation), never one client's {update}"
               if secagg else f"sees each sampled client's {update} in plaintext (no secure aggregation)")
     model = ("covered by the (ε, δ) guarantee against anyone who sees it, including other users"
@@ -190,10 +205,12 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool) -> list[dict[str, st
         {"party": "server", "statement": f"The server {server}; it also sees plaintext metrics per client: "
                                          "training loss, evaluation metric sums and user counts."},
         {"party": "released model", "statement": f"The item embeddings and biases after each round are {model}."},
-        {"party": "not covered", "statement": ("The server is trusted to add the noise (central DP); per-client "
-                                               "metrics are not noised; timing and participation metadata "
-                                               "(who was sampled, who reported, when) are not protected."
-                                               if dp_on else "Nothing: without DP no release is protected.")},
+        {"party": "not covered", "statement": (
+            ("Local DP: the server is NOT trusted with the noise; each update the server could see is itself "
+             "(ε, δ)-DP. " if local else "The server is trusted to add the noise (central DP); ")
+            + "per-client metrics are not noised; timing and participation metadata "
+              "(who was sampled, who reported, when) are not protected."
+            if dp_on else "Nothing: without DP no release is protected.")},
     ]
 
 

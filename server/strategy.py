@@ -29,8 +29,8 @@ from common.config import RunConfig
 from common.federated import EVAL_KS, ServerOptimizer, poisson_sample, server_update, sum_updates, validate_update
 from common.metrics import RANKING_METRICS
 from common.mf import ItemParams
-from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
-from common.privacy.dp_fedavg import GaussianNoise
+from common.privacy import Accountant, MechanismEvent
+from common.privacy.dp_fedavg import GaussianNoise, ledger_for, local_bound, release_event
 from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ class FedRecStrategy(Strategy):
         self.secure_aggregation = False  # results carry the survivors' mean (SecAgg+), not updates
         self.secagg_workflow = None  # Flower's SecAggPlusWorkflow, sized to each round's cohort
         dp = cfg.dp
-        self.ledger = PrivacyLedger(delta=dp.delta, neighbouring=Neighbouring.USER) if dp.enabled else None
+        self.ledger = ledger_for(dp.mode, dp.delta) if dp.enabled else None
+        self.local_dp = dp.enabled and dp.mode == "local"  # the devices add the noise, not the server
         self.noise = GaussianNoise(None if dp.noise_seed < 0 else dp.noise_seed)
         self.budget_stopped_at: int | None = None
         self._released = False
@@ -138,6 +139,8 @@ class FedRecStrategy(Strategy):
         if self.ledger is not None or self.secure_aggregation:
             config[keys.CLIP_NORM] = self.cfg.dp.clip
             config[keys.BIAS_SHARE] = self.cfg.dp.bias_share
+        if self.local_dp:
+            config[keys.LOCAL_NOISE] = self.cfg.dp.noise_multiplier
         # The strategy's parameters are the source of truth (a noise-only release may have
         # changed them in a round where nobody was sampled).
         if self.text_side is not None:  # the trailing context array gets no update
@@ -191,7 +194,10 @@ class FedRecStrategy(Strategy):
     # ---- the release: DP noise, server optimizer, privacy ledger
     @property
     def clip_bound(self) -> float:
-        """Every coordinate of a clipped update lies within ±C (no bound without clipping)."""
+        """Every coordinate of a clipped update lies within ±C (no bound without clipping); a
+        locally noised one within ±local_bound (also SecAgg+'s quantization range)."""
+        if self.local_dp:
+            return local_bound(self.cfg.dp.noise_multiplier, self.cfg.dp.clip)
         return self.cfg.dp.clip if (self.ledger is not None or self.secure_aggregation) else np.inf
 
     @property
@@ -199,16 +205,17 @@ class FedRecStrategy(Strategy):
         return max(len(self.client_ids), 1)
 
     def _event(self, rnd: int) -> MechanismEvent:
-        return MechanismEvent(noise_multiplier=self.cfg.dp.noise_multiplier, sample_rate=self.cfg.fed.sample_rate,
-                              steps=1, neighbouring=Neighbouring.USER, parameters=self.param_names, round=rnd)
+        return release_event(self.cfg.dp.mode, noise_multiplier=self.cfg.dp.noise_multiplier,
+                             sample_rate=self.cfg.fed.sample_rate, parameters=self.param_names, server_round=rnd)
 
     def _release(self, total: list[np.ndarray] | None, n: int) -> None:
         """Turn the round's sum of updates (None: nobody reported) into the next global model.
-        With DP the noise is added exactly once here, and the round is charged to the ledger."""
+        With central DP the noise is added exactly once here; with local DP the devices added it and
+        the server only averages. Either way the round is charged to the ledger."""
         if self._released:
             raise RuntimeError(f"round {self.current_round} released twice")
         self._released = True
-        dp = self.cfg.dp if self.ledger is not None else None
+        dp = self.cfg.dp if (self.ledger is not None and not self.local_dp) else None
         if self.text_side is not None:  # hybrid: every trainable array alike, then new text vectors
             from common.hybrid_federated import hybrid_server_update
 

@@ -16,12 +16,15 @@ from server.run_dir import RunDir
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dp", [False, True])
-def test_inprocess_equals_flower_simulation(block_csv, tmp_path, dp):
+@pytest.mark.parametrize("mode", ["off", "central", "local"])
+def test_inprocess_equals_flower_simulation(block_csv, tmp_path, mode):
     # SecAgg+ off: its quantization (and its clipping without DP) is not part of the in-process runner.
+    # local: the devices' seeded noise (per round and client) is the same draw in both runners.
+    dp = mode != "off"
     cfg = RunConfig.from_flat({"data.source": str(block_csv), "fed.rounds": 3, "fed.sample-rate": 0.7,
                                "fed.eval-every": 10, "model.dim": 8, "fed.server-lr": 0.05,
-                               "dp.enabled": dp, "dp.noise-seed": 7, "dp.noise-multiplier": 0.5,
+                               "dp.enabled": dp, "dp.mode": "local" if mode == "local" else "central",
+                               "dp.noise-seed": 7, "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0,
                                "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
     simulate.run(cfg, run_dir, progress=False)

@@ -178,3 +178,22 @@ def test_long_runs_sample_the_pld_history(tmp_path: Path, monkeypatch: pytest.Mo
 def test_not_a_run_dir(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         rpt.build_report(tmp_path)
+
+
+def test_local_dp_run_is_reported_as_local(tmp_path: Path) -> None:
+    from common.privacy.dp_fedavg import ledger_for, release_event
+
+    run = make_run(tmp_path / "run", flat={"dp.mode": "local", "dp.noise-multiplier": 12.0})
+    ledger = ledger_for("local", DELTA)
+    for r in range(1, 5):
+        ledger.record(release_event("local", noise_multiplier=12.0, sample_rate=Q,
+                                    parameters=("item_embeddings", "item_bias"), server_round=r))
+    (run / "ledger.json").write_text(json.dumps({"ledger": ledger.state_dict(), "secure_noise": True}))
+    rep, md, html = _written(run)
+    assert rep["dp_mode"] == "local" and rep["mechanism"].startswith("local DP")
+    assert rep["epsilon"]["rdp"] == pytest.approx(ledger.epsilon())
+    assert "sensitivity 2C" in rep["parameters"]["neighbouring"]
+    assert "NOT used in the accounting" in rep["parameters"]["sampling"]
+    assert "each update its device sent" in rep["guarantee"]
+    device = next(t["statement"] for t in rep["trust_model"] if t["party"] == "device")
+    assert "locally noised" in device and "NOT trusted with the noise" in md and "σ/2" in html

@@ -17,6 +17,7 @@ from common.privacy.plan import (
     SIGMA_RANGE,
     epsilon_for,
     format_plan,
+    plan_local_noise_multiplier,
     plan_noise_multiplier,
     sample_rate_from,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "PrivacyLedger",
     "epsilon_for",
     "format_plan",
+    "plan_local_noise_multiplier",
     "plan_noise_multiplier",
     "sample_rate_from",
 ]

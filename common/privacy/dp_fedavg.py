@@ -7,6 +7,10 @@ sized for the sensitivity of the sum (one user changes it by at most ``C``), so 
 whatever the number of clients that actually reported: a dropout never leaves a round
 under-noised.
 
+Local DP (``dp.mode = local``): the *device* adds N(0, (σC)²) to its own clipped update
+(:func:`add_local_noise`), so nobody, not even a server that sees single updates, learns more than
+the (ε, δ) of :func:`release_event` allows. The server then only averages.
+
 Noise comes from the operating system's CSPRNG (``os.urandom``) turned into Gaussians by the
 Box-Muller transform; a seeded generator is available for tests and reproducible debugging
 and is reported as such.
@@ -17,6 +21,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+
+#: Local DP: a noised coordinate is clamped to ±C·(1 + LOCAL_TAIL·σ) (post-processing, so the
+#: guarantee is unchanged). SecAgg+'s quantization range is set to the same bound: the protocol
+#: itself never clips. A coordinate reaches the clamp with probability ≈ 1e-15.
+LOCAL_TAIL = 8.0
 
 
 def global_norm(arrays: list[np.ndarray]) -> float:
@@ -92,3 +103,48 @@ def noisy_mean(update_sum: list[np.ndarray], *, noise_multiplier: float, clip: f
         raise ValueError(f"expected cohort q·N must be > 0, got {expected_cohort}")
     std = noise_multiplier * clip
     return [(np.asarray(s, dtype=np.float64) + noise.normal(np.shape(s), std)) / expected_cohort for s in update_sum]
+
+
+def local_bound(noise_multiplier: float, clip: float) -> float:
+    """Largest magnitude of one coordinate of a locally noised update."""
+    return clip * (1.0 + LOCAL_TAIL * noise_multiplier)
+
+
+def add_local_noise(arrays: list[np.ndarray], *, noise_multiplier: float, clip: float,
+                    noise: GaussianNoise) -> list[np.ndarray]:
+    """Local DP on the device: ``clipped + N(0, (σC)²)`` per coordinate, clamped to
+    ±:func:`local_bound` (post-processing). ``arrays`` must already be clipped to L2 ≤ ``clip``."""
+    if noise_multiplier <= 0 or clip <= 0:
+        raise ValueError(f"local DP needs σ > 0 and clip > 0, got σ={noise_multiplier}, clip={clip}")
+    bound = local_bound(noise_multiplier, clip)
+    return [np.clip(np.asarray(a, dtype=np.float64) + noise.normal(np.shape(a), noise_multiplier * clip),
+                    -bound, bound).astype(np.float32) for a in arrays]
+
+
+def local_noise_for(seed: int | None, server_round: int, client_id: int) -> GaussianNoise:
+    """A device's noise source for one round: secure (``seed`` None), or seeded per
+    (seed, round, client) for tests, so a Flower run and the in-process runner draw the same."""
+    return GaussianNoise(None if seed is None else [seed, server_round, client_id, 0x10CA1])
+
+
+def ledger_for(mode: str, delta: float) -> PrivacyLedger:
+    """The run's ledger: user-level (central DP-FedAvg) or local (on-device noise)."""
+    return PrivacyLedger(delta=delta, neighbouring=Neighbouring.LOCAL if mode == "local" else Neighbouring.USER)
+
+
+def release_event(mode: str, *, noise_multiplier: float, sample_rate: float, parameters: tuple[str, ...],
+                  server_round: int) -> MechanismEvent:
+    """What one round releases about one user.
+
+    central: a Poisson-subsampled Gaussian on the sum, sensitivity C (add/remove one user), so the
+    event's multiplier is σ and sampling amplifies at rate q. local: each device's own Gaussian
+    release of an update of norm ≤ C; any two updates differ by up to 2C, so the multiplier is σ/2,
+    and since the server sees who reported there is no amplification (q = 1): conservatively, every
+    round is charged to every user, as if each took part in all of them.
+    """
+    if mode == "local":
+        return MechanismEvent(noise_multiplier=noise_multiplier / 2.0, sample_rate=1.0, steps=1,
+                              neighbouring=Neighbouring.LOCAL, parameters=parameters, round=server_round,
+                              note="local DP: device-side Gaussian, sensitivity 2C, no amplification")
+    return MechanismEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1,
+                          neighbouring=Neighbouring.USER, parameters=parameters, round=server_round)

@@ -143,6 +143,22 @@ def plan_noise_multiplier(
     return found / _GRID
 
 
+def plan_local_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    rounds: int,
+    accountant: Accountant = Accountant.RDP,
+) -> float:
+    """σ for local DP (``dp.mode = local``): each device adds N(0, (σC)²) to its update clipped to
+    C. Two updates of one device differ by up to 2C and sampling does not amplify (the server sees
+    who reported), so this is twice the σ of ``rounds`` unsampled releases planned by
+    :func:`plan_noise_multiplier` (exact: the grid value is doubled, never rounded down).
+    """
+    return 2.0 * plan_noise_multiplier(target_epsilon=target_epsilon, delta=delta, rounds=rounds,
+                                       sample_rate=1.0, accountant=accountant)
+
+
 def format_plan(
     *,
     noise_multipliers: Sequence[float],
