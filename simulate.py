@@ -65,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora", action="store_true", help="hybrid: train LoRA adapters of MiniLM too (costly on CPU)")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (the report then says so)")
+    p.add_argument("--no-secagg", action="store_true", help="send updates WITHOUT secure aggregation (to compare)")
     p.add_argument("--local-dp", action="store_true",
                    help="local DP: each device noises its own update (σ planned for --target-epsilon unless given)")
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
@@ -107,6 +108,8 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
         flat["model.lora"] = True
     if getattr(args, "no_dp", False):
         flat["dp.enabled"] = False
+    if getattr(args, "no_secagg", False):
+        flat["secagg.enabled"] = False
     for item in args.set:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")

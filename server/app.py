@@ -11,7 +11,7 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -22,6 +22,7 @@ from common.mf import init_items
 from common.serialization import write_json
 from server.grid import BoundedGrid
 from server.run_dir import RunDir
+from server.secagg import SecAggPlusWorkflowWithEarlyDropouts
 from server.strategy import FedRecStrategy
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     fit_workflow = None
     if cfg.secagg.enabled:
         strategy.secure_aggregation = True
-        fit_workflow = SecAggPlusWorkflow(
+        fit_workflow = SecAggPlusWorkflowWithEarlyDropouts(
             num_shares=cfg.secagg.num_shares, reconstruction_threshold=cfg.secagg.reconstruction_threshold,
             max_weight=1.0,  # every client weighs 1 (num_examples = 1)
             clipping_range=strategy.clip_bound,  # = the client's bound (C, or C(1+8σ) with local DP): never clips

@@ -147,3 +147,15 @@ def test_privacy_plan_cli_local(capsys):
     assert f"sigma = {sigma:.3f}" in out and "no amplification" in out
     assert epsilon_for(noise_multiplier=sigma / 2, sample_rate=1.0, delta=1e-4, rounds=150,
                        accountant=Accountant.PLD) < 8.0
+
+
+def test_simulate_flags_plan_local_dp_and_turn_secagg_off():
+    import simulate
+
+    cfg = simulate.build_config(simulate.parse_args(["--local-dp", "--rounds", "150", "--no-secagg"]))
+    assert cfg.dp.mode == "local" and not cfg.secagg.enabled
+    assert cfg.dp.noise_multiplier == plan_local_noise_multiplier(target_epsilon=8.0, delta=1e-4, rounds=150)
+    given = simulate.build_config(simulate.parse_args(["--local-dp", "--noise-multiplier", "20"]))
+    assert (given.dp.mode, given.dp.noise_multiplier, given.secagg.enabled) == ("local", 20.0, True)
+    with pytest.raises(SystemExit, match="contradict"):
+        simulate.build_config(simulate.parse_args(["--local-dp", "--no-dp"]))
