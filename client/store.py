@@ -40,6 +40,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from common.data.errors import DataError
+from common.data.formats import csv_rows
 from common.data.readers import parse_number
 from common.keys import ITEM_PARAM_NAMES
 
@@ -426,25 +427,18 @@ def _metadata(blob: bytes) -> dict[str, str]:
 # ---------------------------------------------------------------- files a device reads
 
 def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line, fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped."""
+    """(line, stripped fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     if not path.is_file():
         raise DataError(path, "file not found")
-    line = 0
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise DataError(path, f"expected well-formed CSV, found: {exc}", line + 1) from None
-            except UnicodeDecodeError:
-                raise DataError(path, "expected UTF-8 text, found bytes that are not", line + 1) from None
-            start, line = line + 1, reader.line_num
-            if any(f.strip() for f in fields):
-                yield start, [f.strip() for f in fields]
+        try:
+            for line, fields in csv_rows(path, reader):
+                if any(f.strip() for f in fields):
+                    yield line, [f.strip() for f in fields]
+        except UnicodeDecodeError:
+            raise DataError(path, "expected UTF-8 text, found bytes that are not", reader.line_num + 1) from None
 
 
 def _header(path: Path, records: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:

@@ -114,8 +114,9 @@ def _read_headerless(path: Path, sep: str, header: list[str], spec: Spec, encodi
     return _collect(path, header, rows, spec, (), sep)
 
 
-def _csv_rows(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, fields) for each non-blank CSV record."""
+def csv_rows(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
+    """(first line of the record, fields) for each non-empty CSV record; a malformed record is a
+    DataError naming the file and line (shared by the data readers and the device store)."""
     line = 0
     while True:
         try:
@@ -137,7 +138,7 @@ def _read_csv(path: Path, delimiter: str, spec: Spec, required: Iterable[str],
     for encoding in ("utf-8-sig", "latin-1"):
         try:
             with path.open(encoding=encoding, newline="") as fh:
-                rows = _csv_rows(path, csv.reader(fh, delimiter=delimiter, strict=True))
+                rows = csv_rows(path, csv.reader(fh, delimiter=delimiter, strict=True))
                 header_line, header = next(rows, (1, []))
                 if not header:
                     raise DataError(path, f"expected a header line ({', '.join(n for n, _ in spec.values())}), "
