@@ -107,7 +107,8 @@ class RecClient(NumPyClient):
             sample_rate=dp.record_sample_rate, epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
-            history=history, delta=dp.record_delta, server_round=rnd)
+            history=history, delta=dp.record_delta, server_round=rnd,
+            noise_source="seeded" if dp.noise_seed >= 0 else "urandom")
         self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
         arrays = self._protect(result.update.to_arrays(), parameters, config)
         return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),

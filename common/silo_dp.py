@@ -19,17 +19,22 @@ restarts it, so its ε covers one round only). The same history is recomposed by
 :class:`~common.privacy.PrivacyLedger` (``Neighbouring.RECORD``, the same RDP orders) as an
 independent check.
 
-Randomness. Poisson sampling and the Gaussian noise draw from a ``torch.Generator`` seeded by
-``seed``: reproducible, for tests and experiments. That is *not* a secure source of noise
-(the noise of a seeded PRNG can in principle be predicted); production should run with
-``secure_mode=True``, which makes Opacus draw from ``torchcsprng`` (not installed here, so it
-fails loudly rather than falling back). :attr:`SiloDPResult.secure_mode` says which ran.
+Randomness (``noise_source``). ``"seeded"``: Poisson sampling and the Gaussian noise draw from a
+``torch.Generator`` seeded by ``seed``: reproducible, for tests and experiments, *not* secure
+(the noise of a seeded PRNG can in principle be predicted). ``"urandom"`` (what a silo client
+runs unless ``dp.noise-seed`` is set): the noise comes from the operating system's CSPRNG
+(:class:`common.privacy.dp_fedavg.GaussianNoise`), each coordinate the sum of four draws as in
+Opacus' secure mode (against floating-point attacks), and the sampling generator is seeded from
+``os.urandom``. ``"torchcsprng"``: Opacus' own ``secure_mode`` (needs ``torchcsprng``, not
+installed here, so it fails loudly rather than falling back). :attr:`SiloDPResult.noise_source`
+says which ran.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ from common.privacy._validate import (
     require_positive,
     require_sample_rate,
 )
+from common.privacy.dp_fedavg import GaussianNoise
 from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ RELEASED_PARAMETERS: tuple[str, ...] = ("item_embeddings", "item_bias")
 
 #: How Opacus clips per record: ghost clipping (norms only) or materialised per-sample grads.
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("ghost", "hooks")
+
+#: Where the randomness of DP-SGD comes from (see the module docstring).
+NOISE_SOURCES: tuple[str, ...] = ("seeded", "urandom", "torchcsprng")
 
 #: One entry of Opacus' RDP accountant history: ``(noise_multiplier, sample_rate, steps)``.
 HistoryEntry = tuple[float, float, int]
@@ -119,8 +128,8 @@ class SiloDPResult:
         Mean cross-entropy per sampled record over the round (before each step).
     records:
         Ratings in the silo (the data set size n).
-    secure_mode:
-        Whether the noise and sampling came from a CSPRNG (``False``: a seeded PRNG).
+    noise_source:
+        ``"seeded"`` (reproducible, not secure), ``"urandom"`` or ``"torchcsprng"``.
     """
 
     update: ItemParams
@@ -133,7 +142,12 @@ class SiloDPResult:
     sample_rate: float
     mean_loss: float
     records: int
-    secure_mode: bool
+    noise_source: str
+
+    @property
+    def secure_mode(self) -> bool:
+        """Whether the noise came from a CSPRNG."""
+        return self.noise_source != "seeded"
 
 
 def user_records(params: ItemParams, users: Sequence[UserData], *, user_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +205,7 @@ def dp_sgd_item_update(
     history: list[HistoryEntry],
     delta: float = 1e-5,
     server_round: int = 0,
-    secure_mode: bool = False,
+    noise_source: str = "seeded",
     grad_sample_mode: str = "ghost",
 ) -> SiloDPResult:
     """One silo round of record-level DP-SGD on the item parameters (Opacus, RDP accountant).
@@ -214,7 +228,7 @@ def dp_sgd_item_update(
     lr:
         SGD learning rate on the mean clipped, noised gradient.
     seed:
-        Seeds the sampling and noise generator (ignored with ``secure_mode``).
+        Seeds the sampling and noise generator (``noise_source = "seeded"`` only).
     history:
         The accountant history returned by the previous round (``[]`` in the first);
         restored before training so that ε composes across rounds.
@@ -222,9 +236,9 @@ def dp_sgd_item_update(
         δ of the reported ε; should be well below 1 / (ratings in the silo).
     server_round:
         Round written into :attr:`SiloDPResult.event`.
-    secure_mode:
-        Draw noise and samples from ``torchcsprng`` (Opacus' secure mode); required for a
-        real guarantee, unavailable here (raises ``ImportError`` without it).
+    noise_source:
+        ``"seeded"``, ``"urandom"`` (secure noise from the OS) or ``"torchcsprng"`` (Opacus'
+        secure mode; raises ``ImportError`` without torchcsprng).
     grad_sample_mode:
         ``"ghost"`` (default): Opacus' ghost clipping computes each record's gradient norm
         without materialising the (B, I, d) per-sample gradients, then backpropagates the
@@ -244,6 +258,9 @@ def dp_sgd_item_update(
     require_positive("lr", lr)
     require_positive("user_reg", user_reg)
     require_delta("delta", delta)
+    if noise_source not in NOISE_SOURCES:
+        raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
+    secure_mode = noise_source == "torchcsprng"
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
     previous = _checked_history(history)
@@ -251,7 +268,8 @@ def dp_sgd_item_update(
     inputs, targets = user_records(params, users, user_reg=user_reg)
     n = len(targets)
     batch_size = max(1, round(sample_rate * n))
-    generator = None if secure_mode else torch.Generator().manual_seed(seed)
+    sampling_seed = int.from_bytes(os.urandom(8), "little") if noise_source == "urandom" else seed
+    generator = None if secure_mode else torch.Generator().manual_seed(sampling_seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
                                          batch_size=batch_size, generator=generator)
 
@@ -270,6 +288,8 @@ def dp_sgd_item_update(
         module, dp_optimizer, criterion, dp_loader = private
     else:
         (module, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
+    if noise_source == "urandom":
+        _draw_noise_from_urandom(dp_optimizer)
 
     effective_rate = dp_loader.sample_rate
     if not math.isclose(effective_rate, sample_rate, rel_tol=0.1):
@@ -311,4 +331,23 @@ def dp_sgd_item_update(
     return SiloDPResult(update=update, history=new_history, epsilon=epsilon, ledger_epsilon=ledger_epsilon,
                         delta=float(delta), event=event, steps=steps, sample_rate=float(effective_rate),
                         mean_loss=loss_sum / seen if seen else float("nan"), records=n,
-                        secure_mode=secure_mode)
+                        noise_source=noise_source)
+
+
+def _draw_noise_from_urandom(optimizer) -> None:
+    """Make an Opacus DP optimizer add N(0, (σC)²) from the OS CSPRNG to each clipped gradient sum:
+    the sum of four draws of std σC/2 per coordinate, as Opacus' secure mode does."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    source = GaussianNoise(None)
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm
+        for p in optimizer.params:
+            _check_processed_flag(p.summed_grad)
+            shape = tuple(p.summed_grad.shape)
+            noise = sum(source.normal(shape, std / 2.0) for _ in range(4))
+            p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    optimizer.add_noise = add_noise

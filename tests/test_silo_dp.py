@@ -194,9 +194,25 @@ def test_secure_mode_fails_loudly_without_a_csprng(silo, start):
         import torchcsprng  # noqa: F401
     except ImportError:
         with pytest.raises(ImportError, match="torchcsprng"):
-            run(start, list(silo.trainable), secure_mode=True)
+            run(start, list(silo.trainable), noise_source="torchcsprng")
     else:  # pragma: no cover - not installed here
-        assert run(start, list(silo.trainable), secure_mode=True).secure_mode
+        assert run(start, list(silo.trainable), noise_source="torchcsprng").secure_mode
+
+
+def test_urandom_noise_is_secure_unrepeatable_and_of_the_right_size(silo, start):
+    """The OS-CSPRNG noise: two runs differ whatever the seed, and by as much as two seeded runs
+    with different seeds do (same σ; a missing or mis-scaled noise would change the spread)."""
+    users = list(silo.trainable)
+    big = dict(noise_multiplier=4.0, epochs=2)  # noise dominates the differences
+    u1, u2 = (run(start, users, seed=3, noise_source="urandom", **big) for _ in range(2))
+    s1, s2 = run(start, users, seed=3, **big), run(start, users, seed=4, **big)
+    assert u1.noise_source == "urandom" and u1.secure_mode and not s1.secure_mode
+    assert not np.array_equal(u1.update.embeddings, u2.update.embeddings)
+    spread_u = np.std(flat(u1.update) - flat(u2.update))
+    spread_s = np.std(flat(s1.update) - flat(s2.update))
+    assert 0.85 < spread_u / spread_s < 1.15
+    with pytest.raises(ValueError, match="noise_source"):
+        run(start, users, noise_source="dev-random")
 
 
 # ---------------------------------------------------------------- (3, 4) accounting
