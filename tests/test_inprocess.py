@@ -35,13 +35,13 @@ def test_inprocess_equals_flower_simulation(block_csv, tmp_path, mode):
     np.testing.assert_array_equal(flower["item_bias"], local.params.bias)
     final = [r for r in run_dir.rounds() if r["kind"] == "eval"][-1]
     assert final["ndcg@10"] == pytest.approx(local.evals[-1]["ndcg@10"], abs=1e-12)
-    if dp:
+    if mode != "off":
         assert [r["epsilon"] for r in run_dir.rounds() if r["kind"] == "fit"] == [r["epsilon"] for r in local.rounds]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dp", [False, True])
-def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, dp):
+@pytest.mark.parametrize("mode", ["off", "central", "local"])
+def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, mode):
     """The hybrid model (free part + head over frozen MiniLM embeddings): same model, text
     vectors, ledger and final metrics through Flower as in one process."""
     import torch
@@ -51,8 +51,9 @@ def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, dp):
     torch.set_num_threads(1)  # as in every simulated client
     cfg = RunConfig.from_flat({"data.source": str(block_csv), "fed.rounds": 2, "fed.sample-rate": 0.7,
                                "fed.eval-every": 10, "model.dim": 8, "fed.server-lr": 0.05, "model.kind": "hybrid",
-                               "model.text-negatives": 8, "dp.enabled": dp, "dp.noise-seed": 7,
-                               "dp.noise-multiplier": 0.5, "secagg.enabled": False})
+                               "model.text-negatives": 8, "dp.enabled": mode != "off",
+                               "dp.mode": "local" if mode == "local" else "central", "dp.noise-seed": 7,
+                               "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0, "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
     simulate.run(cfg, run_dir, progress=False)
     flower = load_arrays(run_dir.path / "model.safetensors")
@@ -63,5 +64,5 @@ def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, dp):
         np.testing.assert_array_equal(flower[name], array, err_msg=name)
     final = [r for r in run_dir.rounds() if r["kind"] == "eval"][-1]
     assert final["ndcg@10"] == pytest.approx(local.evals[-1]["ndcg@10"], abs=1e-12)
-    if dp:
+    if mode != "off":
         assert [r["epsilon"] for r in run_dir.rounds() if r["kind"] == "fit"] == [r["epsilon"] for r in local.rounds]
