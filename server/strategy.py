@@ -237,7 +237,7 @@ class FedRecStrategy(Strategy):
             return None
         if not self._released:
             if self.secure_aggregation:
-                # The protocol could not complete (too few survivors, a failure during key setup):
+                # The protocol could not complete (too few survivors for the reconstruction threshold):
                 # nothing is released, so no ε is charged; the next round starts afresh.
                 self._row["abandoned"] = True
                 log.warning("round %d abandoned: secure aggregation did not complete; no release, no ε charged",
