@@ -156,6 +156,7 @@ class SimRun:
     rows: list[dict[str, Any]]
     figures: dict[str, float]
     complete: bool  # False: stopped at the time limit, figures are what it had done by then
+    path: Path | None = None  # the run directory
 
     @property
     def final_eval(self) -> dict[str, Any]:
@@ -207,7 +208,7 @@ def run_sim(name: str, cfg: RunConfig, root: Path, *, num_cpus: float, progress:
     rows = RunDir(run_dir.path).rounds()
     if out_path.is_file() and proc.returncode == 0:
         out = json.loads(out_path.read_text())
-        run = SimRun(name, rows, out["figures"], True)
+        run = SimRun(name, rows, out["figures"], True, run_dir.path)
     else:
         if proc.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
             log.error("simulation %s exited with status %s", name, proc.returncode)
@@ -218,7 +219,7 @@ def run_sim(name: str, cfg: RunConfig, root: Path, *, num_cpus: float, progress:
                   "wall_seconds": math.nan}
         figures = sim_figures(rows, result, dump["samples"], dump["row_times"], dump.get("foreign", []))
         figures["killed_after_seconds"] = wall
-        run = SimRun(name, rows, figures, False)
+        run = SimRun(name, rows, figures, False, run_dir.path)
     log.info("simulation %s %s: %s", name, "done" if run.complete else "INCOMPLETE",
              ", ".join(f"{k}={v:.4g}" for k, v in run.figures.items() if v is not None))
     return run

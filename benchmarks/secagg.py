@@ -46,10 +46,12 @@ import simulate  # noqa: E402
 from benchmarks.federated import NEVER, run_sim  # noqa: E402
 from benchmarks.harness import table, target, targets_table, write_json  # noqa: E402
 from common.config import RunConfig  # noqa: E402
+from common.serialization import load_arrays  # noqa: E402
 
 log = logging.getLogger("benchmarks.secagg")
 
 TARGET_OVERHEAD_100 = 5.0
+TARGET_QUALITY_DIFF = 0.005  # |NDCG@10 with SecAgg+ − without|, same seeded DP noise
 COHORTS = (10, 50, 100)
 POPULATION = 1000
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     fig["formula_plain_bytes"] = float(n_items * (base.model.dim + 1) * 4)
 
     # c. quality
-    qual = {}
+    qual, models = {}, {}
     for tag, on in (("plain", False), ("secagg", True)):
         cfg = config(on, **{"data.source": "ml-100k", "fed.sample-rate": args.quality_q,
                             "fed.rounds": args.quality_rounds, "fed.eval-every": NEVER})
@@ -177,10 +179,17 @@ def main(argv: list[str] | None = None) -> int:
         fig[f"quality_{tag}_ndcg10"] = qual[tag]
         fig[f"quality_{tag}_recall10"] = final.get("recall@10", math.nan)
         fig[f"quality_{tag}_median_round_seconds"] = run.figures.get("median_round_seconds", math.nan)
+        models[tag] = load_arrays(run.path / "model.safetensors") if run.complete else None
     fig["quality_ndcg10_diff"] = qual["secagg"] - qual["plain"]
+    if models["plain"] is not None and models["secagg"] is not None:  # same noise: quantization is the difference
+        fig["quality_model_max_abs_diff"] = max(float(np.max(np.abs(models["plain"][k] - models["secagg"][k])))
+                                                for k in models["plain"])
+        fig["quality_model_max_abs_value"] = max(float(np.max(np.abs(a))) for a in models["plain"].values())
     fig["benchmark_seconds"] = time.perf_counter() - t_start
 
-    goals = [target("secagg_overhead_100", fig.get("secagg_overhead_100"), "<=", TARGET_OVERHEAD_100)]
+    goals = [target("secagg_overhead_100", fig.get("secagg_overhead_100"), "<=", TARGET_OVERHEAD_100),
+             # "equal within noise": same seeded DP noise in both, so only quantization differs
+             target("quality_abs_ndcg10_diff", abs(fig["quality_ndcg10_diff"]), "<=", TARGET_QUALITY_DIFF)]
     print()
     print(f"a. Round time, synthetic:{POPULATION}, DP on in both (same seeded noise, clip {base.dp.clip}), "
           f"{args.rounds} rounds, median of rounds 2..; num_cpus={args.num_cpus}")
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         ["SecAgg+", fig["quality_secagg_ndcg10"], fig["quality_secagg_recall10"],
          fig["quality_secagg_median_round_seconds"]],
         ["SecAgg+ - plain", fig["quality_ndcg10_diff"], "", ""]]))
+    if "quality_model_max_abs_diff" in fig:
+        print(f"final models differ by at most {fig['quality_model_max_abs_diff']:.3g} per value (largest value "
+              f"{fig['quality_model_max_abs_value']:.3g}): SecAgg+'s quantization, the only difference")
     print()
     print(targets_table(goals))
     print(f"benchmark wall time {fig['benchmark_seconds']:.0f} s")
