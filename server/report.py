@@ -207,7 +207,7 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool, local: bool = False)
         {"party": "released model", "statement": f"The item embeddings and biases after each round are {model}."},
         {"party": "not covered", "statement": (
             ("Local DP: the server is NOT trusted with the noise; each update the server could see is itself "
-             "(ε, δ)-DP. " if local else "The server is trusted to add the noise (central DP); ")
+             "(ε, δ)-DP; " if local else "The server is trusted to add the noise (central DP); ")
             + "per-client metrics are not noised; timing and participation metadata "
               "(who was sampled, who reported, when) are not protected."
             if dp_on else "Nothing: without DP no release is protected.")},
