@@ -55,7 +55,15 @@ class RecClient(NumPyClient):
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
         arrays = self._protect(update.to_arrays(), parameters, config)
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
-        return arrays, 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}
+        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}, config)
+
+    @staticmethod
+    def _metrics(metrics: dict, config) -> dict:
+        """Plaintext metrics that go with the update. Under local DP the server is not trusted, and
+        an un-noised training loss would leak about the user's data: it stays on the device."""
+        if keys.LOCAL_NOISE in config:
+            return {k: v for k, v in metrics.items() if k not in (keys.M_TRAIN_LOSS, keys.M_TEXT_LOSS)}
+        return metrics
 
     def _protect(self, arrays: list[np.ndarray], parameters, config, clip=clip_item_update,
                  names: tuple[str, ...] = keys.ITEM_PARAM_NAMES) -> list[np.ndarray]:
@@ -129,7 +137,9 @@ class RecClient(NumPyClient):
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
         self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
-        return self._protect(arrays, parameters[:n], config, clip=clip_hybrid_update, names=params.names()), 1, {keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors), keys.M_TEXT_LOSS: text_loss}
+        arrays = self._protect(arrays, parameters[:n], config, clip=clip_hybrid_update, names=params.names())
+        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors),
+                                         keys.M_TEXT_LOSS: text_loss}, config)
 
     def evaluate(self, parameters, config):
         if self.cfg.model.kind == "hybrid":  # item vectors = free part + the server's text vectors

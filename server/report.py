@@ -201,9 +201,11 @@ def _trust_model(dp_on: bool, secagg: bool, per_user: bool, local: bool = False)
              if dp_on else "covered by no formal guarantee: it may reveal a user's ratings")
     return [
         {"party": "device", "statement": f"{holder} keeps its raw ratings and user embedding(s): they never "
-                                         f"leave it. It sends only its {update} and a few metrics."},
+                                         f"leave it. It sends only its {update} and a few metrics"
+                                         + (" (never its training loss)." if local else ".")},
         {"party": "server", "statement": f"The server {server}; it also sees plaintext metrics per client: "
-                                         "training loss, evaluation metric sums and user counts."},
+                                         + ("" if local else "training loss, ")
+                                         + "evaluation metric sums and user counts."},
         {"party": "released model", "statement": f"The item embeddings and biases after each round are {model}."},
         {"party": "not covered", "statement": (
             ("Local DP: the server is NOT trusted with the noise; each update the server could see is itself "

@@ -123,7 +123,8 @@ def test_client_sends_a_noised_update_and_keeps_its_own_ledger(small_sets):
     client = RecClient(cfg, data, context)
     params = init_items(small_sets.n_items, 8, seed=0).to_arrays()
     config = {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0, keys.BIAS_SHARE: 0.05, keys.LOCAL_NOISE: 4.0}
-    arrays, weight, _ = client.fit(params, config)
+    arrays, weight, metrics = client.fit(params, config)
+    assert keys.M_TRAIN_LOSS not in metrics and metrics[keys.M_USERS] == 3  # no un-noised loss leaves
     norm = np.sqrt(sum(float(np.sum(a.astype(np.float64) ** 2)) for a in arrays))
     size = sum(a.size for a in arrays)
     assert weight == 1

@@ -196,4 +196,5 @@ def test_local_dp_run_is_reported_as_local(tmp_path: Path) -> None:
     assert "NOT used in the accounting" in rep["parameters"]["sampling"]
     assert "each update its device sent" in rep["guarantee"]
     device = next(t["statement"] for t in rep["trust_model"] if t["party"] == "device")
-    assert "locally noised" in device and "NOT trusted with the noise" in md and "σ/2" in html
+    assert "locally noised" in device and "never its training loss" in device
+    assert "NOT trusted with the noise" in md and "σ/2" in html
