@@ -119,8 +119,8 @@ class RecClient(NumPyClient):
             noise_source="seeded" if dp.noise_seed >= 0 else "urandom")
         self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
         arrays = self._protect(result.update.to_arrays(), parameters, config)
-        return arrays, 1, {keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
-                           keys.M_RECORD_EPSILON: result.epsilon}
+        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
+                                         keys.M_RECORD_EPSILON: result.epsilon}, config)
 
     def _fit_hybrid(self, parameters, config):
         """``model.kind = hybrid``: the trainable arrays (free item part, biases, head, LoRA) are
