@@ -93,14 +93,23 @@ class RecClient(NumPyClient):
                              f"device's σ={dp.noise_multiplier:g}: refusing to send")
         noise = local_noise_for(None if dp.noise_seed < 0 else dp.noise_seed, rnd, self.data.client_id)
         arrays = add_local_noise(arrays, noise_multiplier=sigma, clip=clip, noise=noise)
-        saved = self.state.config_records.get(keys.STATE_LOCAL_LEDGER)
         ledger = ledger_for("local", dp.delta)
+        saved = self._saved_local_ledger()
         if saved:
-            ledger.load_state_dict(json.loads(str(saved["json"])))
-        ledger.record(release_event("local", noise_multiplier=sigma, sample_rate=1.0,
-                                    parameters=names, server_round=rnd))
-        self.state.config_records[keys.STATE_LOCAL_LEDGER] = ConfigRecord({"json": json.dumps(ledger.state_dict())})
+            ledger.load_state_dict(saved)
+        # A ledger kept across runs (a device's store) sees rounds start again: number on.
+        last = ledger.events[-1].round if ledger.events else 0
+        ledger.record(release_event("local", noise_multiplier=sigma, sample_rate=1.0, parameters=names,
+                                    server_round=rnd if rnd > last else last + 1))
+        self._keep_local_ledger(ledger.state_dict())
         return arrays
+
+    def _saved_local_ledger(self) -> dict | None:
+        saved = self.state.config_records.get(keys.STATE_LOCAL_LEDGER)
+        return json.loads(str(saved["json"])) if saved else None
+
+    def _keep_local_ledger(self, state: dict) -> None:
+        self.state.config_records[keys.STATE_LOCAL_LEDGER] = ConfigRecord({"json": json.dumps(state)})
 
     def _fit_dp_sgd(self, params: ItemParams, parameters, config):
         """A silo with many records: Opacus DP-SGD on the item side, ε composed across rounds
@@ -160,6 +169,19 @@ class DeviceRecClient(RecClient):
     def __init__(self, cfg: RunConfig, data: ClientData, context: Context, data_path: str, n_items: int) -> None:
         super().__init__(cfg, data, context)
         self.data_path, self.n_items = data_path, n_items
+
+    def _saved_local_ledger(self) -> dict | None:
+        """Local DP on a device: its ledger lives in its store, across runs (``fedrec-client status``)."""
+        from client.store import DeviceStore
+
+        with DeviceStore(self.data_path, create=False) as store:
+            return store.ledger_state()
+
+    def _keep_local_ledger(self, state: dict) -> None:
+        from client.store import DeviceStore
+
+        with DeviceStore(self.data_path, create=False) as store:
+            store.set_ledger_state(state)
 
     def _check(self, parameters) -> None:
         if np.shape(parameters[0])[0] != self.n_items:

@@ -253,6 +253,32 @@ def test_client_app_trains_on_the_device_store_and_keeps_model_and_vector(files,
         client.numpy_client.fit(wrong.to_arrays(), {keys.SERVER_ROUND: 4})
 
 
+def test_local_dp_on_a_device_is_recorded_in_its_store_across_runs(files, capsys):
+    """Local DP: the device's own ledger lives in its SQLite store, so ε keeps adding up over runs
+    (whose rounds start at 1 again) and `fedrec-client status` shows it."""
+    from client.app import client_fn_for
+    from common.privacy import PrivacyLedger, epsilon_for
+
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    cfg = RunConfig.from_flat({"model.dim": 4, "dp.mode": "local", "dp.noise-multiplier": 6.0})
+    config = {keys.LOCAL_EPOCHS: 1, keys.CLIENT_LR: 1.0, keys.CLIP_NORM: 1.0, keys.LOCAL_NOISE: 6.0}
+    params = catalogue_params().to_arrays()
+    for run_id, rounds in ((1, (1, 2)), (2, (1,))):  # a second run restarts at round 1
+        ctx = Context(run_id=run_id, node_id=1, node_config={keys.NODE_DATA_PATH: str(db)}, state=RecordDict(),
+                      run_config={})
+        device = client_fn_for(cfg)(ctx).numpy_client
+        for rnd in rounds:
+            device.fit(params, {**config, keys.SERVER_ROUND: rnd})
+    with DeviceStore(db, create=False) as store:
+        ledger = PrivacyLedger.from_state_dict(store.ledger_state())
+    assert [e.round for e in ledger.events] == [1, 2, 3]
+    expected = epsilon_for(noise_multiplier=3.0, sample_rate=1.0, delta=cfg.dp.delta, rounds=3)
+    assert ledger.epsilon() == pytest.approx(expected)
+    code, out, _ = run_cli(capsys, "--db", db, "status")
+    assert code == 0 and f"epsilon {expected:.3g}" in out and "3 releases" in out
+
+
 def test_client_app_without_data_path_keeps_the_simulation_path(block_csv):
     from client.app import DeviceRecClient, client_fn_for
 
