@@ -42,11 +42,13 @@ LOCAL_EPSILONS = (8.0, 64.0)
 USER_REGS = (10.0, 20.0, 40.0)
 
 
-def evaluate(params, sets: EvalSets, cfg: RunConfig, phase: str = "test") -> dict[str, float]:
-    """Metrics of the released model on ``phase``: users reconstructed as the devices would."""
+def evaluate(params, sets: EvalSets, cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Test and validation metrics of the released model: users reconstructed (once) as the
+    devices would."""
     users = [UserData(sets.train[u], sets.train_ratings[u]) for u in range(len(sets.train))]
     vectors = reconstruct_users(params, users, cfg.model, seed=cfg.seed)
-    return evaluate_ranking(lambda idx: vectors[idx] @ params.embeddings.T + params.bias, sets, phase)
+    return {phase: evaluate_ranking(lambda idx: vectors[idx] @ params.embeddings.T + params.bias, sets, phase)
+            for phase in ("test", "valid")}
 
 
 def run_one(base: RunConfig, sets: EvalSets, epsilon: float | None, mode: str = "central",
@@ -65,8 +67,8 @@ def run_one(base: RunConfig, sets: EvalSets, epsilon: float | None, mode: str = 
                              "dp.noise-seed": 0, "dp.target-epsilon": 0.0})
     t0 = time.perf_counter()
     result = run_inprocess(cfg, sets, progress=True, final_eval=False)
-    metrics = evaluate(result.params, sets, cfg)
-    valid = evaluate(result.params, sets, cfg, "valid")
+    phases = evaluate(result.params, sets, cfg)
+    metrics, valid = phases["test"], phases["valid"]
     return {
         "valid_ndcg@10": valid["ndcg@10"],
         "epsilon": epsilon, "mode": mode if epsilon is not None else "none", "sigma": sigma,

@@ -91,7 +91,7 @@ class RecClient(NumPyClient):
         if dp.enabled and dp.mode == "local" and sigma < dp.noise_multiplier:
             raise ValueError(f"client {self.data.client_id}: the server asked for local noise σ={sigma:g}, below this "
                              f"device's σ={dp.noise_multiplier:g}: refusing to send")
-        noise = local_noise_for(None if dp.noise_seed < 0 else dp.noise_seed, rnd, self.data.client_id)
+        noise = local_noise_for(dp.seed, rnd, self.data.client_id)
         arrays = add_local_noise(arrays, noise_multiplier=sigma, clip=clip, noise=noise)
         ledger = ledger_for("local", dp.delta)
         saved = self._saved_local_ledger()
@@ -125,7 +125,7 @@ class RecClient(NumPyClient):
             lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
             seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
             history=history, delta=dp.record_delta, server_round=rnd,
-            noise_source="seeded" if dp.noise_seed >= 0 else "urandom")
+            noise_source="urandom" if dp.seed is None else "seeded")
         self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
         arrays = self._protect(result.update.to_arrays(), parameters, config)
         return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),

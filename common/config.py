@@ -146,6 +146,11 @@ class DPConfig:
         _check(0 < self.record_sample_rate <= 1, f"dp.record-sample-rate must be in (0, 1], got {self.record_sample_rate}")
         _check(0 < self.record_delta < 1, f"dp.record-delta must be in (0, 1), got {self.record_delta}")
 
+    @property
+    def seed(self) -> int | None:
+        """The noise seed, or None for secure noise (``noise_seed`` < 0, the default)."""
+        return None if self.noise_seed < 0 else self.noise_seed
+
 
 @dataclass(frozen=True)
 class SecAggConfig:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from common import keys
-from common.config import RunConfig
+from common.config import DPConfig, RunConfig
 from common.data.partition import partition_users
 from common.evaluation import EvalSets
 from common.federated import (
@@ -54,6 +54,18 @@ def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConf
     return {**{k: v / users for k, v in totals.items()}, "users": users} if users else {"users": 0}
 
 
+def _device_side(arrays: list[np.ndarray], dp: DPConfig | None, clip, rnd: int, cid: int) -> list[np.ndarray]:
+    """What a device does to its update before sending (as client/app.py does): clip with DP, and
+    with local DP add its own noise (seeded per round and client, as the Flower client does)."""
+    if dp is None:
+        return arrays
+    arrays = clip(arrays, dp.clip, dp.bias_share)
+    if dp.mode == "local":
+        arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
+                                 noise=local_noise_for(dp.seed, rnd, cid))
+    return arrays
+
+
 def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = None, progress: bool = False,
                   on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
                   texts: Sequence[str] | None = None) -> InProcessResult:
@@ -67,8 +79,7 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
     dp = cfg.dp if cfg.dp.enabled else None
     local = dp is not None and dp.mode == "local"  # the devices add the noise; the server only averages
     ledger = ledger_for(cfg.dp.mode, cfg.dp.delta) if dp else None
-    seed = None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed
-    noise = GaussianNoise(seed)
+    noise = GaussianNoise(cfg.dp.seed)
     result = InProcessResult(params=params, ledger=ledger)
     t0 = time.perf_counter()
     for rnd in tqdm(range(1, cfg.fed.rounds + 1), desc="in-process rounds", disable=not progress):
@@ -86,13 +97,7 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
             except ValueError:
                 failures += 1
                 continue
-            arrays = update.to_arrays()
-            if dp is not None:
-                arrays = clip_item_update(arrays, dp.clip, dp.bias_share)
-            if local:
-                arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
-                                         noise=local_noise_for(seed, rnd, cid))
-            updates.append(arrays)
+            updates.append(_device_side(update.to_arrays(), dp, clip_item_update, rnd, cid))
         params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
                                dp=None if local else dp,
                                expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
@@ -150,8 +155,7 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
         first = (resume.rounds[-1]["round"] if resume.rounds else 0) + 1
     text_vectors = side.vectors(params.adapter)
     local = dp is not None and dp.mode == "local"
-    seed = None if cfg.dp.noise_seed < 0 else cfg.dp.noise_seed
-    noise = GaussianNoise(seed)
+    noise = GaussianNoise(cfg.dp.seed)
     result = InProcessResult(params=params, ledger=ledger, optimizer=optimizer, text_vectors=text_vectors)
     t0 = time.perf_counter()
     for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process hybrid rounds", disable=not progress):
@@ -171,12 +175,7 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
             except ValueError:
                 failures += 1
                 continue
-            if dp is not None:
-                arrays = clip_hybrid_update(arrays, dp.clip, dp.bias_share)
-            if local:
-                arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
-                                         noise=local_noise_for(seed, rnd, cid))
-            updates.append(arrays)
+            updates.append(_device_side(arrays, dp, clip_hybrid_update, rnd, cid))
         t_clients = time.perf_counter() - t_round
         params = hybrid_server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
                                       dp=None if local else dp,

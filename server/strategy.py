@@ -60,7 +60,7 @@ class FedRecStrategy(Strategy):
         dp = cfg.dp
         self.ledger = ledger_for(dp.mode, dp.delta) if dp.enabled else None
         self.local_dp = dp.enabled and dp.mode == "local"  # the devices add the noise, not the server
-        self.noise = GaussianNoise(None if dp.noise_seed < 0 else dp.noise_seed)
+        self.noise = GaussianNoise(dp.seed)
         self.budget_stopped_at: int | None = None
         self._released = False
         self.record_epsilons: dict[int, float] = {}  # client id -> latest record-level ε (silo DP-SGD)

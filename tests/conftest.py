@@ -13,6 +13,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+#: Ten MovieLens-style item texts in three taste clusters (animation, war, thriller), for the text side.
+ITEM_TEXTS = [
+    "Toy Story (1995) Genres: Animation, Children's, Comedy.",
+    "Aladdin (1992) Genres: Animation, Children's, Comedy, Musical.",
+    "Lion King, The (1994) Genres: Animation, Children's, Musical.",
+    "Apocalypse Now (1979) Genres: Drama, War.",
+    "Full Metal Jacket (1987) Genres: Action, Drama, War.",
+    "Alien (1979) Genres: Action, Horror, Sci-Fi, Thriller.",
+    "Psycho (1960) Genres: Horror, Romance, Thriller.",
+    "Casablanca (1942) Genres: Drama, Romance, War.",
+    "Fargo (1996) Genres: Crime, Drama, Thriller.",
+    "Star Wars (1977) Genres: Action, Adventure, Romance, Sci-Fi, War.",
+]
+
+
 def write_block_csv(path: Path, n_users: int = 12, n_items: int = 48, per_user: int = 16, seed: int = 0) -> Path:
     """Users in 4 taste groups, each preferring its own block of items (plus a little noise)."""
     rng = np.random.default_rng(seed)

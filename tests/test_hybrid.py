@@ -10,6 +10,7 @@ from common.hybrid import (adapter_update, blend_scores, genre_popularity_scores
                            text_only_scores, user_profiles, zscore_rows)
 from common.mf import ItemParams, UserData, init_items, sample_negatives, score_users
 from common.text_encoder import TextItemEncoder, item_vectors, tokenize, trainable_names, trainable_state
+from tests.conftest import ITEM_TEXTS
 
 torch.set_num_threads(1)
 
@@ -102,18 +103,6 @@ def test_genre_popularity_prefers_popular_items_in_the_users_genres():
 
 # ---------------------------------------------------------------- the adapter's local step
 
-ITEM_TEXTS = [
-    "Toy Story (1995) Genres: Animation, Children's, Comedy.",
-    "Aladdin (1992) Genres: Animation, Children's, Comedy, Musical.",
-    "Lion King, The (1994) Genres: Animation, Children's, Musical.",
-    "Apocalypse Now (1979) Genres: Drama, War.",
-    "Full Metal Jacket (1987) Genres: Action, Drama, War.",
-    "Alien (1979) Genres: Action, Horror, Sci-Fi, Thriller.",
-    "Psycho (1960) Genres: Horror, Romance, Thriller.",
-    "Casablanca (1942) Genres: Drama, Romance, War.",
-    "Fargo (1996) Genres: Crime, Drama, Thriller.",
-    "Star Wars (1977) Genres: Action, Adventure, Romance, Sci-Fi, War.",
-]
 
 
 def test_adapter_update_trains_only_the_adapter_and_lowers_the_loss():

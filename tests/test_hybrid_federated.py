@@ -19,21 +19,10 @@ from common.hybrid_federated import (
 from common.mf import ItemParams, UserData, init_items
 from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, global_norm
 from common.text_encoder import TextItemEncoder, encode_base, item_vectors
+from tests.conftest import ITEM_TEXTS as TEXTS
 
 torch.set_num_threads(1)
 
-TEXTS = [
-    "Toy Story (1995) Genres: Animation, Children's, Comedy.",
-    "Aladdin (1992) Genres: Animation, Children's, Comedy, Musical.",
-    "Lion King, The (1994) Genres: Animation, Children's, Musical.",
-    "Apocalypse Now (1979) Genres: Drama, War.",
-    "Full Metal Jacket (1987) Genres: Action, Drama, War.",
-    "Alien (1979) Genres: Action, Horror, Sci-Fi, Thriller.",
-    "Psycho (1960) Genres: Horror, Romance, Thriller.",
-    "Casablanca (1942) Genres: Drama, Romance, War.",
-    "Fargo (1996) Genres: Crime, Drama, Thriller.",
-    "Star Wars (1977) Genres: Action, Adventure, Romance, Sci-Fi, War.",
-]
 DIM = 8
 
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_block_csv
 
 from common import keys
 from common.config import RunConfig
@@ -18,6 +17,7 @@ from common.privacy import Accountant, Neighbouring, epsilon_for, plan_local_noi
 from common.privacy.dp_fedavg import (
     LOCAL_TAIL, GaussianNoise, add_local_noise, ledger_for, local_bound, local_noise_for, release_event,
 )
+from tests.conftest import write_block_csv
 
 
 def test_local_noise_has_std_sigma_c_and_stays_in_the_bound():
