@@ -1,8 +1,9 @@
 """Privacy accounting for fedrec: a ledger of noisy releases and the ε they cost.
 
-Pure and Flower-free. :class:`PrivacyLedger` records :class:`MechanismEvent` releases under
-one :class:`Neighbouring` relation and composes them with Google's ``dp_accounting``
-(:class:`Accountant` RDP or PLD); :func:`plan_noise_multiplier` finds the σ a budget allows.
+Pure and Flower-free. :class:`PrivacyLedger` records :class:`MechanismEvent` releases for one
+:class:`Unit` of privacy under one :class:`Relation` (each event says whether its
+:class:`Sampling` amplifies) and composes them with Google's ``dp_accounting`` (:class:`Accountant`
+RDP or PLD); :func:`plan_noise_multiplier` finds the σ a budget allows.
 """
 
 from common.privacy.analysis import PLD_VALUE_DISCRETIZATION_INTERVAL, RDP_ORDERS
@@ -10,8 +11,10 @@ from common.privacy.ledger import (
     STATE_VERSION,
     Accountant,
     MechanismEvent,
-    Neighbouring,
     PrivacyLedger,
+    Relation,
+    Sampling,
+    Unit,
 )
 from common.privacy.plan import (
     SIGMA_RANGE,
@@ -29,8 +32,10 @@ __all__ = [
     "STATE_VERSION",
     "Accountant",
     "MechanismEvent",
-    "Neighbouring",
     "PrivacyLedger",
+    "Relation",
+    "Sampling",
+    "Unit",
     "epsilon_for",
     "format_plan",
     "plan_local_noise_multiplier",

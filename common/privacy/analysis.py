@@ -6,9 +6,14 @@ the ledger owns the history, this module only turns a sequence of releases into 
 ``dp_accounting`` does the mathematics; it is imported lazily because importing it takes
 over a second (scipy), which an edge client that only records events should not pay.
 
-Every release is a Poisson-sampled Gaussian mechanism composed ``steps`` times under the
-add/remove-one relation; ``sample_rate == 1.0`` means no sampling (a plain Gaussian,
-composed exactly as one Gaussian of noise ``σ / sqrt(steps)``).
+Every release is a Poisson-sampled Gaussian mechanism composed ``steps`` times under one
+neighbouring relation; ``sample_rate == 1.0`` means no sampling (a plain Gaussian, composed
+exactly as one Gaussian of noise ``σ / sqrt(steps)``). σ is always the noise std over the
+norm bound C of one unit's contribution, so under ``replace-one`` two contributions differ by
+up to 2C: dp-accounting's PLD models that pair exactly
+((1−q)·N(0, σ²) + q·N(−1, σ²) against (1−q)·N(0, σ²) + q·N(1, σ²)); its RDP accountant has no
+Poisson ``replace-one`` support, so :func:`_replace_one_rdp` integrates the same pair's Rényi
+divergence numerically (checked against closed forms in tests/test_privacy_ledger.py).
 """
 
 from __future__ import annotations
@@ -39,12 +44,18 @@ PLD_VALUE_DISCRETIZATION_INTERVAL: float = 1e-3
 _ABSL_NOT_CONVERGED = "_compute_log_a_frac failed to converge"
 
 
+#: Neighbouring relations the analysis understands (the values of ``ledger.Relation``).
+ADD_OR_REMOVE = "add-or-remove-one"
+REPLACE_ONE = "replace-one"
+
+
 class Release(NamedTuple):
-    """``steps`` compositions of one Poisson-sampled Gaussian mechanism."""
+    """``steps`` compositions of one Poisson-sampled Gaussian mechanism under ``relation``."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    relation: str = ADD_OR_REMOVE
 
 
 def merge_consecutive(releases: Iterable[Release]) -> list[Release]:
@@ -55,7 +66,8 @@ def merge_consecutive(releases: Iterable[Release]) -> list[Release]:
     """
     merged: list[Release] = []
     for release in releases:
-        if merged and merged[-1][:2] == release[:2]:
+        release = Release(*release)
+        if merged and (merged[-1][:2], merged[-1].relation) == (release[:2], release.relation):
             merged[-1] = merged[-1]._replace(steps=merged[-1].steps + release.steps)
         else:
             merged.append(Release(*release))
@@ -63,7 +75,8 @@ def merge_consecutive(releases: Iterable[Release]) -> list[Release]:
 
 
 def to_dp_event(release: Release) -> DpEvent:
-    """The ``dp_accounting`` event of one release (``q == 1``: an unsampled Gaussian)."""
+    """The ``dp_accounting`` event of one release (``q == 1``: an unsampled Gaussian); the
+    relation is the accountant's, not the event's (see :func:`_neighbor_rel`)."""
     import dp_accounting
 
     gaussian = dp_accounting.GaussianDpEvent(release.noise_multiplier)
@@ -93,14 +106,10 @@ def rdp_epsilon(releases: Sequence[Release], delta: float) -> float:
     """
     if not releases:
         return 0.0
-    import dp_accounting
-    from dp_accounting import rdp
-
-    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
-    events = [to_dp_event(release) for release in merge_consecutive(releases)]
-    with _quiet_dp_accounting():
-        accountant.compose(dp_accounting.ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta))
+    composition = RdpComposition()
+    for release in merge_consecutive(releases):
+        composition = composition.then(release)
+    return composition.epsilon(delta)
 
 
 def pld_epsilon(releases: Sequence[Release], delta: float) -> float:
@@ -120,13 +129,10 @@ def pld_epsilon(releases: Sequence[Release], delta: float) -> float:
     """
     if not releases:
         return 0.0
-    import dp_accounting
-    from dp_accounting import pld
-
-    accountant = pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL)
-    events = [to_dp_event(release) for release in merge_consecutive(releases)]
-    accountant.compose(dp_accounting.ComposedDpEvent(events))
-    return float(accountant.get_epsilon(delta))
+    composition = PldComposition()
+    for release in merge_consecutive(releases):
+        composition = composition.then(release)
+    return composition.epsilon(delta)
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ class RdpComposition:
 
     def then(self, release: Release) -> RdpComposition:
         """The composition followed by ``release``."""
-        unit = _unit_rdp(release.noise_multiplier, release.sample_rate)
+        release = Release(*release)
+        unit = _unit_rdp(release.noise_multiplier, release.sample_rate, release.relation)
         return RdpComposition(tuple(np.asarray(self.rdp) + release.steps * unit))
 
     def epsilon(self, delta: float) -> float:
@@ -165,7 +172,7 @@ class PldComposition:
 
     def then(self, release: Release) -> PldComposition:
         """The composition followed by ``release``."""
-        step = _release_pld(*release)
+        step = _release_pld(*Release(*release))
         return PldComposition(step if self.pld is None else self.pld.compose(step))
 
     def epsilon(self, delta: float) -> float:
@@ -175,35 +182,109 @@ class PldComposition:
         return float(self.pld.get_epsilon_for_delta(delta))
 
 
+def _neighbor_rel(relation: str):
+    from dp_accounting import NeighboringRelation
+
+    if relation == ADD_OR_REMOVE:
+        return NeighboringRelation.ADD_OR_REMOVE_ONE
+    if relation == REPLACE_ONE:
+        return NeighboringRelation.REPLACE_ONE
+    raise ValueError(f"unknown neighbouring relation {relation!r}; expected {ADD_OR_REMOVE!r} or {REPLACE_ONE!r}.")
+
+
 @functools.lru_cache(maxsize=256)
-def _unit_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    """RDP curve of one step, read back from a fresh ``RdpAccountant`` (read-only array)."""
+def _unit_rdp(noise_multiplier: float, sample_rate: float, relation: str = ADD_OR_REMOVE) -> np.ndarray:
+    """RDP curve of one step (read-only array).
+
+    add/remove: read back from a fresh ``dp_accounting`` ``RdpAccountant``. replace-one without
+    sampling: the Gaussian with twice the sensitivity (σ/2), again by dp_accounting. replace-one
+    with Poisson sampling: :func:`_replace_one_rdp`.
+    """
     from dp_accounting import rdp
 
-    accountant = rdp.RdpAccountant(list(RDP_ORDERS))
-    with _quiet_dp_accounting():
-        accountant.compose(to_dp_event(Release(noise_multiplier, sample_rate, 1)))
-    curve: np.ndarray = np.array(accountant.rdp, dtype=np.float64)
+    _neighbor_rel(relation)  # refuses an unknown relation
+    if relation == REPLACE_ONE and sample_rate < 1.0:
+        curve = _replace_one_rdp(noise_multiplier, sample_rate)
+    else:
+        sigma = noise_multiplier / 2.0 if relation == REPLACE_ONE else noise_multiplier
+        accountant = rdp.RdpAccountant(list(RDP_ORDERS))
+        with _quiet_dp_accounting():
+            accountant.compose(to_dp_event(Release(sigma, sample_rate, 1)))
+        curve = np.array(accountant.rdp, dtype=np.float64)
     curve.setflags(write=False)
     return curve
 
 
+#: Grid of :func:`_mixture_rdp`: points per σ, and how many σ beyond the mass it reaches.
+_GRID_PER_SIGMA = 64
+_TAIL_SIGMAS = 40.0
+
+
+def _replace_one_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
+    """RDP at every order of :data:`RDP_ORDERS` of one Poisson-subsampled Gaussian step under
+    replace-one (noise σ, contributions of norm ≤ 1): D_α(P‖Q) for the pair
+
+        P = (1−q)·N(0, σ²) + q·N(−1, σ²),   Q = (1−q)·N(0, σ²) + q·N(+1, σ²),
+
+    the pair dp-accounting's PLD uses for ``REPLACE_ONE`` (the two contributions opposite each
+    other; the pair is symmetric, so D_α(P‖Q) = D_α(Q‖P))."""
+    q = float(sample_rate)
+    return _mixture_rdp(float(noise_multiplier), (q, -1.0), (q, 1.0))
+
+
+def _mixture_rdp(sigma: float, p: tuple[float, float], q: tuple[float, float]) -> np.ndarray:
+    """D_α(P‖Q) at every order of :data:`RDP_ORDERS` for one-dimensional Gaussian mixtures
+    P = (1−w_p)·N(0, σ²) + w_p·N(m_p, σ²) and Q likewise, with ``p = (w_p, m_p)``, ``q = (w_q, m_q)``.
+
+    ``∫ P^α Q^{1−α}`` is integrated in log space (trapezoid, exact to many digits for these
+    smooth, fast-decaying integrands) on a grid of σ/64 covering where the integrand lives:
+    between ``(1−α)·m_q + α·m_p``-ish peaks, with 40 σ to spare on both sides.
+    """
+    from scipy.special import logsumexp
+
+    def log_mixture(x: np.ndarray, weight: float, mean: float) -> np.ndarray:
+        base = -0.5 * (x / sigma) ** 2
+        if weight <= 0.0:
+            return base
+        if weight >= 1.0:
+            return -0.5 * ((x - mean) / sigma) ** 2
+        return np.logaddexp(math.log1p(-weight) + base, math.log(weight) - 0.5 * ((x - mean) / sigma) ** 2)
+
+    means = [0.0, p[1], q[1]]
+    out = np.empty(len(RDP_ORDERS))
+    log_norm = -0.5 * math.log(2 * math.pi) - math.log(sigma)
+    for k, alpha in enumerate(RDP_ORDERS):
+        # Peaks of α·log P + (1−α)·log Q between component means lie within α·span of them.
+        span = max(means) - min(means)
+        lo = min(means) - alpha * span - _TAIL_SIGMAS * sigma
+        hi = max(means) + alpha * span + _TAIL_SIGMAS * sigma
+        n = int(math.ceil((hi - lo) / sigma * _GRID_PER_SIGMA)) + 1
+        x, dx = np.linspace(lo, hi, n, retstep=True)
+        log_integrand = alpha * log_mixture(x, *p) + (1.0 - alpha) * log_mixture(x, *q) + log_norm
+        log_integral = float(logsumexp(log_integrand)) + math.log(dx)
+        out[k] = max(log_integral / (alpha - 1.0), 0.0)
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _release_pld(
-    noise_multiplier: float, sample_rate: float, steps: int
+    noise_multiplier: float, sample_rate: float, steps: int, relation: str = ADD_OR_REMOVE
 ) -> PrivacyLossDistribution:
     """The distribution of one release, built exactly as ``PLDAccountant`` builds it."""
     from dp_accounting.pld import privacy_loss_distribution as pld
 
+    rel = _neighbor_rel(relation)
     if sample_rate == 1.0:
         return pld.from_gaussian_mechanism(
             standard_deviation=noise_multiplier / math.sqrt(steps),
             value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
+            neighboring_relation=rel,
         )
     return pld.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         value_discretization_interval=PLD_VALUE_DISCRETIZATION_INTERVAL,
         sampling_prob=sample_rate,
+        neighboring_relation=rel,
     ).self_compose(steps)
 
 

@@ -2,9 +2,11 @@
 
 The ledger keeps only a serialisable list of :class:`MechanismEvent` (Opacus keeps a history
 of ``(σ, q, steps)`` for the same reason: it is what makes the accountant checkpointable);
-the mathematics lives in :mod:`common.privacy.analysis`. It never imports Flower: the
-server keeps one for user-level DP-FedAvg, a silo client keeps one in ``context.state``
-for record-level DP-SGD and must reload it every round, never start a fresh one.
+the mathematics lives in :mod:`common.privacy.analysis`. As in Flower's privacy accounting,
+the unit of privacy (:class:`Unit`), the neighbouring relation (:class:`Relation`) and the
+sampling method (:class:`Sampling`) are separate, named types. It never imports Flower: the
+server keeps one for user-level DP-FedAvg, a device one for its own local-DP releases, and a
+silo one for its DP-SGD; each is reloaded, never restarted.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from common.privacy._validate import (
     require_positive,
     require_sample_rate,
 )
+from common.privacy import analysis
 from common.privacy.analysis import (
     PldComposition,
     RdpComposition,
@@ -29,24 +32,43 @@ from common.privacy.analysis import (
     rdp_epsilon,
 )
 
-#: Version of :meth:`PrivacyLedger.state_dict`; a ledger refuses any other.
-STATE_VERSION = 1
+#: Version of :meth:`PrivacyLedger.state_dict`; a ledger reads this version and migrates 1.
+STATE_VERSION = 2
 
 
-class Neighbouring(str, Enum):
-    """Which pair of data sets the guarantee distinguishes (the unit of privacy).
+class Unit(str, Enum):
+    """Whose data the guarantee protects (the unit of privacy)."""
 
-    The noise multiplier of an event is always noise std / L2 sensitivity under this
-    relation.
+    #: One user's entire data: all their ratings (and anything derived from them).
+    USER = "user"
+    #: One silo's entire data: a client that holds many users (silo-level DP).
+    SILO = "silo"
+
+
+class Relation(str, Enum):
+    """Which pairs of data sets the guarantee cannot tell apart.
+
+    σ of an event is always the noise std over the norm bound C of ONE unit's contribution;
+    the relation says how far two neighbouring inputs can move the mechanism's input.
     """
 
-    #: Add or remove one user's data (user-level DP-FedAvg; σ relative to the clip norm).
-    USER = "user"
-    #: Add or remove one rating (Opacus DP-SGD inside one silo; σ relative to the clip norm).
-    RECORD = "record"
-    #: Local DP on the device: any two inputs of one user. A clipped update of norm ≤ C
-    #: has sensitivity 2C here, and the server sees who reported, so no sampling amplifies.
-    LOCAL = "local"
+    #: One unit's data present or absent ("zero-out": the population size N that fixes the
+    #: denominator q·N is public, so removing a unit changes the sum by at most C).
+    ADD_OR_REMOVE_ONE = analysis.ADD_OR_REMOVE
+    #: One unit's data replaced by any other: the contribution moves by up to 2C (local DP, where
+    #: each device always sends; a user inside a silo, whose silo sends either way).
+    REPLACE_ONE = analysis.REPLACE_ONE
+
+
+class Sampling(str, Enum):
+    """How the units of a release were chosen, as far as the accounting may use it."""
+
+    #: Each unit joined independently with probability q, and the draw was secret from whoever
+    #: the guarantee is stated against: amplification by subsampling applies.
+    POISSON = "poisson"
+    #: No amplification is claimed (q is kept for the report only): every release is charged to
+    #: every unit as if it took part.
+    NONE = "no-amplification"
 
 
 class Accountant(str, Enum):
@@ -60,18 +82,19 @@ class Accountant(str, Enum):
 
 @dataclass(frozen=True)
 class MechanismEvent:
-    """One noisy release: ``steps`` compositions of a Poisson-sampled Gaussian mechanism.
+    """One noisy release: ``steps`` compositions of a (possibly sampled) Gaussian mechanism.
 
     Parameters
     ----------
     noise_multiplier:
-        σ, the noise std divided by the L2 sensitivity (> 0, finite).
+        σ, the noise std divided by the L2 bound C of one unit's contribution (> 0, finite).
     sample_rate:
-        Poisson sampling probability q with 0 < q ≤ 1; ``1.0`` means no amplification.
+        Poisson sampling probability q with 0 < q ≤ 1 (1.0: everybody takes part).
     steps:
         How many times the mechanism ran (≥ 1), e.g. DP-SGD steps in a round.
-    neighbouring:
-        The unit of privacy; must equal the ledger's.
+    sampling:
+        :attr:`Sampling.POISSON` to claim amplification at rate q, :attr:`Sampling.NONE` to
+        charge every release in full (q is then kept for the report only).
     parameters:
         Names of the parameter groups released, e.g. ``("item_embeddings", "item_bias")``.
         Groups released with separate noise are separate events (they compose).
@@ -84,7 +107,7 @@ class MechanismEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    neighbouring: Neighbouring
+    sampling: Sampling
     parameters: tuple[str, ...]
     round: int
     note: str = ""
@@ -94,15 +117,10 @@ class MechanismEvent:
         require_sample_rate("sample_rate", self.sample_rate)
         require_int("steps", self.steps, minimum=1)
         require_int("round", self.round, minimum=0)
-        if not isinstance(self.neighbouring, Neighbouring):
+        if not isinstance(self.sampling, Sampling):
             raise ValueError(
-                f"neighbouring must be a Neighbouring, got {self.neighbouring!r}; "
-                f"use one of {[n.name for n in Neighbouring]}."
-            )
-        if self.neighbouring is Neighbouring.LOCAL and self.sample_rate != 1.0:
-            raise ValueError(
-                "a LOCAL (on-device) release cannot claim sampling amplification: the server "
-                f"sees which devices report; use sample_rate=1.0, got {self.sample_rate!r}."
+                f"sampling must be a Sampling, got {self.sampling!r}; "
+                f"use one of {[s.name for s in Sampling]}."
             )
         if (
             not isinstance(self.parameters, tuple)
@@ -116,10 +134,11 @@ class MechanismEvent:
         if not isinstance(self.note, str):
             raise ValueError(f"note must be a str, got {type(self.note).__name__}.")
 
-    @property
-    def release(self) -> Release:
-        """The ``(σ, q, steps)`` triple that the analysis composes."""
-        return Release(float(self.noise_multiplier), float(self.sample_rate), int(self.steps))
+    def release(self, relation: Relation, *, amplification: bool = True) -> Release:
+        """The ``(σ, q, steps, relation)`` the analysis composes: q is the sampling rate only
+        when amplification is claimed (``sampling`` POISSON and ``amplification``), else 1."""
+        q = self.sample_rate if (self.sampling is Sampling.POISSON and amplification) else 1.0
+        return Release(float(self.noise_multiplier), float(q), int(self.steps), relation.value)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form (the inverse of :meth:`from_dict`)."""
@@ -127,7 +146,7 @@ class MechanismEvent:
             "noise_multiplier": float(self.noise_multiplier),
             "sample_rate": float(self.sample_rate),
             "steps": int(self.steps),
-            "neighbouring": self.neighbouring.value,
+            "sampling": self.sampling.value,
             "parameters": list(self.parameters),
             "round": int(self.round),
             "note": self.note,
@@ -141,13 +160,44 @@ class MechanismEvent:
                 noise_multiplier=data["noise_multiplier"],
                 sample_rate=data["sample_rate"],
                 steps=data["steps"],
-                neighbouring=Neighbouring(data["neighbouring"]),
+                sampling=Sampling(data["sampling"]),
                 parameters=tuple(data["parameters"]),
                 round=data["round"],
                 note=data.get("note", ""),
             )
         except KeyError as missing:
             raise ValueError(f"event {dict(data)!r} lacks the key {missing}.") from None
+        except ValueError as bad:
+            raise ValueError(f"event {dict(data)!r}: {bad}") from None
+
+
+def migrate_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 ledger state (one ``neighbouring`` field that mixed unit, relation and
+    sampling) as version 2. ``user`` → user, add/remove, Poisson (q < 1); ``local`` → user,
+    replace-one, no amplification, with the device's σ (version 1 stored σ/2). Version-1
+    ``record`` ledgers counted one rating as the unit inside a silo, a claim that did not hold
+    (the inputs of a user's other ratings depend on each rating): they are refused."""
+    if state.get("version") != 1:
+        return dict(state)
+    kind = state.get("neighbouring")
+    if kind not in ("user", "local"):
+        raise ValueError(
+            f"privacy ledger state of version 1 with neighbouring={kind!r} cannot be migrated: "
+            "record-level silo ledgers did not bound one rating's influence (docs/PRIVACY.md)."
+        )
+    events = []
+    for item in state.get("events", []):
+        item = dict(item)
+        item.pop("neighbouring", None)
+        if kind == "local":
+            item["noise_multiplier"] = 2.0 * float(item["noise_multiplier"])
+            item["sampling"] = Sampling.NONE.value
+        else:
+            item["sampling"] = (Sampling.NONE if float(item["sample_rate"]) == 1.0 else Sampling.POISSON).value
+        events.append(item)
+    relation = Relation.REPLACE_ONE if kind == "local" else Relation.ADD_OR_REMOVE_ONE
+    return {"version": STATE_VERSION, "delta": state.get("delta"), "unit": Unit.USER.value,
+            "relation": relation.value, "events": events}
 
 
 @dataclass
@@ -161,39 +211,45 @@ class _History:
 
 
 class PrivacyLedger:
-    """Every release of a run under one unit of privacy, composed into ε on demand.
+    """Every release of a run under one unit of privacy and one neighbouring relation,
+    composed into ε on demand.
 
     Parameters
     ----------
     delta:
         The δ that ε is reported at, 0 < δ < 1 (typically below 1 / population).
-    neighbouring:
-        The unit of privacy; events under another relation are refused.
+    unit:
+        Whose data is protected (:class:`Unit`).
+    relation:
+        Which neighbouring data sets are indistinguishable (:class:`Relation`).
 
     Examples
     --------
-    >>> ledger = PrivacyLedger(delta=1e-3, neighbouring=Neighbouring.USER)
+    >>> ledger = PrivacyLedger(delta=1e-3, unit=Unit.USER, relation=Relation.ADD_OR_REMOVE_ONE)
     >>> ledger.record(MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=1,
-    ...     neighbouring=Neighbouring.USER, parameters=("item_embeddings",), round=1))
+    ...     sampling=Sampling.POISSON, parameters=("item_embeddings",), round=1))
     >>> round(ledger.epsilon(), 3) > 0
     True
     """
 
-    def __init__(self, *, delta: float, neighbouring: Neighbouring) -> None:
+    def __init__(self, *, delta: float, unit: Unit, relation: Relation) -> None:
         require_delta("delta", delta)
-        if not isinstance(neighbouring, Neighbouring):
-            raise ValueError(f"neighbouring must be a Neighbouring, got {neighbouring!r}.")
+        if not isinstance(unit, Unit):
+            raise ValueError(f"unit must be a Unit, got {unit!r}.")
+        if not isinstance(relation, Relation):
+            raise ValueError(f"relation must be a Relation, got {relation!r}.")
         self._delta = float(delta)
-        self._neighbouring = neighbouring
+        self._unit = unit
+        self._relation = relation
         self._events: list[MechanismEvent] = []
         # Events are append-only, so a cached value stays right for its event count.
-        self._epsilon_cache: dict[tuple[Accountant, float], tuple[int, float]] = {}
+        self._epsilon_cache: dict[tuple[Accountant, float, bool], tuple[int, float]] = {}
         self._histories: dict[tuple[Accountant, float], _History] = {}
 
     def __repr__(self) -> str:
         return (
-            f"PrivacyLedger(delta={self._delta!r}, neighbouring={self._neighbouring.value!r}, "
-            f"events={len(self._events)})"
+            f"PrivacyLedger(delta={self._delta!r}, unit={self._unit.value!r}, "
+            f"relation={self._relation.value!r}, events={len(self._events)})"
         )
 
     @property
@@ -202,14 +258,24 @@ class PrivacyLedger:
         return self._delta
 
     @property
-    def neighbouring(self) -> Neighbouring:
-        """The unit of privacy."""
-        return self._neighbouring
+    def unit(self) -> Unit:
+        """Whose data is protected."""
+        return self._unit
+
+    @property
+    def relation(self) -> Relation:
+        """The neighbouring relation every event is accounted under."""
+        return self._relation
 
     @property
     def events(self) -> tuple[MechanismEvent, ...]:
         """Every recorded release, oldest first."""
         return tuple(self._events)
+
+    @property
+    def claims_amplification(self) -> bool:
+        """Whether any recorded release is accounted with amplification by sampling."""
+        return any(e.sampling is Sampling.POISSON and e.sample_rate < 1.0 for e in self._events)
 
     def record(self, event: MechanismEvent) -> None:
         """Add one release (after it happened; ask :meth:`would_exceed` before)."""
@@ -217,7 +283,11 @@ class PrivacyLedger:
         self._events.append(event)
 
     def epsilon(
-        self, accountant: Accountant = Accountant.RDP, *, delta: float | None = None
+        self,
+        accountant: Accountant = Accountant.RDP,
+        *,
+        delta: float | None = None,
+        amplification: bool = True,
     ) -> float:
         """ε of all recorded events composed (0 when nothing was released).
 
@@ -227,13 +297,17 @@ class PrivacyLedger:
             RDP (Opacus' orders) or PLD (tighter).
         delta:
             δ to report at; the ledger's δ when ``None``.
+        amplification:
+            False: ε for an observer who knows which units took part in each release (e.g. the
+            server, which sent the instructions, or anyone who can reproduce a seeded
+            cohort): no release is amplified by sampling.
         """
         accountant, delta = self._check_query(accountant, delta)
-        key = (accountant, delta)
+        key = (accountant, delta, bool(amplification))
         cached = self._epsilon_cache.get(key)
         if cached is not None and cached[0] == len(self._events):
             return cached[1]
-        value = _compose(self._events, accountant, delta)
+        value = _compose(self._releases(self._events, amplification), accountant, delta)
         self._epsilon_cache[key] = (len(self._events), value)
         return value
 
@@ -252,12 +326,12 @@ class PrivacyLedger:
             history = self._histories[(accountant, delta)] = _History(composition=start)
         new = self._events[history.consumed :]
         # One merged release per run of equal (round, σ, q); a round closes when the next opens.
-        runs = itertools.groupby(new, key=lambda e: (e.round, *e.release[:2]))
+        runs = itertools.groupby(new, key=lambda e: (e.round, *e.release(self._relation)[:2]))
         for (round_, sigma, q), run in runs:
             if history.open_round is not None and round_ != history.open_round:
                 history.closed.append((history.open_round, history.composition.epsilon(delta)))
-            steps = sum(e.release.steps for e in run)
-            history.composition = history.composition.then(Release(sigma, q, steps))
+            steps = sum(e.steps for e in run)
+            history.composition = history.composition.then(Release(sigma, q, steps, self._relation.value))
             history.open_round = round_
         history.consumed = len(self._events)
         if history.open_round is None:
@@ -279,44 +353,48 @@ class PrivacyLedger:
         require_positive("target_epsilon", target_epsilon)
         accountant, delta = self._check_query(accountant, None)
         self._check_recordable(event)
-        return _compose([*self._events, event], accountant, delta) > target_epsilon
+        return _compose(self._releases([*self._events, event], True), accountant, delta) > target_epsilon
 
     def state_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot: ``version``, ``delta``, ``neighbouring``, ``events``."""
+        """A JSON-serialisable snapshot: ``version``, ``delta``, ``unit``, ``relation``, ``events``."""
         return {
             "version": STATE_VERSION,
             "delta": self._delta,
-            "neighbouring": self._neighbouring.value,
+            "unit": self._unit.value,
+            "relation": self._relation.value,
             "events": [event.to_dict() for event in self._events],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore events from :meth:`state_dict`; refuse anything that would mis-account.
+        """Restore events from :meth:`state_dict` (version 1 is migrated first, see
+        :func:`migrate_state`); refuse anything that would mis-account.
 
         Raises
         ------
         ValueError
-            When the version, δ or neighbouring differ from this ledger's, when a key is
+            When the version, δ, unit or relation differ from this ledger's, when a key is
             missing, or when the state lacks events this ledger already recorded (loading
             it would forget privacy already spent).
         """
-        for key in ("version", "delta", "neighbouring", "events"):
+        state = migrate_state(state)
+        for key in ("version", "delta", "unit", "relation", "events"):
             if key not in state:
                 raise ValueError(f"privacy ledger state lacks the key {key!r}.")
         if state["version"] != STATE_VERSION:
             raise ValueError(
                 f"privacy ledger state has version {state['version']!r}; this code reads "
-                f"version {STATE_VERSION} only."
+                f"versions 1 and {STATE_VERSION} only."
             )
         if state["delta"] != self._delta:
             raise ValueError(
                 f"privacy ledger state was kept at delta={state['delta']!r}, this ledger "
                 f"reports at delta={self._delta!r}: refusing to mix them."
             )
-        if state["neighbouring"] != self._neighbouring.value:
+        if state["unit"] != self._unit.value or state["relation"] != self._relation.value:
             raise ValueError(
-                f"privacy ledger state counts neighbouring={state['neighbouring']!r}, this "
-                f"ledger counts {self._neighbouring.value!r}: a different unit of privacy."
+                f"privacy ledger state counts unit={state['unit']!r}, relation={state['relation']!r}; "
+                f"this ledger counts unit={self._unit.value!r}, relation={self._relation.value!r}: "
+                "a different unit of privacy or neighbouring relation."
             )
         events = [MechanismEvent.from_dict(item) for item in state["events"]]
         if events[: len(self._events)] != self._events:
@@ -324,29 +402,28 @@ class PrivacyLedger:
                 f"privacy ledger state does not extend the {len(self._events)} events already "
                 "recorded here; loading it would forget privacy already spent."
             )
-        restored = PrivacyLedger(delta=self._delta, neighbouring=self._neighbouring)
+        restored = PrivacyLedger(delta=self._delta, unit=self._unit, relation=self._relation)
         for event in events:
-            restored.record(event)  # re-checks neighbouring and round order
+            restored.record(event)  # re-checks round order
         self._events = restored._events
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> PrivacyLedger:
-        """A new ledger with the δ and neighbouring stored in ``state``, then loaded."""
+        """A new ledger with the δ, unit and relation stored in ``state``, then loaded."""
+        state = migrate_state(state)
         try:
-            ledger = cls(delta=state["delta"], neighbouring=Neighbouring(state["neighbouring"]))
+            ledger = cls(delta=state["delta"], unit=Unit(state["unit"]), relation=Relation(state["relation"]))
         except KeyError as missing:
             raise ValueError(f"privacy ledger state lacks the key {missing}.") from None
         ledger.load_state_dict(state)
         return ledger
 
+    def _releases(self, events: list[MechanismEvent], amplification: bool) -> list[Release]:
+        return [event.release(self._relation, amplification=amplification) for event in events]
+
     def _check_recordable(self, event: MechanismEvent) -> None:
         if not isinstance(event, MechanismEvent):
             raise ValueError(f"expected a MechanismEvent, got {type(event).__name__}.")
-        if event.neighbouring is not self._neighbouring:
-            raise ValueError(
-                f"event counts neighbouring={event.neighbouring.value!r} but this ledger counts "
-                f"{self._neighbouring.value!r}: keep one ledger per unit of privacy."
-            )
         if self._events and event.round < self._events[-1].round:
             raise ValueError(
                 f"event of round {event.round} after round {self._events[-1].round}: "
@@ -362,8 +439,7 @@ class PrivacyLedger:
         return accountant, float(delta)
 
 
-def _compose(events: list[MechanismEvent], accountant: Accountant, delta: float) -> float:
-    releases = [event.release for event in events]
+def _compose(releases: list[Release], accountant: Accountant, delta: float) -> float:
     if accountant is Accountant.RDP:
         return rdp_epsilon(releases, delta)
     return pld_epsilon(releases, delta)

@@ -13,7 +13,7 @@ from common.privacy._validate import (
     require_sample_rate,
 )
 from common.privacy.analysis import Release, pld_epsilon, rdp_epsilon
-from common.privacy.ledger import Accountant
+from common.privacy.ledger import Accountant, Relation
 
 #: σ searched by :func:`plan_noise_multiplier`, on a grid of 0.001.
 SIGMA_RANGE: tuple[float, float] = (0.1, 1000.0)
@@ -45,11 +45,15 @@ def epsilon_for(
     rounds: int,
     steps_per_round: int = 1,
     accountant: Accountant = Accountant.RDP,
+    relation: Relation = Relation.ADD_OR_REMOVE_ONE,
 ) -> float:
-    """ε of ``rounds × steps_per_round`` identical releases (what a ledger would report)."""
+    """ε of ``rounds × steps_per_round`` identical releases (what a ledger would report);
+    ``sample_rate`` 1.0 claims no amplification."""
     _check_common(sample_rate=sample_rate, delta=delta, rounds=rounds, steps=steps_per_round)
     require_positive("noise_multiplier", noise_multiplier)
-    releases = [Release(float(noise_multiplier), float(sample_rate), rounds * steps_per_round)]
+    if not isinstance(relation, Relation):
+        raise ValueError(f"relation must be a Relation, got {relation!r}.")
+    releases = [Release(float(noise_multiplier), float(sample_rate), rounds * steps_per_round, relation.value)]
     if accountant is Accountant.RDP:
         return rdp_epsilon(releases, delta)
     if accountant is Accountant.PLD:
@@ -65,6 +69,7 @@ def plan_noise_multiplier(
     sample_rate: float,
     steps_per_round: int = 1,
     accountant: Accountant = Accountant.RDP,
+    relation: Relation = Relation.ADD_OR_REMOVE_ONE,
 ) -> float:
     """Smallest σ on a 0.001 grid in :data:`SIGMA_RANGE` whose ε is at most the target.
 
@@ -86,6 +91,8 @@ def plan_noise_multiplier(
         Mechanism runs per round (local DP-SGD steps; 1 for DP-FedAvg).
     accountant:
         RDP or PLD.
+    relation:
+        The neighbouring relation (replace-one: two contributions differ by up to 2C).
 
     Returns
     -------
@@ -112,6 +119,7 @@ def plan_noise_multiplier(
                 rounds=rounds,
                 steps_per_round=steps_per_round,
                 accountant=kind,
+                relation=relation,
             )
 
         return epsilon_at
@@ -151,12 +159,11 @@ def plan_local_noise_multiplier(
     accountant: Accountant = Accountant.RDP,
 ) -> float:
     """σ for local DP (``dp.mode = local``): each device adds N(0, (σC)²) to its update clipped to
-    C. Two updates of one device differ by up to 2C and sampling does not amplify (the server sees
-    who reported), so this is twice the σ of ``rounds`` unsampled releases planned by
-    :func:`plan_noise_multiplier` (exact: the grid value is doubled, never rounded down).
+    C. Two updates of one device differ by up to 2C (replace-one) and sampling does not amplify
+    (the server sees who reported): ``rounds`` unsampled replace-one releases.
     """
-    return 2.0 * plan_noise_multiplier(target_epsilon=target_epsilon, delta=delta, rounds=rounds,
-                                       sample_rate=1.0, accountant=accountant)
+    return plan_noise_multiplier(target_epsilon=target_epsilon, delta=delta, rounds=rounds, sample_rate=1.0,
+                                 accountant=accountant, relation=Relation.REPLACE_ONE)
 
 
 def format_plan(
@@ -167,8 +174,9 @@ def format_plan(
     sample_rate: float,
     steps_per_round: int = 1,
     target_epsilon: float | None = None,
+    relation: Relation = Relation.ADD_OR_REMOVE_ONE,
 ) -> str:
-    """A small table of what each σ costs under both accountants.
+    """A small table of what each σ costs under both accountants (under ``relation``).
 
     Returns
     -------
@@ -192,6 +200,7 @@ def format_plan(
                 rounds=rounds,
                 steps_per_round=steps_per_round,
                 accountant=accountant,
+                relation=relation,
             )
             for accountant in (Accountant.RDP, Accountant.PLD)
         )
