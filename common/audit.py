@@ -12,8 +12,10 @@ offers:
                the server sees is as revealing as before: hiding it is what SecAgg is for.
 ``local_dp``   each client adds ``N(0, (σ·C)²)`` per coordinate to its own clipped update before
                sending (what a local-DP mod would do with the same σ).
-``secagg``     SecAgg+ without noise: the server sees only the cohort's sum of clipped updates.
-``secagg_dp``  SecAgg+ with DP: the sum plus ``N(0, (σ·C)²)``, divided by the cohort (``noisy_mean``).
+``secagg``     SecAgg+: the server sees only the cohort's EXACT sum of clipped updates -- with central DP
+               too, since it unmasks the sum and only then adds the noise.
+``released``   what everyone but the server sees under central DP: the released update, the sum plus
+               ``N(0, (σ·C)²)``, divided by the cohort (``noisy_mean``).
 
 Under SecAgg the attacker has one aggregate and gives every client the same scores. Those scores
 still reflect the cohort's popular items, and a client's items tend to be popular, so their AUC
@@ -47,20 +49,21 @@ import numpy as np
 from common.config import RunConfig
 from common.evaluation import EvalSets
 from common.federated import (
-    ClientData, client_train, make_server_optimizer, poisson_sample, server_update, sum_updates,
+    ClientData, client_train, make_server_optimizer, server_update, sum_updates,
 )
+from common.sampling import poisson_sample
 from common.mf import ItemParams, init_items
 from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, noisy_mean
 
 AUDIT_FILE = "audit.json"
-# observation model -> what the server sees (the table's second column)
+# observation model -> (who observes it, what they observe): the table's second and third columns
 OBSERVATIONS = {
-    "plaintext": "each client's raw update",
-    "dp_only": "each client's clipped update",
-    "local_dp": "each clipped update + N(0,(σC)²)",
-    "secagg": "the cohort's sum of clipped updates",
-    "secagg_dp": "that sum + N(0,(σC)²), / cohort",
-    "popularity_prior": "nothing (scores = item popularity)",
+    "plaintext": ("server, no SecAgg+/DP", "each client's raw update"),
+    "dp_only": ("server, central DP", "each client's clipped update"),
+    "local_dp": ("server, local DP", "each clipped update + N(0,(σC)²)"),
+    "secagg": ("server, SecAgg+ (±DP)", "the EXACT sum of clipped updates"),
+    "released": ("all but the server", "that sum + N(0,(σC)²), / cohort"),
+    "popularity_prior": ("anyone", "nothing (scores = item popularity)"),
 }
 
 
@@ -123,15 +126,17 @@ def attack_scores(update: list[np.ndarray], loss: str = "softmax") -> np.ndarray
 
 
 # ---------------------------------------------------------------- the audit
-def _warm_up(params: ItemParams, sets: EvalSets, cfg: RunConfig, rounds: int, noise: GaussianNoise) -> ItemParams:
-    """``rounds`` in-process rounds of the configured algorithm, one user per client."""
+def _warm_up(params: ItemParams, sets: EvalSets, cfg: RunConfig, rounds: int, noise: GaussianNoise,
+             seed: int) -> ItemParams:
+    """``rounds`` in-process rounds of the configured algorithm, one user per client (cohorts
+    seeded by ``seed``: the audit simulates rounds, it releases nothing)."""
     if rounds <= 0:
         return params
     clients = [ClientData.from_sets(u, np.array([u]), sets) for u in range(len(sets.train))]
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
     dp = cfg.dp if cfg.dp.enabled else None
     for rnd in range(1, rounds + 1):
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.seed, server_round=rnd)
+        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=seed, server_round=rnd)
         updates = []
         for cid in chosen:
             if not clients[cid].trainable:
@@ -157,8 +162,8 @@ def leakage_audit(sets: EvalSets, cfg: RunConfig, *, clients: int = 50, rounds: 
     their round-``rounds`` updates, under each observation model (see the module docstring).
 
     Returns named figures: ``<model>_auc`` and ``<model>_p@k`` (means over the clients) for
-    plaintext, dp_only, local_dp, secagg, secagg_dp and popularity_prior; ``secagg_nonmember_auc``
-    and ``secagg_dp_nonmember_auc`` (the aggregates scored against up to ``clients`` users outside
+    plaintext, dp_only, local_dp, secagg, released and popularity_prior; ``secagg_nonmember_auc``
+    and ``released_nonmember_auc`` (the aggregates scored against up to ``clients`` users outside
     the cohort; None when there are none); ``chance_p@k``; and the setting (clients, sigma, clip,
     bias_share, round, loss, attack).
     """
@@ -176,7 +181,7 @@ def leakage_audit(sets: EvalSets, cfg: RunConfig, *, clients: int = 50, rounds: 
     noise = GaussianNoise([seed, 0xA0D2])  # warm-up rounds; the local and aggregate noise below are separate
 
     params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
-    params = _warm_up(params, sets, cfg, rounds - 1, noise)
+    params = _warm_up(params, sets, cfg, rounds - 1, noise, seed)
     raw = []
     for u in targets:
         update, _, _ = client_train(params, ClientData.from_sets(int(u), np.array([u]), sets), model=cfg.model,
@@ -197,7 +202,7 @@ def leakage_audit(sets: EvalSets, cfg: RunConfig, *, clients: int = 50, rounds: 
     for name, observed in (("plaintext", raw), ("dp_only", clipped), ("local_dp", noised)):
         auc, prec = _score_clients([attack_scores(a, loss) for a in observed], truths)
         figures[f"{name}_auc"], figures[f"{name}_p@k"] = auc, prec
-    for name, scores in (("secagg", attack_scores(aggregate, loss)), ("secagg_dp", attack_scores(noisy, loss)),
+    for name, scores in (("secagg", attack_scores(aggregate, loss)), ("released", attack_scores(noisy, loss)),
                          ("popularity_prior", np.asarray(sets.popularity, dtype=np.float64))):
         auc, prec = _score_clients([scores] * len(truths), truths)
         figures[f"{name}_auc"], figures[f"{name}_p@k"] = auc, prec
@@ -226,15 +231,16 @@ def format_audit(figures: dict[str, Any]) -> str:
         value = figures.get(key)
         return "" if value is None else f"{value:.3f}"
 
-    lines = [f"{'observation model':<17} {'server sees':<36} {'AUC':>6} {'p@k':>6} {'non-member AUC':>15}"]
-    for name, sees in OBSERVATIONS.items():
-        lines.append(f"{name:<17} {sees:<36} {cell(name + '_auc'):>6} {cell(name + '_p@k'):>6} "
+    lines = [f"{'observation model':<17} {'observed by':<22} {'what':<36} {'AUC':>6} {'p@k':>6} {'non-member AUC':>15}"]
+    for name, (who, sees) in OBSERVATIONS.items():
+        lines.append(f"{name:<17} {who:<22} {sees:<36} {cell(name + '_auc'):>6} {cell(name + '_p@k'):>6} "
                      f"{cell(name + '_nonmember_auc'):>15}")
     lines.append(f"{figures['clients']} clients at round {figures['round']} ({figures['loss']} loss); sigma = "
                  f"{figures['sigma']:g}, clip = {figures['clip']:g}, bias share = {figures['bias_share']:g}; "
                  f"attack: {figures['attack']}.")
     lines.append(f"AUC 0.5 = chance; p@k: k = the client's number of training items (chance "
-                 f"{figures['chance_p@k']:.3f}). dp_only is as revealing as plaintext: central DP noises only the sum.")
+                 f"{figures['chance_p@k']:.3f}). dp_only is as revealing as plaintext: central DP noises only the sum, and "
+                 "under SecAgg+ the server still sees that sum exactly (secagg); only the released model is noised.")
     lines.append("non-member AUC: the same aggregate scored against users outside the cohort; AUC minus it is "
                  "what the aggregate reveals about the members themselves (the rest is popularity).")
     return "\n".join(lines)

@@ -143,14 +143,6 @@ def make_server_optimizer(fed: FedConfig, model: ModelConfig) -> ServerOptimizer
     return ServerOptimizer(fed.server_opt, fed.server_lr, weight_decay=model.item_reg)
 
 
-def poisson_sample(client_ids: list[int], rate: float, *, seed: int, server_round: int) -> list[int]:
-    """Each client joins independently with probability ``rate`` (what the DP accountant assumes).
-    Reproducible: depends only on the sorted ids, the seed and the round."""
-    ids = sorted(client_ids)
-    draws = np.random.default_rng([seed, server_round, 0x5A3]).random(len(ids))
-    return [cid for cid, x in zip(ids, draws) if x < rate]
-
-
 def server_update(params: ItemParams, total: list[np.ndarray] | None, n: int, *, optimizer: ServerOptimizer,
                   dp: DPConfig | None, expected_cohort: float, noise: GaussianNoise) -> ItemParams:
     """The next global model from one round's sum of (clipped) client updates.

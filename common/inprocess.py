@@ -23,8 +23,9 @@ from common.config import DPConfig, RunConfig
 from common.data.partition import partition_users
 from common.evaluation import EvalSets
 from common.federated import (
-    ClientData, client_evaluate, client_train, make_server_optimizer, poisson_sample, server_update, sum_updates,
+    ClientData, client_evaluate, client_train, make_server_optimizer, server_update, sum_updates,
 )
+from common.sampling import poisson_sample
 from common.mf import ItemParams, init_items
 from common.privacy import Accountant, PrivacyLedger
 from common.privacy.dp_fedavg import (GaussianNoise, add_local_noise, clip_item_update, ledger_for, local_noise_for,
@@ -78,7 +79,7 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
     optimizer = make_server_optimizer(cfg.fed, cfg.model)
     dp = cfg.dp if cfg.dp.enabled else None
     local = dp is not None and dp.mode == "local"  # the devices add the noise; the server only averages
-    ledger = ledger_for(cfg.dp.mode, cfg.dp.delta) if dp else None
+    ledger = ledger_for(cfg.dp.mode, cfg.dp.delta, cfg.fed.partition) if dp else None
     noise = GaussianNoise(cfg.dp.seed)
     result = InProcessResult(params=params, ledger=ledger)
     t0 = time.perf_counter()
@@ -88,7 +89,8 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = No
         if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
                 event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
             break
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.seed, server_round=rnd)
+        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.fed.cohort_seed,
+                                server_round=rnd)
         updates, failures = [], 0
         for cid in chosen:
             try:
@@ -141,7 +143,7 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
     if resume is None:
         params = init_hybrid(init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale), side)
         optimizer = make_server_optimizer(cfg.fed, cfg.model)
-        ledger = ledger_for(cfg.dp.mode, cfg.dp.delta) if dp else None
+        ledger = ledger_for(cfg.dp.mode, cfg.dp.delta, cfg.fed.partition) if dp else None
         first = 1
     else:
         params, optimizer = resume.params.copy(), copy.deepcopy(resume.optimizer)
@@ -165,7 +167,8 @@ def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str]
                 event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
             break
         t_round = time.perf_counter()
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.seed, server_round=rnd)
+        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.fed.cohort_seed,
+                                server_round=rnd)
         updates, failures = [], 0
         for cid in chosen:
             try:

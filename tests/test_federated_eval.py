@@ -10,7 +10,7 @@ from common.config import ModelConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets, evaluate_ranking
-from common.federated import ClientData, client_evaluate, poisson_sample, reconstruct_users, ServerOptimizer
+from common.federated import ClientData, client_evaluate, reconstruct_users, ServerOptimizer
 from common.mf import UserData, init_items
 
 
@@ -46,16 +46,6 @@ def test_silo_client_evaluation_sums_its_users(block_csv):
     silo = client_evaluate(params, ClientData.from_sets(0, np.arange(4), sets), model=model, phase="test", seed=0)
     assert silo["users"] == sum(o["users"] for o in one)
     assert silo["ndcg@10"] == pytest.approx(sum(o["ndcg@10"] for o in one))
-
-
-def test_poisson_sampling_is_reproducible_and_has_the_right_rate():
-    ids = list(range(2000))
-    a = poisson_sample(ids, 0.1, seed=0, server_round=5)
-    assert a == poisson_sample(list(reversed(ids)), 0.1, seed=0, server_round=5)
-    assert a != poisson_sample(ids, 0.1, seed=0, server_round=6)
-    sizes = [len(poisson_sample(ids, 0.1, seed=0, server_round=r)) for r in range(1, 51)]
-    assert 190 < np.mean(sizes) < 210  # expected 200, sd of the mean ≈ 1.9
-    assert np.std(sizes) > 5  # Poisson, not a fixed cohort size
 
 
 def test_server_optimizer_state_round_trip_continues_identically():
