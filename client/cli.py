@@ -5,6 +5,7 @@
     fedrec-client import ratings.csv [--items items.csv]   your ratings (and the server's item list)
     fedrec-client recommend [--k 10] [--model model.safetensors --items items.csv] [--timing]
     fedrec-client status                                   what is stored on this device
+    fedrec-client privacy set [--clip C] [--local-noise S] this device's privacy floor (the server cannot lower it)
     fedrec-client forget [--yes]                           delete all of it
     fedrec-client join --superlink HOST:PORT --root-certificates ca.pem [--auth-key KEY] [--port 9094]
 
@@ -220,6 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts, model, ledger = store.counts(), store.get_global_model(), store.ledger_state()
         unknown = store.map_ratings(model.index() if model else dict.fromkeys(store.catalog()[0], 0)).unknown
         has_vector = store.get_user_vector() is not None
+        policy = store.privacy_policy()
         print(f"device store: {store.path} (schema {store.schema_version()}, {_size(store.path)})")
         print(f"client id (pseudonymous, sent to the server): {store.client_id()}")
     known = f" ({len(unknown)} not in the catalogue)" if counts["catalog"] and unknown else ""
@@ -232,6 +234,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"global model: {len(model.item_ids)} items x {model.embeddings.shape[1]}, round {model.round}"
               f", loss {model.loss or 'default'}")
     print(f"user vector: {'stored' if has_vector else 'none'} (never sent)")
+    print(_policy_line(policy))
     if ledger is None:
         print("privacy: no local release recorded (user-level DP noise, if any, is added by the server)")
     else:
@@ -245,6 +248,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _size(path: Path) -> str:
     total = sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
     return f"{total / 1024:.0f} KiB"
+
+
+# ---------------------------------------------------------------- privacy floor
+
+def cmd_privacy(args: argparse.Namespace) -> int:
+    """Show or set the device's privacy floor (common/privacy/device.py): the clip bound of
+    everything it sends and, for local DP, the least noise it adds itself."""
+    from common.privacy.device import DevicePolicy
+
+    with DeviceStore(_db(args), create=args.privacy_command == "set") as store:
+        policy = store.privacy_policy()
+        if args.privacy_command == "set":
+            if args.clip is None and args.local_noise is None:
+                raise UsageError("privacy set: give --clip C and/or --local-noise SIGMA")
+            try:
+                policy = DevicePolicy(clip=policy.clip if args.clip is None else args.clip,
+                                      local_noise=policy.local_noise if args.local_noise is None else args.local_noise)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            store.set_privacy_policy(policy)
+    print(_policy_line(policy))
+    return 0
+
+
+def _policy_line(policy) -> str:
+    noise = (f"adds its own noise N(0, (sigma*C)^2) with sigma >= {policy.local_noise:g} (local DP; an instruction "
+             "asking for less is refused)" if policy.local_noise > 0 else
+             "adds no noise of its own (the server adds it: central DP)")
+    return f"privacy floor: every update clipped to L2 <= {policy.clip:g} (the server may only tighten it); {noise}"
 
 
 # ---------------------------------------------------------------- forget
@@ -347,6 +379,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _positive_float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
@@ -371,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="what is stored on this device")
     status.set_defaults(run=cmd_status)
+
+    privacy = commands.add_parser("privacy", parents=[common], help="this device's privacy floor",
+                                  description="The device's own privacy floor: the L2 clip of everything it sends "
+                                              "and, for local DP, the least noise it adds itself. The server's "
+                                              "instructions may tighten it, never loosen it.")
+    privacy_cmds = privacy.add_subparsers(dest="privacy_command", required=True, metavar="ACTION")
+    privacy_cmds.add_parser("show", parents=[common], help="print the floor").set_defaults(run=cmd_privacy)
+    privacy_set = privacy_cmds.add_parser("set", parents=[common], help="set the floor")
+    privacy_set.add_argument("--clip", type=_positive_float, help="L2 bound of any update this device sends")
+    privacy_set.add_argument("--local-noise", type=_nonnegative_float, metavar="SIGMA",
+                             help="least local-DP noise multiplier this device adds itself (0: none, central DP)")
+    privacy_set.set_defaults(run=cmd_privacy)
 
     forget = commands.add_parser("forget", parents=[common], help="delete everything stored on this device")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")

@@ -46,6 +46,7 @@ from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
     from common.federated import ClientData
+    from common.privacy.device import DevicePolicy
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ CLIENT_ID = "client-id"  # pseudonymous id sent to the server for sampling; new 
 USER_VECTOR = "user-vector"
 GLOBAL_MODEL = "global-model"
 PRIVACY_LEDGER = "privacy-ledger"
+PRIVACY_POLICY = "privacy-policy"  # the owner's floor: clip, local noise (fedrec-client privacy set)
 
 _SCHEMA = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -398,6 +400,26 @@ class DeviceStore:
     def set_ledger_state(self, state: Mapping[str, Any]) -> None:
         with self._tx():
             self._put(PRIVACY_LEDGER, json.dumps(dict(state), sort_keys=True, allow_nan=False).encode("utf-8"))
+
+    # ---------------------------------------------------------------- privacy policy
+    def privacy_policy(self) -> "DevicePolicy":
+        """The owner's privacy floor (:class:`common.privacy.device.DevicePolicy`); the default
+        (clip 1.0, no local noise) when none was set."""
+        from common.privacy.device import DEFAULT_POLICY, DevicePolicy
+
+        blob = self._get(PRIVACY_POLICY)
+        if blob is None:
+            return DEFAULT_POLICY
+        try:
+            saved = json.loads(blob.decode("utf-8"))
+            return DevicePolicy(clip=float(saved["clip"]), local_noise=float(saved["local_noise"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.path}: the stored privacy policy is damaged ({exc}); set it again "
+                             "(fedrec-client privacy set ...)") from None
+
+    def set_privacy_policy(self, policy: "DevicePolicy") -> None:
+        with self._tx():
+            self._put(PRIVACY_POLICY, json.dumps(policy.to_dict(), sort_keys=True).encode("utf-8"))
 
     # ---------------------------------------------------------------- forget
     def forget(self) -> list[Path]:

@@ -17,7 +17,11 @@ PROP_CLIENT_ID = "client-id"
 M_TRAIN_LOSS = "train-loss"
 M_USERS = "users"
 M_FAILED = "failed"
-M_RECORD_EPSILON = "record-epsilon"  # silo DP-SGD: this client's ε so far (a function of public settings)
+# Silo DP-SGD: this round's Opacus history entry (σ, q, steps), functions of public settings; the
+# server composes each silo's ε from them and keeps them with its checkpoint.
+M_SILO_SIGMA = "silo-sigma"
+M_SILO_RATE = "silo-rate"
+M_SILO_STEPS = "silo-steps"
 
 # node_config keys
 NODE_PARTITION_ID = "partition-id"
@@ -40,4 +44,9 @@ ITEM_PARAM_NAMES = ("item_embeddings", "item_bias")
 TRAINABLE_ARRAYS = "trainable-arrays"  # fit config: number of leading trainable arrays
 CONTEXT_ARRAYS = "context-arrays"  # fit config: names of the trailing non-trainable arrays
 TEXT_VECTORS_NAME = "item_text_vectors"
+
+# Every key a fit/evaluate instruction may carry. A device refuses an instruction with any other
+# key (common/privacy/device.py): the server cannot slip it a noise seed or another privacy knob.
+INSTRUCTION_KEYS = (SERVER_ROUND, CLIENT_LR, LOCAL_EPOCHS, PHASE, CLIP_NORM, BIAS_SHARE, LOCAL_NOISE,
+                    TRAINABLE_ARRAYS, CONTEXT_ARRAYS)
 M_TEXT_LOSS = "text-loss"  # hybrid: the head/LoRA step's sampled-softmax loss

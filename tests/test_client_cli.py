@@ -16,7 +16,8 @@ from client.store import DeviceStore, write_items_file
 from common import keys
 from common.config import RunConfig
 from common.mf import ItemParams
-from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy.dp_fedavg import ledger_for
+from common.privacy.ledger import MechanismEvent, Sampling
 from server.run_dir import RunDir
 
 # Two taste groups: items 0-3 point along one axis, 4-7 along another.
@@ -108,8 +109,8 @@ def test_recommend_with_the_stored_global_model_and_dismissals(files, capsys):
     assert recs[0][0] == "Blade Runner (1982)" and "Alien (1979)" not in {t for t, _ in recs}
 
     with DeviceStore(db) as store:
-        ledger = PrivacyLedger(delta=1e-5, neighbouring=Neighbouring.LOCAL)
-        ledger.record(MechanismEvent(noise_multiplier=4.0, sample_rate=1.0, steps=1, neighbouring=Neighbouring.LOCAL,
+        ledger = ledger_for("local", 1e-5)
+        ledger.record(MechanismEvent(noise_multiplier=4.0, sample_rate=1.0, steps=1, sampling=Sampling.NONE,
                                      parameters=keys.ITEM_PARAM_NAMES, round=12))
         store.set_ledger_state(ledger.state_dict())
     code, out, _ = run_cli(capsys, "--db", db, "status")
@@ -296,3 +297,30 @@ def test_device_without_catalogue_fails_clearly(files, capsys):
                   run_config={})
     with pytest.raises(ValueError, match="no item catalogue"):
         client_fn_for(RunConfig())(ctx)
+
+
+def test_the_device_owner_sets_the_privacy_floor_and_the_server_cannot_lower_it(files, capsys):
+    """Issue #11 (7): on a real device the floor comes from its store (``fedrec-client privacy
+    set``), not from the run config (the server's): an instruction without noise, or with less,
+    is refused; with enough it is obeyed and recorded in the device's own ledger."""
+    from client.app import client_fn_for
+    from common.privacy.device import PolicyRefusal
+
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    code, out, _ = run_cli(capsys, "--db", db, "privacy", "set", "--local-noise", "3", "--clip", "0.5")
+    assert code == 0 and "sigma >= 3" in out and "<= 0.5" in out
+    code, out, _ = run_cli(capsys, "--db", db, "status")
+    assert "sigma >= 3" in out
+    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_DATA_PATH: str(db)}, state=RecordDict(),
+                  run_config={"model.dim": 4})  # the server's run config: central DP, no local noise
+    device = client_fn_for(None)(ctx).numpy_client
+    params = catalogue_params().to_arrays()
+    with pytest.raises(PolicyRefusal, match="asks for none"):
+        device.fit(params, {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0})
+    with pytest.raises(PolicyRefusal, match="below this device's floor"):
+        device.fit(params, {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0, keys.LOCAL_NOISE: 1.0})
+    arrays, _, _ = device.fit(params, {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0, keys.LOCAL_NOISE: 3.0})
+    assert max(float(np.max(np.abs(a))) for a in arrays) <= 0.5 * (1 + 8 * 3.0)  # its own clip 0.5, not 1.0
+    with DeviceStore(db, create=False) as store:
+        assert len(store.ledger_state()["events"]) == 1

@@ -13,7 +13,7 @@ from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
-from common.privacy import Accountant, Neighbouring, epsilon_for, plan_local_noise_multiplier
+from common.privacy import Accountant, Relation, Sampling, epsilon_for, plan_local_noise_multiplier
 from common.privacy.dp_fedavg import (
     LOCAL_TAIL, GaussianNoise, add_local_noise, ledger_for, local_bound, local_noise_for, release_event,
 )
@@ -49,12 +49,12 @@ def test_seeded_local_noise_differs_per_client_and_round_and_secure_is_not_repea
 
 def test_local_release_event_uses_sensitivity_2c_and_no_amplification():
     event = release_event("local", noise_multiplier=6.0, sample_rate=0.1, parameters=("item_bias",), server_round=1)
-    assert event.neighbouring is Neighbouring.LOCAL
-    assert (event.noise_multiplier, event.sample_rate) == (3.0, 1.0)
+    assert event.sampling is Sampling.NONE and event.noise_multiplier == 6.0  # σ as the device drew it
     central = release_event("central", noise_multiplier=6.0, sample_rate=0.1, parameters=("item_bias",),
                             server_round=1)
-    assert (central.noise_multiplier, central.sample_rate, central.neighbouring) == (6.0, 0.1, Neighbouring.USER)
+    assert (central.noise_multiplier, central.sample_rate, central.sampling) == (6.0, 0.1, Sampling.POISSON)
     ledger = ledger_for("local", 1e-4)
+    assert ledger.relation is Relation.REPLACE_ONE  # two updates of one device differ by up to 2C
     for r in range(1, 11):
         ledger.record(release_event("local", noise_multiplier=6.0, sample_rate=0.1, parameters=("item_bias",),
                                     server_round=r))
@@ -66,9 +66,12 @@ def test_local_release_event_uses_sensitivity_2c_and_no_amplification():
 
 def test_planned_local_sigma_meets_the_target_tightly():
     sigma = plan_local_noise_multiplier(target_epsilon=8.0, delta=1e-4, rounds=150)
-    at = epsilon_for(noise_multiplier=sigma / 2, sample_rate=1.0, delta=1e-4, rounds=150)
-    below = epsilon_for(noise_multiplier=(sigma - 0.002) / 2, sample_rate=1.0, delta=1e-4, rounds=150)
+    at = epsilon_for(noise_multiplier=sigma, sample_rate=1.0, delta=1e-4, rounds=150, relation=Relation.REPLACE_ONE)
+    below = epsilon_for(noise_multiplier=sigma - 0.001, sample_rate=1.0, delta=1e-4, rounds=150,
+                        relation=Relation.REPLACE_ONE)
     assert at <= 8.0 < below
+    # the same as twice the add/remove σ of unsampled releases
+    assert at == pytest.approx(epsilon_for(noise_multiplier=sigma / 2, sample_rate=1.0, delta=1e-4, rounds=150))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def _cfg(**flat):
 
 def test_inprocess_local_dp_charges_every_round_and_stops_before_the_budget(small_sets):
     result = run_inprocess(_cfg(), small_sets, final_eval=False)
-    assert result.ledger.neighbouring is Neighbouring.LOCAL
+    assert result.ledger.relation is Relation.REPLACE_ONE
     assert [r["round"] for r in result.rounds] == [1, 2, 3, 4]
     assert result.ledger.epsilon() == pytest.approx(epsilon_for(noise_multiplier=2.0, sample_rate=1.0,
                                                                 delta=1e-4, rounds=4))
@@ -116,11 +119,12 @@ def test_client_sends_a_noised_update_and_keeps_its_own_ledger(small_sets):
     from client.app import RecClient
     from common.federated import ClientData
     from common.mf import init_items
+    from common.privacy.device import DevicePolicy
 
     cfg = _cfg(**{"dp.noise-seed": -1})
     data = ClientData.from_sets(0, np.array([0, 1, 2]), small_sets)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = RecClient(cfg, data, context)
+    client = RecClient(cfg, data, context, DevicePolicy.for_run(cfg))
     params = init_items(small_sets.n_items, 8, seed=0).to_arrays()
     config = {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0, keys.BIAS_SHARE: 0.05, keys.LOCAL_NOISE: 4.0}
     arrays, weight, metrics = client.fit(params, config)
@@ -133,8 +137,9 @@ def test_client_sends_a_noised_update_and_keeps_its_own_ledger(small_sets):
     client.fit(params, {**config, keys.SERVER_ROUND: 2})
     state = json.loads(str(context.state.config_records[keys.STATE_LOCAL_LEDGER]["json"]))
     assert [e["round"] for e in state["events"]] == [1, 2]
-    assert all(e["neighbouring"] == "local" and e["noise_multiplier"] == 2.0 for e in state["events"])
-    # The device refuses a server that asks for less noise than the device's own config.
+    assert state["relation"] == "replace-one"
+    assert all(e["sampling"] == "no-amplification" and e["noise_multiplier"] == 4.0 for e in state["events"])
+    # The device refuses a server that asks for less noise than the device's own floor.
     with pytest.raises(ValueError, match="below this device's"):
         client.fit(params, {**config, keys.SERVER_ROUND: 3, keys.LOCAL_NOISE: 1.0})
 
