@@ -1,33 +1,35 @@
-"""Record-level DP-SGD for a silo client: one client, many users, the privacy unit is ONE rating.
+"""User-level DP-SGD inside a silo: one client, many users, the unit of privacy is ONE USER.
 
 A silo (a hospital, a shop, a region) holds the ratings of many users. What leaves it each
 round is the item-side update, so only the item parameters are privatised; the users'
-vectors are reconstructed on the silo (:func:`common.mf.fit_user`), used as fixed *inputs*
-and never released, so they need no noise.
+vectors are reconstructed on the silo (:func:`common.mf.fit_user`), used as fixed *inputs* and
+never released.
 
-One DP-SGD sample is one record ``(u, i)``: a user's reconstructed vector and one item they
-rated, with the full-softmax loss ``cross_entropy(V u + b, i)`` (the MF softmax loss has one
-such term per rating, so summing the records gives :func:`common.mf.item_loss`). The scores
-are a ``Linear(d, I)`` whose weight is the item table: Opacus computes its per-sample
-gradients with one einsum (or, by default, only their norms: ghost clipping), no
-``Embedding`` lookups, and no sample's loss depends on another (no in-batch negatives,
-which would void the per-sample sensitivity).
+One DP-SGD sample is one **user**: their reconstructed vector ``u`` and the counts of the items
+they rated, with the loss ``Σ_i −log softmax(V u + b)_i`` over their items (exactly
+:func:`common.mf.item_loss` for the softmax loss). Why not one rating: the user vector is fitted
+on all of that user's ratings, so removing one rating moves the inputs of the user's other
+records too (≈ 0.44 per record on ML-100K): a per-rating clip does not bound one rating's
+influence, while a per-user clip does bound one user's (their vector is a function of their own
+data and the public model only). The scores are a ``Linear(d, I)`` whose weight is the item
+table: Opacus computes each user's gradient norm with one einsum (ghost clipping) or the
+per-sample gradients themselves, no ``Embedding`` lookups, and no sample's loss depends on
+another (no in-batch negatives, which would void the per-sample sensitivity).
 
-Accounting. Opacus' RDP accountant keeps a history of ``(σ, q, steps)``; a silo must restore
-it before every round so that ε composes across rounds (Flower's ``examples/opacus``
-restarts it, so its ε covers one round only). The same history is recomposed by our
-:class:`~common.privacy.PrivacyLedger` (``Neighbouring.RECORD``, the same RDP orders) as an
+Accounting. Opacus' RDP accountant keeps a history of ``(σ, q, steps)``; a silo must restore it
+before every round so that ε composes across rounds (Flower's ``examples/opacus`` restarts it,
+so its ε covers one round only). The server keeps each silo's history with its checkpoint too
+(a resumed run never reports a smaller ε). The same history is recomposed by our
+:class:`~common.privacy.PrivacyLedger` (user, add/remove, Poisson over the silo's users) as an
 independent check.
 
 Randomness (``noise_source``). ``"seeded"``: Poisson sampling and the Gaussian noise draw from a
-``torch.Generator`` seeded by ``seed``: reproducible, for tests and experiments, *not* secure
-(the noise of a seeded PRNG can in principle be predicted). ``"urandom"`` (what a silo client
-runs unless ``dp.noise-seed`` is set): the noise comes from the operating system's CSPRNG
-(:class:`common.privacy.dp_fedavg.GaussianNoise`), each coordinate the sum of four draws as in
-Opacus' secure mode (against floating-point attacks), and the sampling generator is seeded from
-``os.urandom``. ``"torchcsprng"``: Opacus' own ``secure_mode`` (needs ``torchcsprng``, not
-installed here, so it fails loudly rather than falling back). :attr:`SiloDPResult.noise_source`
-says which ran.
+``torch.Generator`` seeded by ``seed``: reproducible, for tests and experiments, *not* secure.
+``"urandom"`` (what a silo client runs unless its owner set a noise seed): the noise comes from
+the operating system's CSPRNG (:class:`common.privacy.dp_fedavg.GaussianNoise`, four draws per
+coordinate as in Opacus' secure mode), and the sampling generator is seeded from ``os.urandom``.
+``"torchcsprng"``: Opacus' own ``secure_mode`` (needs ``torchcsprng``, not installed here, so it
+fails loudly rather than falling back). :attr:`SiloDPResult.noise_source` says which ran.
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ from common.privacy._validate import (
     require_sample_rate,
 )
 from common.privacy.dp_fedavg import GaussianNoise
-from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy.ledger import MechanismEvent, PrivacyLedger, Relation, Sampling, Unit
 
 log = logging.getLogger(__name__)
 
 #: What a silo's DP-SGD release contains (the names its ledger events carry).
 RELEASED_PARAMETERS: tuple[str, ...] = ("item_embeddings", "item_bias")
 
-#: How Opacus clips per record: ghost clipping (norms only) or materialised per-sample grads.
+#: How Opacus clips per user: ghost clipping (norms only) or materialised per-sample grads.
 GRAD_SAMPLE_MODES: tuple[str, ...] = ("ghost", "hooks")
 
 #: Where the randomness of DP-SGD comes from (see the module docstring).
@@ -72,7 +74,7 @@ class ItemScorer(nn.Module):
     """Scores of every item for a batch of user vectors: ``linear(u) = u Vᵀ + b``.
 
     ``linear.weight`` (I, d) is the item embedding table and ``linear.bias`` (I,) the item
-    biases, so Opacus' per-sample gradient of one record is ``(∂ℓ/∂s) ⊗ u`` for the weight.
+    biases, so Opacus' per-sample gradient of one user is ``(∂ℓ/∂s) ⊗ u`` for the weight.
     """
 
     def __init__(self, n_items: int, dim: int) -> None:
@@ -97,9 +99,15 @@ class ItemScorer(nn.Module):
                           self.linear.bias.detach().numpy().copy())
 
 
+def user_loss() -> nn.Module:
+    """Per-user loss: cross-entropy against the user's item *counts* (a soft target that does
+    not sum to one), i.e. ``Σ_i −log softmax(s)_i`` over the items the user rated."""
+    return nn.CrossEntropyLoss()
+
+
 @dataclass(frozen=True)
 class SiloDPResult:
-    """What one silo round of record-level DP-SGD produced.
+    """What one silo round of user-level DP-SGD produced.
 
     Attributes
     ----------
@@ -109,15 +117,14 @@ class SiloDPResult:
         Opacus' accountant history after this round, earlier rounds included; keep it (e.g.
         in ``context.state``) and pass it to the next call.
     epsilon:
-        ε at ``delta`` of the whole history, from Opacus' RDP accountant.
+        ε at ``delta`` of the whole history, from Opacus' RDP accountant (one user of the silo).
     ledger_epsilon:
         The same ε recomputed by :class:`~common.privacy.PrivacyLedger` (dp_accounting, the
         same RDP orders): an independent check, equal to ``epsilon`` within ~1%.
     delta:
         The δ both are reported at.
     event:
-        This round's release as a ledger event (``Neighbouring.RECORD``), for the caller's
-        own ledger.
+        This round's release as a ledger event, for the caller's own ledger.
     steps:
         DP-SGD steps taken this round (``epochs × ⌈1/q⌉``, empty Poisson batches included:
         they add noise and are charged too).
@@ -125,9 +132,9 @@ class SiloDPResult:
         The Poisson rate actually used and charged: Opacus samples with ``1 / len(loader)``,
         i.e. ``1/⌈n / round(q·n)⌉``, which can differ slightly from the requested rate.
     mean_loss:
-        Mean cross-entropy per sampled record over the round (before each step).
-    records:
-        Ratings in the silo (the data set size n).
+        Mean loss per sampled user over the round (before each step).
+    users:
+        Users with ratings in the silo (the data set size n of the DP-SGD).
     noise_source:
         ``"seeded"`` (reproducible, not secure), ``"urandom"`` or ``"torchcsprng"``.
     """
@@ -141,7 +148,7 @@ class SiloDPResult:
     steps: int
     sample_rate: float
     mean_loss: float
-    records: int
+    users: int
     noise_source: str
 
     @property
@@ -150,35 +157,45 @@ class SiloDPResult:
         return self.noise_source != "seeded"
 
 
-def user_records(params: ItemParams, users: Sequence[UserData], *, user_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One record per rating: the user's reconstructed vector (N, d) and the item (N,).
-
-    The vectors are solved for the received item parameters and stay fixed during the round.
-    """
-    vectors, items = [], []
+def user_samples(params: ItemParams, users: Sequence[UserData], *, user_reg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DP-SGD sample per user with ratings: the reconstructed vector (U, d) and the counts
+    of the items they rated (U, I). The vectors are solved for the received item parameters
+    (from the user's own ratings only) and stay fixed during the round."""
+    vectors, counts = [], []
     for user in users:
         if len(user.items) == 0:
             continue
-        u = fit_user(params, user, loss="softmax", reg=user_reg)
-        vectors.append(np.broadcast_to(u, (len(user.items), params.dim)))
-        items.append(np.asarray(user.items, dtype=np.int64))
+        vectors.append(fit_user(params, user, loss="softmax", reg=user_reg))
+        row = np.zeros(params.n_items, dtype=np.float32)
+        np.add.at(row, np.asarray(user.items, dtype=np.int64), 1.0)
+        counts.append(row)
     if not vectors:
         raise ValueError("the silo has no ratings to train on")
-    return (torch.from_numpy(np.concatenate(vectors).astype(np.float32)),
-            torch.from_numpy(np.concatenate(items)))
+    return torch.from_numpy(np.stack(vectors).astype(np.float32)), torch.from_numpy(np.stack(counts))
+
+
+def silo_ledger(delta: float) -> PrivacyLedger:
+    """The ledger of a silo's DP-SGD: one user of the silo, add/remove, Poisson over users."""
+    return PrivacyLedger(delta=delta, unit=Unit.USER, relation=Relation.ADD_OR_REMOVE_ONE)
+
+
+def history_event(entry: HistoryEntry, round_: int, note: str = "silo DP-SGD") -> MechanismEvent:
+    """One Opacus history entry ``(σ, q, steps)`` as a ledger event."""
+    sigma, q, steps = entry
+    return MechanismEvent(noise_multiplier=float(sigma), sample_rate=float(q), steps=int(steps),
+                          sampling=Sampling.POISSON, parameters=RELEASED_PARAMETERS, round=int(round_), note=note)
 
 
 def ledger_from_history(history: Sequence[HistoryEntry], *, delta: float) -> PrivacyLedger:
-    """A ``Neighbouring.RECORD`` ledger holding one event per history entry (entry k as round k)."""
-    ledger = PrivacyLedger(delta=delta, neighbouring=Neighbouring.RECORD)
-    for k, (sigma, q, steps) in enumerate(history):
-        ledger.record(MechanismEvent(noise_multiplier=sigma, sample_rate=q, steps=steps,
-                                     neighbouring=Neighbouring.RECORD, parameters=RELEASED_PARAMETERS,
-                                     round=k, note="silo DP-SGD (Opacus history)"))
+    """A silo ledger holding one event per history entry (entry k as round k)."""
+    ledger = silo_ledger(delta)
+    for k, entry in enumerate(history):
+        ledger.record(history_event(entry, k, "silo DP-SGD (Opacus history)"))
     return ledger
 
 
-def _checked_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
+def checked_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
+    """Validated ``(σ, q, steps)`` entries (a stored or received history is data, not trust)."""
     out = []
     for entry in history:
         if len(entry) != 3:
@@ -189,6 +206,17 @@ def _checked_history(history: Sequence[Sequence[float]]) -> list[HistoryEntry]:
         require_int("history steps", steps, minimum=1)
         out.append((float(sigma), float(q), int(steps)))
     return out
+
+
+@dataclass(frozen=True)
+class _Private:
+    """What Opacus' ``make_private`` returned, under one set of names for both clipping modes."""
+
+    module: nn.Module
+    optimizer: object
+    criterion: object
+    loader: object
+    engine: object
 
 
 def dp_sgd_item_update(
@@ -208,7 +236,7 @@ def dp_sgd_item_update(
     noise_source: str = "seeded",
     grad_sample_mode: str = "ghost",
 ) -> SiloDPResult:
-    """One silo round of record-level DP-SGD on the item parameters (Opacus, RDP accountant).
+    """One silo round of user-level DP-SGD on the item parameters (Opacus, RDP accountant).
 
     Parameters
     ----------
@@ -219,10 +247,10 @@ def dp_sgd_item_update(
     user_reg:
         λ of the user reconstruction (``model.user_reg``).
     noise_multiplier, max_grad_norm:
-        σ and the per-record clip norm C: each step adds N(0, σ²C²) to the sum of clipped
-        per-record gradients, then divides by the expected batch size.
+        σ and the per-user clip norm C: each step adds N(0, σ²C²) to the sum of clipped
+        per-user gradients, then divides by the expected batch size.
     sample_rate:
-        Poisson rate q per step; the expected batch is ``round(q·n)`` records.
+        Poisson rate q per step; the expected batch is ``round(q·n)`` users.
     epochs:
         Passes over the silo (each ``⌈1/q⌉`` steps).
     lr:
@@ -233,24 +261,35 @@ def dp_sgd_item_update(
         The accountant history returned by the previous round (``[]`` in the first);
         restored before training so that ε composes across rounds.
     delta:
-        δ of the reported ε; should be well below 1 / (ratings in the silo).
+        δ of the reported ε; should be well below 1 / (users in the silo).
     server_round:
         Round written into :attr:`SiloDPResult.event`.
     noise_source:
         ``"seeded"``, ``"urandom"`` (secure noise from the OS) or ``"torchcsprng"`` (Opacus'
         secure mode; raises ``ImportError`` without torchcsprng).
     grad_sample_mode:
-        ``"ghost"`` (default): Opacus' ghost clipping computes each record's gradient norm
+        ``"ghost"`` (default): Opacus' ghost clipping computes each user's gradient norm
         without materialising the (B, I, d) per-sample gradients, then backpropagates the
-        clipped loss: the same clipped sum, ~20× faster on ML-100K. ``"hooks"``: the
-        per-sample gradients themselves (memory B·I·d floats); a test checks both agree.
-
-    Returns
-    -------
-    SiloDPResult
+        clipped loss: the same clipped sum, faster. ``"hooks"``: the per-sample gradients
+        themselves (memory B·I·d floats); a test checks both agree.
     """
-    from opacus import PrivacyEngine  # heavy import, only where DP-SGD runs
+    _check_arguments(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, sample_rate=sample_rate,
+                     epochs=epochs, lr=lr, user_reg=user_reg, delta=delta, noise_source=noise_source,
+                     grad_sample_mode=grad_sample_mode)
+    previous = checked_history(history)
+    inputs, targets = user_samples(params, users, user_reg=user_reg)
+    scorer = ItemScorer.from_params(params)
+    private = _prepare_private(scorer, inputs, targets, previous, noise_multiplier=noise_multiplier,
+                               max_grad_norm=max_grad_norm, sample_rate=sample_rate, lr=lr, seed=seed,
+                               noise_source=noise_source, grad_sample_mode=grad_sample_mode)
+    steps, mean_loss = _train(private, scorer, epochs=epochs, grad_sample_mode=grad_sample_mode)
+    return _account(private, scorer, params, steps=steps, mean_loss=mean_loss, users=len(targets), delta=delta,
+                    noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, server_round=server_round,
+                    noise_source=noise_source)
 
+
+def _check_arguments(*, noise_multiplier: float, max_grad_norm: float, sample_rate: float, epochs: int, lr: float,
+                     user_reg: float, delta: float, noise_source: str, grad_sample_mode: str) -> None:
     require_positive("noise_multiplier", noise_multiplier)
     require_positive("max_grad_norm", max_grad_norm)
     require_sample_rate("sample_rate", sample_rate)
@@ -260,20 +299,23 @@ def dp_sgd_item_update(
     require_delta("delta", delta)
     if noise_source not in NOISE_SOURCES:
         raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
-    secure_mode = noise_source == "torchcsprng"
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
-    previous = _checked_history(history)
 
-    inputs, targets = user_records(params, users, user_reg=user_reg)
+
+def _prepare_private(scorer: ItemScorer, inputs: torch.Tensor, targets: torch.Tensor, previous: list[HistoryEntry], *,
+                     noise_multiplier: float, max_grad_norm: float, sample_rate: float, lr: float, seed: int,
+                     noise_source: str, grad_sample_mode: str) -> _Private:
+    """Opacus' engine over one sample per user, its accountant restored from ``previous``."""
+    from opacus import PrivacyEngine  # heavy import, only where DP-SGD runs
+
+    secure_mode = noise_source == "torchcsprng"
     n = len(targets)
     batch_size = max(1, round(sample_rate * n))
     sampling_seed = int.from_bytes(os.urandom(8), "little") if noise_source == "urandom" else seed
     generator = None if secure_mode else torch.Generator().manual_seed(sampling_seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets),
                                          batch_size=batch_size, generator=generator)
-
-    scorer = ItemScorer.from_params(params)
     optimizer = torch.optim.SGD(scorer.parameters(), lr=lr)
     with warnings.catch_warnings():
         # Opacus warns that a seeded RNG is not secure; the docstring and result say so.
@@ -283,41 +325,50 @@ def dp_sgd_item_update(
     private = engine.make_private(
         module=scorer, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator,
-        grad_sample_mode=grad_sample_mode, criterion=nn.CrossEntropyLoss())
+        grad_sample_mode=grad_sample_mode, criterion=user_loss())
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, dp_loader = private
     else:
-        (module, dp_optimizer, dp_loader), criterion = private, nn.CrossEntropyLoss()
+        (module, dp_optimizer, dp_loader), criterion = private, user_loss()
     if noise_source == "urandom":
         _draw_noise_from_urandom(dp_optimizer)
+    if not math.isclose(dp_loader.sample_rate, sample_rate, rel_tol=0.1):
+        log.warning("Poisson rate %.4g used (1/⌈n/batch⌉ for %d users), not the requested %.4g",
+                    dp_loader.sample_rate, n, sample_rate)
+    return _Private(module, dp_optimizer, criterion, dp_loader, engine)
 
-    effective_rate = dp_loader.sample_rate
-    if not math.isclose(effective_rate, sample_rate, rel_tol=0.1):
-        log.warning("Poisson rate %.4g used (1/⌈n/batch⌉ for %d records), not the requested %.4g",
-                    effective_rate, n, sample_rate)
 
+def _train(private: _Private, scorer: ItemScorer, *, epochs: int, grad_sample_mode: str) -> tuple[int, float]:
+    """``epochs`` passes of Poisson batches; returns (steps taken, mean loss per sampled user)."""
     steps, loss_sum, seen = 0, 0.0, 0
-    module.train()
+    private.module.train()
     with warnings.catch_warnings():
         # The inputs (user vectors) need no gradient; Opacus' hooks only read the outputs'.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for _ in range(epochs):
-            for batch_inputs, batch_targets in dp_loader:
-                dp_optimizer.zero_grad(set_to_none=True)
+            for batch_inputs, batch_targets in private.loader:
+                private.optimizer.zero_grad(set_to_none=True)
                 if len(batch_targets):
-                    loss = criterion(module(batch_inputs), batch_targets)
+                    loss = private.criterion(private.module(batch_inputs), batch_targets)
                     loss_sum += float(loss.detach()) * len(batch_targets)
                     seen += len(batch_targets)
                     loss.backward()
                 # An empty Poisson batch still steps: noise is added and the step charged.
                 elif grad_sample_mode == "hooks":  # empty per-sample grads, clipped sum 0
-                    module(batch_inputs).sum().backward()
+                    private.module(batch_inputs).sum().backward()
                 else:  # ghost: no forward (it would count as a second call), a zero gradient
                     for p in scorer.parameters():
                         p.grad = torch.zeros_like(p)
-                dp_optimizer.step()
+                private.optimizer.step()
                 steps += 1
+    return steps, (loss_sum / seen if seen else float("nan"))
 
+
+def _account(private: _Private, scorer: ItemScorer, params: ItemParams, *, steps: int, mean_loss: float, users: int,
+             delta: float, noise_multiplier: float, max_grad_norm: float, server_round: int,
+             noise_source: str) -> SiloDPResult:
+    """The update, Opacus' ε and our ledger's ε for the history after this round."""
+    engine = private.engine
     new_history = [(float(s), float(q), int(k)) for s, q, k in engine.accountant.history]
     epsilon = float(engine.accountant.get_epsilon(delta=delta))
     ledger_epsilon = ledger_from_history(new_history, delta=delta).epsilon()
@@ -325,18 +376,17 @@ def dp_sgd_item_update(
         log.warning("Opacus ε %.4f and ledger ε %.4f differ by more than 2%%", epsilon, ledger_epsilon)
     new = scorer.to_params()
     update = ItemParams(new.embeddings - params.embeddings, new.bias - params.bias)
-    event = MechanismEvent(noise_multiplier=float(noise_multiplier), sample_rate=float(effective_rate),
-                           steps=steps, neighbouring=Neighbouring.RECORD, parameters=RELEASED_PARAMETERS,
-                           round=server_round, note=f"silo DP-SGD, {n} records, C={max_grad_norm}")
+    rate = float(private.loader.sample_rate)
+    event = history_event((float(noise_multiplier), rate, steps), server_round,
+                          f"silo DP-SGD, {users} users, C={max_grad_norm}")
     return SiloDPResult(update=update, history=new_history, epsilon=epsilon, ledger_epsilon=ledger_epsilon,
-                        delta=float(delta), event=event, steps=steps, sample_rate=float(effective_rate),
-                        mean_loss=loss_sum / seen if seen else float("nan"), records=n,
-                        noise_source=noise_source)
+                        delta=float(delta), event=event, steps=steps, sample_rate=rate, mean_loss=mean_loss,
+                        users=users, noise_source=noise_source)
 
 
 def _draw_noise_from_urandom(optimizer) -> None:
-    """Make an Opacus DP optimizer add N(0, (σC)²) from the OS CSPRNG to each clipped gradient sum:
-    the sum of four draws of std σC/2 per coordinate, as Opacus' secure mode does."""
+    """Make an Opacus DP optimizer add N(0, (σC)²) from the OS CSPRNG to each clipped gradient sum
+    (:class:`GaussianNoise`: four draws per coordinate, as Opacus' secure mode does)."""
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     source = GaussianNoise(None)
@@ -345,8 +395,7 @@ def _draw_noise_from_urandom(optimizer) -> None:
         std = optimizer.noise_multiplier * optimizer.max_grad_norm
         for p in optimizer.params:
             _check_processed_flag(p.summed_grad)
-            shape = tuple(p.summed_grad.shape)
-            noise = sum(source.normal(shape, std / 2.0) for _ in range(4))
+            noise = source.normal(tuple(p.summed_grad.shape), std)
             p.grad = (p.summed_grad + torch.from_numpy(noise).to(p.summed_grad.dtype)).view_as(p)
             _mark_as_processed(p.summed_grad)
 

@@ -1,5 +1,6 @@
-"""Record-level DP-SGD for a silo (common.silo_dp): per-sample gradients, the released update,
-accountant history across rounds, ε against our ledger, and a silo that learns under DP."""
+"""User-level DP-SGD for a silo (common.silo_dp): one user is one DP-SGD sample (the unit whose
+influence the clip bounds), the released update, accountant history across rounds, ε against our
+ledger, and a silo that learns under DP."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.federated import ClientData, client_evaluate
 from common.mf import ItemParams, UserData, fit_user, init_items, local_item_update
-from common.privacy import Neighbouring, PrivacyLedger
+from common.privacy import Sampling
 from common.silo_dp import (GRAD_SAMPLE_MODES, RELEASED_PARAMETERS, ItemScorer, SiloDPResult, dp_sgd_item_update,
-                            ledger_from_history, user_records)
+                            ledger_from_history, silo_ledger, user_samples)
 from tests.conftest import write_block_csv
 
 torch.set_num_threads(1)
@@ -62,7 +63,7 @@ def cosine(a: ItemParams, b: ItemParams) -> float:
 
 
 def per_example_grads(scorer: ItemScorer, x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Reference: one backward per record, (B, I, d) and (B, I)."""
+    """Reference: one backward per user (sample), (B, I, d) and (B, I)."""
     weights, biases = [], []
     for i in range(len(y)):
         scorer.zero_grad()
@@ -70,6 +71,20 @@ def per_example_grads(scorer: ItemScorer, x: torch.Tensor, y: torch.Tensor) -> t
         weights.append(scorer.linear.weight.grad.numpy().copy())
         biases.append(scorer.linear.bias.grad.numpy().copy())
     return np.stack(weights), np.stack(biases)
+
+
+def user_gradients(params: ItemParams, users: list[UserData]) -> list[np.ndarray]:
+    """Each user's own gradient of their softmax loss (common.mf.item_loss) at their vector."""
+    from common.mf import item_loss
+
+    out = []
+    for user in users:
+        V = torch.from_numpy(params.embeddings.copy()).requires_grad_(True)
+        b = torch.from_numpy(params.bias.copy()).requires_grad_(True)
+        u = torch.from_numpy(fit_user(params, user, loss="softmax", reg=REG))
+        item_loss(V, b, u, user, loss="softmax").backward()
+        out.append(np.r_[V.grad.numpy().ravel(), b.grad.numpy()])
+    return out
 
 
 # ---------------------------------------------------------------- (1) per-sample gradients
@@ -87,36 +102,48 @@ def test_item_scorer_round_trips_item_params(start):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # inputs need no gradient
-def test_opacus_per_sample_gradients_equal_a_per_example_loop(start):
+def test_opacus_per_sample_gradients_are_each_users_own_gradient(silo, start):
     from opacus import GradSampleModule
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(9, DIM, generator=gen), torch.randint(0, start.n_items, (9,), generator=gen)
-    reference = per_example_grads(ItemScorer.from_params(start), x, y)
-    module = GradSampleModule(ItemScorer.from_params(start), loss_reduction="mean")
-    torch.nn.functional.cross_entropy(module(x), y).backward()
+    users = list(silo.trainable)[:9]
+    x, y = user_samples(start, users, user_reg=REG)
+    module = GradSampleModule(ItemScorer.from_params(start), loss_reduction="sum")
+    torch.nn.functional.cross_entropy(module(x), y, reduction="sum").backward()
     weight, bias = module._module.linear.weight, module._module.linear.bias
-    np.testing.assert_allclose(weight.grad_sample.numpy(), reference[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bias.grad_sample.numpy(), reference[1], rtol=1e-5, atol=1e-6)
-    # and the closed form of one record's softmax gradient: (p − e_i) ⊗ u
-    p = torch.softmax(x @ torch.from_numpy(start.embeddings).T + torch.from_numpy(start.bias), 1)
-    residual = (p - torch.nn.functional.one_hot(y, start.n_items)).numpy()
-    np.testing.assert_allclose(reference[0], residual[:, :, None] * x.numpy()[:, None, :], rtol=1e-5, atol=1e-6)
+    got = np.concatenate([weight.grad_sample.numpy().reshape(len(users), -1), bias.grad_sample.numpy()], axis=1)
+    np.testing.assert_allclose(got, np.stack(user_gradients(start, users)), rtol=1e-4, atol=1e-5)
+
+
+def test_one_users_data_moves_only_that_users_sample(silo, start):
+    """Issue #11 (4): the clip bounds one unit's influence only if a unit's data enters no other
+    sample. With one sample per rating, removing one of a user's ratings moved the inputs (the user
+    vector) of that user's other records; with one sample per user, changing or removing a user
+    leaves every other sample exactly as it was."""
+    users = list(silo.trainable)[:6]
+    x, y = user_samples(start, users, user_reg=REG)
+    changed = users[:2] + [UserData(users[2].items[1:], users[2].ratings[1:])] + users[3:]
+    x2, y2 = user_samples(start, changed, user_reg=REG)
+    others = [i for i in range(len(users)) if i != 2]
+    np.testing.assert_array_equal(x2[others].numpy(), x[others].numpy())
+    np.testing.assert_array_equal(y2[others].numpy(), y[others].numpy())
+    assert not np.array_equal(x2[2].numpy(), x[2].numpy())  # the changed user's own sample did move
+    removed_x, _ = user_samples(start, users[:2] + users[3:], user_reg=REG)
+    np.testing.assert_array_equal(removed_x.numpy(), x[others].numpy())
 
 
 @huge_epsilon_ok
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_one_full_batch_step_is_the_clipped_mean_gradient(silo, start, mode):
-    """q = 1, σ ≈ 0: one step, ``−lr/n · Σ clip_C(g_i)``, with a C small enough to clip."""
+    """q = 1, σ ≈ 0: one step, ``−lr/n · Σ clip_C(g_u)``, with a C small enough to clip."""
     users, lr, clip = list(silo.trainable), 0.1, 0.05
-    x, y = user_records(start, users, user_reg=REG)
+    x, y = user_samples(start, users, user_reg=REG)
     w, b = per_example_grads(ItemScorer.from_params(start), x, y)
     norms = np.sqrt((w ** 2).sum((1, 2)) + (b ** 2).sum(1))
-    assert (norms > clip).all()  # every record is clipped
+    assert (norms > clip).all()  # every user is clipped
     factor = np.minimum(1.0, clip / norms)
     result = run(start, users, sample_rate=1.0, noise_multiplier=1e-9, max_grad_norm=clip, lr=lr,
                  grad_sample_mode=mode)
-    assert result.steps == 1 and result.records == len(y)
+    assert result.steps == 1 and result.users == len(y) == len(users)
     np.testing.assert_allclose(result.update.embeddings, -lr / len(y) * np.einsum("n,nid->id", factor, w),
                                rtol=1e-3, atol=1e-7)
     np.testing.assert_allclose(result.update.bias, -lr / len(y) * np.einsum("n,ni->i", factor, b),
@@ -134,10 +161,10 @@ def test_ghost_clipping_and_per_sample_hooks_give_the_same_noisy_update(silo, st
 
 @pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
 def test_empty_poisson_batches_still_add_noise_and_are_charged(start, mode):
-    """Four records, batch 1: q = 1/4, so a step's batch is empty 32% of the time."""
-    user = UserData(np.array([3, 7, 11, 20], dtype=np.int64), np.ones(4, np.float32))
+    """Four users, batch 1: q = 1/4, so a step's batch is empty 32% of the time."""
+    users = [UserData(np.array([3 + k, 7, 11 + k, 20], dtype=np.int64), np.ones(4, np.float32)) for k in range(4)]
     for seed in range(2):
-        result = run(start, [user], sample_rate=0.25, epochs=2, seed=seed, grad_sample_mode=mode)
+        result = run(start, users, sample_rate=0.25, epochs=2, seed=seed, grad_sample_mode=mode)
         assert result.steps == 8 and result.history == [(1.0, 0.25, 8)]
         assert np.isfinite(flat(result.update)).all()
         # noise reaches every coordinate, including items nobody rated
@@ -160,19 +187,21 @@ def test_update_has_the_received_shapes_and_leaves_the_inputs_alone(silo, start)
     names = {n for n, p in ItemScorer.from_params(start).named_parameters() if p.requires_grad}
     assert names == {"linear.weight", "linear.bias"}
     assert result.event.parameters == RELEASED_PARAMETERS
-    assert result.event.neighbouring is Neighbouring.RECORD
-    assert result.records == sum(len(u.items) for u in users)
+    assert result.event.sampling is Sampling.POISSON
+    assert result.users == len(users)
     assert not result.secure_mode
 
 
-def test_user_records_hold_one_reconstructed_vector_per_rating(silo, start):
+def test_user_samples_hold_one_reconstructed_vector_and_item_counts_per_user(silo, start):
     users = list(silo.trainable)[:3] + [UserData(np.zeros(0, np.int64), np.zeros(0, np.float32))]
-    x, y = user_records(start, users, user_reg=REG)
-    assert len(y) == sum(len(u.items) for u in users)
-    np.testing.assert_array_equal(y.numpy(), np.concatenate([u.items for u in users]))
+    x, y = user_samples(start, users, user_reg=REG)
+    assert x.shape == (3, DIM) and y.shape == (3, start.n_items)
+    for k in range(3):
+        np.testing.assert_array_equal(np.flatnonzero(y[k].numpy()), np.sort(users[k].items))
+        assert float(y[k].sum()) == len(users[k].items)
     np.testing.assert_array_equal(x[0].numpy(), fit_user(start, users[0], loss="softmax", reg=REG))
     with pytest.raises(ValueError, match="no ratings"):
-        user_records(start, users[-1:], user_reg=REG)
+        user_samples(start, users[-1:], user_reg=REG)
 
 
 def test_same_seed_same_update_and_bad_arguments_refused(silo, start):
@@ -224,7 +253,7 @@ def test_history_is_restored_so_epsilon_composes_across_rounds(silo, start):
     alone = run(start, users, server_round=2, noise_multiplier=1.3)
     assert first.history == [(1.0, first.sample_rate, first.steps)]
     assert second.history == [*first.history, (1.3, second.sample_rate, second.steps)]
-    both = PrivacyLedger(delta=second.delta, neighbouring=Neighbouring.RECORD)
+    both = silo_ledger(second.delta)
     both.record(first.event)
     both.record(second.event)
     assert second.epsilon == pytest.approx(both.epsilon(), rel=0.01)
@@ -244,16 +273,15 @@ def test_opacus_epsilon_agrees_with_our_ledger(silo, start, sigma, rate, epochs)
 
 @huge_epsilon_ok
 def test_without_noise_or_clipping_the_update_follows_the_gradient(silo, start):
-    """σ ≈ 0 and C above every record's gradient norm (‖g‖² ≤ 2(‖u‖²+1), checked): DP-SGD is
-    plain SGD on the records. One full-batch step is −lr/n × the non-DP gradient; Poisson-sampled
-    steps with a small lr add up to the same direction; real noise does not."""
+    """σ ≈ 0 and C above every user's gradient norm (checked): DP-SGD is plain SGD over users. One
+    full-batch step is −lr/U × the non-DP gradient; Poisson-sampled steps with a small lr add up to
+    the same direction; real noise does not."""
     users = list(silo.trainable)
-    x, _ = user_records(start, users, user_reg=REG)
     clip = 1e4
-    assert 2 * (float((x ** 2).sum(1).max()) + 1) < clip ** 2
+    assert max(np.linalg.norm(g) for g in user_gradients(start, users)) < clip
     reference, _, _ = local_item_update(start, users, loss="softmax", user_reg=REG, epochs=1, lr=1.0,
                                         rng=np.random.default_rng(0))
-    n = sum(len(u.items) for u in users)
+    n = len(users)
 
     # lr large enough that new − old keeps float32 precision (it is a single step)
     full = run(start, users, sample_rate=1.0, noise_multiplier=1e-9, max_grad_norm=clip, lr=0.1)
@@ -269,7 +297,7 @@ def test_without_noise_or_clipping_the_update_follows_the_gradient(silo, start):
 
 # ---------------------------------------------------------------- (6) a silo learns under DP
 
-def test_a_silo_learns_to_rank_under_record_level_dp(silo, start):
+def test_a_silo_learns_to_rank_under_user_level_dp(silo, start):
     users, model = list(silo.trainable), ModelConfig(dim=DIM, user_reg=REG)
 
     def ndcg(params: ItemParams) -> float:
@@ -278,7 +306,9 @@ def test_a_silo_learns_to_rank_under_record_level_dp(silo, start):
 
     params, history, losses, epsilons = start.copy(), [], [], []
     for server_round in range(1, 6):
-        result = run(params, users, lr=1.0, seed=server_round, history=history, server_round=server_round)
+        # 30 users: half of them per step, so the noise (σC over ~15 users) leaves a signal
+        result = run(params, users, lr=1.0, sample_rate=0.5, seed=server_round, history=history,
+                     server_round=server_round)
         history = result.history
         params = ItemParams(params.embeddings + result.update.embeddings, params.bias + result.update.bias)
         losses.append(result.mean_loss)
