@@ -123,7 +123,22 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
 
         n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
         cfg = cfg.replace(**{"fed.sample-rate": min(1.0, args.clients_per_round / n)})
+    if (base is None and getattr(args, "partition", None) == "silo" and args.noise_multiplier is None
+            and cfg.dp.enabled and cfg.dp.mode == "central" and cfg.dp.target_epsilon > 0):
+        cfg = _silo_dp(cfg)
     return cfg
+
+
+def _silo_dp(cfg: RunConfig) -> RunConfig:
+    """σ planned for silos: one user inside a sampled silo moves its silo's update by up to 2C
+    (replace-one), which needs more noise than the user-level default for the same ε."""
+    from common.privacy import Accountant, Relation, plan_noise_multiplier
+
+    sigma = plan_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta, rounds=cfg.fed.rounds,
+                                  sample_rate=cfg.fed.sample_rate, accountant=Accountant(cfg.dp.accountant),
+                                  relation=Relation.REPLACE_ONE)
+    print(f"silos: noise multiplier planned for a user inside a silo (replace-one): sigma = {sigma:.3f}", flush=True)
+    return cfg.replace(**{"dp.noise-multiplier": sigma})
 
 
 class _WarningsOnly(logging.Filter):
@@ -191,16 +206,20 @@ def summarize(run_dir, result: dict) -> str:
         from common.privacy import Accountant, PrivacyLedger
 
         led = PrivacyLedger.from_state_dict(ledger["ledger"])
-        unit = "local" if led.neighbouring.value == "local" else "user-level"
-        lines.append(f"privacy            {unit} ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
-                     f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released")
+        mode = "local DP" if run_dir.config().dp.mode == "local" else "user-level"
+        lines.append(f"privacy            {mode} ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
+                     f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released"
+                     f" ({led.unit.value}, {led.relation.value})")
+        if not ledger.get("secret_cohorts", True):
+            lines.append(f"                   cohorts were SEEDED (fed.sampling-seed): without amplification "
+                         f"ε = {led.epsilon(Accountant.RDP, amplification=False):.3f} (RDP)")
     elif run_dir.config().dp.enabled:
         lines.append("privacy            no round was released (the privacy budget allowed none)")
     else:
         lines.append("privacy            NO DP GUARANTEE for users (run with user-level DP disabled)")
     if (run_dir.path / "client_epsilons.json").exists():
         eps = list(json.loads((run_dir.path / "client_epsilons.json").read_text()).values())
-        lines.append(f"record-level DP     silo ε (δ = {run_dir.config().dp.record_delta:g}): "
+        lines.append(f"silo DP-SGD        user-level ε inside each silo (δ = {run_dir.config().dp.silo_delta:g}): "
                      f"min {min(eps):.3f}, max {max(eps):.3f} over {len(eps)} silos")
     if (run_dir.path / "privacy_report.html").exists():
         lines.append(f"privacy report     {run_dir.path / 'privacy_report.html'}")
@@ -215,9 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     from server.run_dir import RunDir
 
     if args.resume:
+        from server.run_dir import ConfigMismatchError, RunDirError
+
         run_dir = RunDir(args.resume)
-        cfg = build_config(args, run_dir.config())
-        run_dir.check_resume(cfg)
+        try:
+            cfg = build_config(args, run_dir.config())
+            run_dir.check_resume(cfg)
+            run_dir.load_checkpoint()  # a damaged checkpoint stops here, named, before any simulation starts
+            run_dir.rounds()
+        except (RunDirError, ConfigMismatchError) as exc:
+            print(f"simulate.py: error: {exc}", file=sys.stderr)
+            return 2
     else:
         cfg = build_config(args)
         run_dir = RunDir.create(Path(args.runs_dir), cfg)

@@ -97,6 +97,10 @@ class FedConfig:
     partition: str = "user"
     num_silos: int = 10
     timeout: float = 120.0  # seconds a round waits for its clients (covers Ray start-up)
+    # -1: each round's cohort is drawn from the OS CSPRNG (secret: what amplification by sampling
+    # needs). ≥ 0: reproducible cohorts for tests/experiments; the privacy report then says the
+    # guarantee's sampling assumption did not hold (anyone with config.json can replay them).
+    sampling_seed: int = -1
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"fed.rounds must be ≥ 1, got {self.rounds}")
@@ -109,6 +113,12 @@ class FedConfig:
         _check(self.partition in PARTITIONS, f"fed.partition must be one of {PARTITIONS}")
         _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
+        _check(self.sampling_seed >= -1, f"fed.sampling-seed must be -1 (secret cohorts) or ≥ 0, got {self.sampling_seed}")
+
+    @property
+    def cohort_seed(self) -> int | None:
+        """The sampling seed, or None for secret cohorts from the OS CSPRNG (the default)."""
+        return None if self.sampling_seed < 0 else self.sampling_seed
 
 
 @dataclass(frozen=True)
@@ -127,12 +137,13 @@ class DPConfig:
     target_epsilon: float = 8.0  # > 0: stop before a round whose release would exceed it (0: no cap)
     accountant: str = "rdp"  # which accountant enforces target-epsilon (both are reported)
     noise_seed: int = -1  # -1: secure noise from os.urandom; ≥ 0: seeded (tests/debugging only)
-    # Record-level DP-SGD (Opacus) inside silo clients (fed.partition = silo): one rating is the unit.
-    record_level: bool = False
-    record_noise_multiplier: float = 1.0
-    record_clip: float = 1.0
-    record_sample_rate: float = 0.05
-    record_delta: float = 1e-5
+    # User-level DP-SGD (Opacus) inside each silo (fed.partition = silo): one user of the silo is the
+    # unit (per-user gradients clipped to silo-clip), on top of the cross-silo noise.
+    silo_dp_sgd: bool = False
+    silo_noise_multiplier: float = 1.0
+    silo_clip: float = 1.0
+    silo_sample_rate: float = 0.05  # Poisson rate over the silo's users per DP-SGD step
+    silo_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         _check(self.mode in DP_MODES, f"dp.mode must be one of {DP_MODES}, got {self.mode!r}")
@@ -142,9 +153,9 @@ class DPConfig:
         _check(0 < self.delta < 1, f"dp.delta must be in (0, 1), got {self.delta}")
         _check(self.target_epsilon >= 0, f"dp.target-epsilon must be ≥ 0 (0 = no cap), got {self.target_epsilon}")
         _check(self.accountant in ("rdp", "pld"), f"dp.accountant must be rdp or pld, got {self.accountant!r}")
-        _check(self.record_noise_multiplier > 0 and self.record_clip > 0, "dp.record-noise-multiplier and dp.record-clip must be > 0")
-        _check(0 < self.record_sample_rate <= 1, f"dp.record-sample-rate must be in (0, 1], got {self.record_sample_rate}")
-        _check(0 < self.record_delta < 1, f"dp.record-delta must be in (0, 1), got {self.record_delta}")
+        _check(self.silo_noise_multiplier > 0 and self.silo_clip > 0, "dp.silo-noise-multiplier and dp.silo-clip must be > 0")
+        _check(0 < self.silo_sample_rate <= 1, f"dp.silo-sample-rate must be in (0, 1], got {self.silo_sample_rate}")
+        _check(0 < self.silo_delta < 1, f"dp.silo-delta must be in (0, 1), got {self.silo_delta}")
 
     @property
     def seed(self) -> int | None:
@@ -164,13 +175,16 @@ class SecAggConfig:
     enabled: bool = True
     num_shares: int = 7  # neighbours each client shares its key with (SecAgg+: O(log n))
     reconstruction_threshold: int = 4  # shares needed to unmask a dropped client
-    quantization_bits: int = 22  # values are quantized to 2^bits levels over [-clip, clip]
+    # Values are quantized to 2^bits levels over [-clip, clip]. The modulus of the masked sum is sized
+    # each round for the whole population (nothing wraps); a bit width whose rounding error could move
+    # one update's norm by more than 1% of the clip is refused at the start (common/secure_sum.py).
+    quantization_bits: int = 22
 
     def __post_init__(self) -> None:
         _check(self.num_shares >= 3, f"secagg.num-shares must be ≥ 3, got {self.num_shares}")
         _check(2 <= self.reconstruction_threshold <= self.num_shares,
                f"secagg.reconstruction-threshold must be in [2, num-shares], got {self.reconstruction_threshold}")
-        _check(8 <= self.quantization_bits <= 24, f"secagg.quantization-bits must be in [8, 24], got {self.quantization_bits}")
+        _check(8 <= self.quantization_bits <= 30, f"secagg.quantization-bits must be in [8, 30], got {self.quantization_bits}")
 
 
 @dataclass(frozen=True)
@@ -200,7 +214,9 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> "RunConfig":
-        """Build from flat keys; unknown keys and wrong types are refused with the key named."""
+        """Build from flat keys; unknown keys and wrong types are refused with the key named.
+        Keys renamed since (:data:`RENAMED`) are read under their new names."""
+        flat = {RENAMED.get(k, k): v for k, v in flat.items()}
         defaults = cls().to_flat()
         unknown = sorted(set(flat) - set(defaults))
         if unknown:
@@ -223,6 +239,12 @@ class RunConfig:
         """A copy with some flat keys changed (``cfg.replace(**{"fed.rounds": 5})``)."""
         return RunConfig.from_flat({**self.to_flat(), **flat})
 
+
+# Old key -> new key. The record-level silo DP-SGD counted one rating as the unit, which its
+# inputs (user vectors fitted on all of a user's ratings) did not support; it is user-level now.
+RENAMED = {"dp.record-level": "dp.silo-dp-sgd", "dp.record-noise-multiplier": "dp.silo-noise-multiplier",
+           "dp.record-clip": "dp.silo-clip", "dp.record-sample-rate": "dp.silo-sample-rate",
+           "dp.record-delta": "dp.silo-delta"}
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig, "fed": FedConfig, "dp": DPConfig,
              "secagg": SecAggConfig}

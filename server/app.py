@@ -79,6 +79,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
         strategy.set_text_side(text_side)
     if strategy.ledger is not None and "ledger" in extra:
         strategy.ledger.load_state_dict(extra["ledger"])  # ε spent before the interruption stays spent
+    for cid, history in extra.get("silo_histories", {}).items():  # silo DP-SGD ε composes on
+        strategy.silo_histories[int(cid)] = [tuple(entry) for entry in history]
     strategy.expected_clients = expected_clients
     strategy.stop_after = stop_after
     remaining = cfg.fed.rounds - start
@@ -92,6 +94,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
             clipping_range=strategy.clip_bound,  # = the client's bound (C, or C(1+8σ) with local DP): never clips
             quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
         strategy.secagg_workflow = fit_workflow
+        strategy.device_clip  # noqa: B018 - refuses a bit width too coarse for this model before round 1
     if remaining > 0:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
         strategy.grid = BoundedGrid(grid, cfg.fed.timeout, strategy.note_failure)

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--local", action="store_true",
                       help="local DP (dp.mode=local): the sigma each device adds to its own update; sampling "
                            "gives no amplification, so no rate is needed")
+    plan.add_argument("--silo", action="store_true",
+                      help="silos (fed.partition=silo): one user inside a sampled silo moves the silo's update by "
+                           "up to 2C, so the relation is replace-one (user-level ε for silos)")
     plan.set_defaults(handler=cmd_privacy_plan)
 
     # ---- report
@@ -347,18 +350,26 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
         if args.population is not None:
             raise UserError("--population goes with --clients-per-round, not with --sample-rate")
         q = args.sample_rate
-    common = {"delta": args.delta, "rounds": args.rounds, "sample_rate": q, "steps_per_round": args.steps_per_round}
+    from common.privacy.ledger import Relation
+
+    relation = Relation.REPLACE_ONE if args.silo else Relation.ADD_OR_REMOVE_ONE
+    common = {"delta": args.delta, "rounds": args.rounds, "sample_rate": q, "steps_per_round": args.steps_per_round,
+              "relation": relation}
     try:
         sigma = plan_noise_multiplier(target_epsilon=args.target_epsilon, accountant=accountant, **common)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    unit = ("one user inside a silo, replace-one" if args.silo else
+            "one user, add/remove (zero-out, population size public)")
     print(f"noise multiplier sigma = {sigma:.3f}  (smallest on a 0.001 grid with "
-          f"{accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g}, q = {q:.4g})")
+          f"{accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g}, q = {q:.4g}; "
+          f"{unit}; amplification assumes secret cohorts)")
     print(format_plan(noise_multipliers=[sigma], target_epsilon=args.target_epsilon, **common))
     return 0
 
 
 def _plan_local(args: argparse.Namespace, accountant) -> int:
+    from common.privacy.ledger import Relation
     from common.privacy.plan import format_plan, plan_local_noise_multiplier
 
     if args.steps_per_round != 1:
@@ -371,9 +382,10 @@ def _plan_local(args: argparse.Namespace, accountant) -> int:
     print(f"local DP: each device adds N(0, (sigma*C)^2) with sigma = {sigma:.3f} to its clipped update "
           f"({accountant.value.upper()} epsilon <= {args.target_epsilon:g} at delta = {args.delta:g} over "
           f"{args.rounds} rounds, every round charged, no amplification by sampling)")
-    print("accounting per round: Gaussian with multiplier sigma/2 (sensitivity 2C), q = 1:")
-    print(format_plan(noise_multipliers=[sigma / 2], target_epsilon=args.target_epsilon, delta=args.delta,
-                      rounds=args.rounds, sample_rate=1.0))
+    print("accounting per round: one Gaussian release under replace-one (two updates of a device differ by up to "
+          "2C), q = 1:")
+    print(format_plan(noise_multipliers=[sigma], target_epsilon=args.target_epsilon, delta=args.delta,
+                      rounds=args.rounds, sample_rate=1.0, relation=Relation.REPLACE_ONE))
     return 0
 
 

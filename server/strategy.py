@@ -26,11 +26,14 @@ from flwr.server.strategy import Strategy
 
 from common import keys
 from common.config import RunConfig
-from common.federated import EVAL_KS, ServerOptimizer, poisson_sample, server_update, sum_updates, validate_update
+from common.federated import EVAL_KS, ServerOptimizer, server_update, sum_updates, validate_update
 from common.metrics import RANKING_METRICS
 from common.mf import ItemParams
 from common.privacy import Accountant, MechanismEvent
 from common.privacy.dp_fedavg import GaussianNoise, ledger_for, local_bound, release_event
+from common.sampling import poisson_sample
+from common.secure_sum import clip_before_rounding, expected_weight_factor, modulus_for
+from common.silo_dp import checked_history, ledger_from_history
 from server.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -58,12 +61,14 @@ class FedRecStrategy(Strategy):
         self.secure_aggregation = False  # results carry the survivors' mean (SecAgg+), not updates
         self.secagg_workflow = None  # Flower's SecAggPlusWorkflow, sized to each round's cohort
         dp = cfg.dp
-        self.ledger = ledger_for(dp.mode, dp.delta) if dp.enabled else None
+        self.ledger = ledger_for(dp.mode, dp.delta, cfg.fed.partition) if dp.enabled else None
         self.local_dp = dp.enabled and dp.mode == "local"  # the devices add the noise, not the server
         self.noise = GaussianNoise(dp.seed)
         self.budget_stopped_at: int | None = None
         self._released = False
-        self.record_epsilons: dict[int, float] = {}  # client id -> latest record-level ε (silo DP-SGD)
+        # silo DP-SGD: each silo's Opacus history [(σ, q, steps), ...], kept with the checkpoint so
+        # that a resumed run composes on (a reported ε never goes down)
+        self.silo_histories: dict[int, list[tuple[float, float, int]]] = {}
         # Hybrid (model.kind = "hybrid"): self.params is a HybridParams; the text side computes the
         # item text vectors sent after the trainable arrays (a context array, never trained).
         self.text_side = None
@@ -132,12 +137,14 @@ class FedRecStrategy(Strategy):
         self._row = {"round": rnd, "sampled": 0, "participants": 0, "failures": 0}
         proxies = self._resolve_ids(client_manager)
         by_id = {self.client_ids[p.cid]: p for p in proxies}
-        chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.seed, server_round=rnd)
+        # Secret cohorts (OS CSPRNG) unless the run set fed.sampling-seed for tests; only counts are logged.
+        chosen = poisson_sample(list(by_id), self.cfg.fed.sample_rate, seed=self.cfg.fed.cohort_seed,
+                                server_round=rnd)
         self._row["sampled"] = len(chosen)
         self._size_secagg(len(chosen))
         config = {keys.SERVER_ROUND: rnd, keys.LOCAL_EPOCHS: self.cfg.fed.local_epochs, keys.CLIENT_LR: self.cfg.fed.client_lr}
         if self.ledger is not None or self.secure_aggregation:
-            config[keys.CLIP_NORM] = self.cfg.dp.clip
+            config[keys.CLIP_NORM] = self.device_clip
             config[keys.BIAS_SHARE] = self.cfg.dp.bias_share
         if self.local_dp:
             config[keys.LOCAL_NOISE] = self.cfg.dp.noise_multiplier
@@ -164,14 +171,21 @@ class FedRecStrategy(Strategy):
                 self._row["failures"] += 1
                 continue
             updates.append(arrays)
-            if keys.M_TRAIN_LOSS in res.metrics:
-                losses.append(float(res.metrics[keys.M_TRAIN_LOSS]))
-            if keys.M_RECORD_EPSILON in res.metrics:  # silo DP-SGD: each silo's record-level ε
-                self.record_epsilons[self.client_ids.get(proxy.cid, -1)] = float(res.metrics[keys.M_RECORD_EPSILON])
+            loss = _finite(res.metrics.get(keys.M_TRAIN_LOSS))
+            if loss is not None:
+                losses.append(loss)
+            self._note_silo_history(proxy, res.metrics)
         self._row["participants"] = len(updates)
         if not updates:
             return None, {}
         if self.secure_aggregation:  # every result carries the survivors' mean
+            problem = self._weight_factor_problem(len(updates))
+            if problem:
+                # The sum cannot be trusted (a client lied about its weight, or the modulus wrapped):
+                # nothing of it is released; evaluate() releases noise only and charges the round.
+                log.error("round %d: secure aggregate refused: %s", self.current_round, problem)
+                self._row["refused"] = problem
+                return None, {}
             total = [np.asarray(a, dtype=np.float64) * len(updates) for a in updates[0]]
         else:
             total = sum_updates(updates)
@@ -182,16 +196,60 @@ class FedRecStrategy(Strategy):
 
     def _size_secagg(self, cohort: int) -> None:
         """SecAgg+ needs num_shares ≤ cohort and a threshold ≤ num_shares: with a small cohort
-        (a few silos or devices) every client shares with all others, same threshold ratio."""
+        (a few silos or devices) every client shares with all others, same threshold ratio. The
+        modulus is sized for the whole population, the largest cohort a round can have, so the
+        masked sum never wraps (common/secure_sum.py)."""
         wf, sa = self.secagg_workflow, self.cfg.secagg
         if wf is None:
             return
+        wf.modulus_range = modulus_for(self.population, sa.quantization_bits)
         if cohort >= sa.num_shares:
             wf.num_shares, wf.reconstruction_threshold = sa.num_shares, sa.reconstruction_threshold
         else:  # floats: proportions of the sampled clients / of the shares (Flower's convention)
             wf.num_shares, wf.reconstruction_threshold = 1.0, sa.reconstruction_threshold / sa.num_shares
 
+    def _weight_factor_problem(self, survivors: int) -> str | None:
+        """Why the unmasked aggregate cannot be used: its weight factor is not n·2^bits."""
+        factor = getattr(self.secagg_workflow, "last_weight_factor", None)
+        want = expected_weight_factor(survivors, self.cfg.secagg.quantization_bits)
+        if factor is None:
+            return "the unmask stage reported no weight factor"
+        if factor != want:
+            return (f"unmasked weight factor {factor} ≠ {survivors} survivors × 2^{self.cfg.secagg.quantization_bits} "
+                    f"= {want} (a client claimed another weight, or the sum wrapped)")
+        return None
+
+    def _note_silo_history(self, proxy: ClientProxy, metrics: dict[str, Scalar]) -> None:
+        """A silo's DP-SGD history entry of this round (public settings: σ, q, steps)."""
+        if keys.M_SILO_SIGMA not in metrics:
+            return
+        cid = self.client_ids.get(proxy.cid)
+        try:
+            entry = checked_history([(metrics[keys.M_SILO_SIGMA], metrics[keys.M_SILO_RATE],
+                                      int(metrics[keys.M_SILO_STEPS]))])[0]
+        except (KeyError, TypeError, ValueError) as exc:
+            self.note_failure(proxy.node_id, f"silo DP-SGD history entry refused: {exc}")
+            return
+        if cid is not None:
+            self.silo_histories.setdefault(cid, []).append(entry)
+
+    def silo_epsilons(self) -> dict[int, float]:
+        """ε of each silo's DP-SGD (one user of the silo), composed over every round it trained."""
+        delta = self.cfg.dp.silo_delta
+        return {cid: ledger_from_history(h, delta=delta).epsilon() for cid, h in sorted(self.silo_histories.items())}
+
     # ---- the release: DP noise, server optimizer, privacy ledger
+    @property
+    def device_clip(self) -> float:
+        """The clip norm devices are told to use. With SecAgg+ and central DP, C less the rounding
+        margin, so an update's norm after quantization is still ≤ C (what the noise is sized
+        for); under local DP rounding comes after the noise (post-processing): C itself."""
+        clip = self.cfg.dp.clip
+        if self.secure_aggregation and not self.local_dp:
+            dim = int(sum(np.size(a) for a in self.params.to_arrays()))
+            return clip_before_rounding(clip, dim=dim, bits=self.cfg.secagg.quantization_bits)
+        return clip
+
     @property
     def clip_bound(self) -> float:
         """Every coordinate of a clipped update lies within ±C (no bound without clipping); a
@@ -236,25 +294,29 @@ class FedRecStrategy(Strategy):
         if server_round == 0 or self._stopped(self.start_round + server_round):
             return None
         if not self._released:
-            if self.secure_aggregation:
-                # The protocol could not complete (too few survivors for the reconstruction threshold):
-                # nothing is released, so no ε is charged; the next round starts afresh.
+            if self.secure_aggregation and self._row.get("sampled", 0) > 0:
+                # The protocol did not complete (too few survivors) or its sum was refused. Whether that
+                # happens can depend on which clients were sampled and on data-dependent failures, so
+                # the round still releases (noise only, with DP) and is charged, as when nobody reports.
                 self._row["abandoned"] = True
-                log.warning("round %d abandoned: secure aggregation did not complete; no release, no ε charged",
-                            self.current_round)
-            else:  # nobody sampled or nobody reported: with DP, noise is still released
-                self._release(None, 0)
+                log.warning("round %d abandoned: secure aggregation did not complete; noise-only release, "
+                            "the round is charged", self.current_round)
+            self._release(None, 0)
         self._row["seconds"] = time.perf_counter() - self._t0
         row = {"kind": "fit", **self._row}
         self.run_dir.log_round(row)
-        extra: dict[str, Any] = {"failures": len(self.failures)}
+        extra: dict[str, Any] = {"failures": len(self.failures), "population": self.population}
         if self.ledger is not None:
             extra["ledger"] = self.ledger.state_dict()
-            self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure,
-                                    population=self.population)
+        if self.silo_histories:
+            extra["silo_histories"] = {str(k): v for k, v in sorted(self.silo_histories.items())}
+        # One atomic file: the model, the optimizer and the ledger of the same round (run_dir.py).
         self.run_dir.save_checkpoint(self.current_round, self.params, self.optimizer.state_dict(), extra)
-        if self.record_epsilons:
-            self.run_dir.save_client_epsilons(self.record_epsilons)
+        if self.ledger is not None:
+            self.run_dir.save_ledger(self.ledger.state_dict(), secure_noise=self.noise.secure,
+                                     population=self.population, secret_cohorts=self.cfg.fed.cohort_seed is None)
+        if self.silo_histories:
+            self.run_dir.save_client_epsilons(self.silo_epsilons())
         self.on_round(row)
         return None
 
@@ -296,5 +358,9 @@ class FedRecStrategy(Strategy):
         return None, {k: v for k, v in row.items() if isinstance(v, float)}
 
 
-def flat_metrics(row: dict[str, Any]) -> dict[str, Scalar]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+def _finite(value: Any) -> float | None:
+    """A client's metric as a finite float, or None (missing, not a number, NaN/Inf)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if np.isfinite(value) else None

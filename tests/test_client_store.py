@@ -18,7 +18,8 @@ from client.store import (
     write_items_file,
 )
 from common.data.errors import DataError
-from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy.dp_fedavg import ledger_for
+from common.privacy.ledger import MechanismEvent, PrivacyLedger, Sampling
 
 
 @pytest.fixture
@@ -131,8 +132,8 @@ def test_a_new_catalogue_with_other_ids_drops_the_model(store):
 
 def test_ledger_state_round_trip(store):
     assert store.ledger_state() is None
-    ledger = PrivacyLedger(delta=1e-4, neighbouring=Neighbouring.LOCAL)
-    ledger.record(MechanismEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1, neighbouring=Neighbouring.LOCAL,
+    ledger = ledger_for("local", 1e-4)
+    ledger.record(MechanismEvent(noise_multiplier=2.0, sample_rate=1.0, steps=1, sampling=Sampling.NONE,
                                  parameters=("item_embeddings",), round=3))
     store.set_ledger_state(ledger.state_dict())
     back = PrivacyLedger.from_state_dict(store.ledger_state())

@@ -14,7 +14,8 @@ from common.evaluation import EvalSets
 from common.federated import ClientData, ServerOptimizer, server_update
 from common.inprocess import run_inprocess
 from common.mf import ItemParams, init_items
-from common.privacy import MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy import MechanismEvent, Sampling
+from common.privacy.dp_fedavg import ledger_for
 from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, clip_update, global_norm
 
 
@@ -89,7 +90,7 @@ def test_budget_stops_before_the_round_that_would_exceed_it(block_csv):
     assert 0 < released < 50
     assert result.ledger.epsilon() <= 3.0
     # one more round would have exceeded the budget
-    extra = MechanismEvent(noise_multiplier=2.0, sample_rate=0.5, steps=1, neighbouring=Neighbouring.USER,
+    extra = MechanismEvent(noise_multiplier=2.0, sample_rate=0.5, steps=1, sampling=Sampling.POISSON,
                            parameters=keys.ITEM_PARAM_NAMES, round=released + 1)
     assert result.ledger.would_exceed(extra, target_epsilon=3.0)
 
@@ -101,9 +102,27 @@ def test_epsilon_per_round_comes_from_the_ledger_and_increases(block_csv):
     result = run_inprocess(cfg, sets)
     eps = [r["epsilon"] for r in result.rounds]
     assert all(b > a for a, b in zip(eps, eps[1:]))
-    ledger = PrivacyLedger(delta=cfg.dp.delta, neighbouring=Neighbouring.USER)
+    ledger = ledger_for("central", cfg.dp.delta)
     for r in range(1, 6):
         ledger.record(MechanismEvent(noise_multiplier=cfg.dp.noise_multiplier, sample_rate=0.3, steps=1,
-                                     neighbouring=Neighbouring.USER,
+                                     sampling=Sampling.POISSON,
                                      parameters=keys.ITEM_PARAM_NAMES, round=r))
     assert eps[-1] == pytest.approx(ledger.epsilon())
+
+
+def test_secure_central_noise_sums_four_os_random_draws_per_coordinate(monkeypatch):
+    """Issue #11 (13): the server's noise is drawn like Opacus' secure mode, as the sum of four
+    CSPRNG Gaussian draws per coordinate (no single floating-point sample is released), with the
+    intended standard deviation."""
+    from common.privacy import dp_fedavg
+
+    calls: list[int] = []
+    real = dp_fedavg._urandom_normal
+    monkeypatch.setattr(dp_fedavg, "_urandom_normal", lambda n: calls.append(n) or real(n))
+    z = dp_fedavg.GaussianNoise(None).normal((200, 250), 2.0)
+    assert calls == [50_000] * dp_fedavg.SECURE_DRAWS == [50_000] * 4
+    assert z.shape == (200, 250)
+    assert np.std(z) == pytest.approx(2.0, rel=0.02) and abs(np.mean(z)) < 0.03
+    kurtosis = float(np.mean((z / np.std(z)) ** 4))
+    assert 2.9 < kurtosis < 3.1  # Gaussian tails
+    assert not np.array_equal(z, dp_fedavg.GaussianNoise(None).normal((200, 250), 2.0))

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def tiny_config(csv, **flat) -> RunConfig:
     base = {"data.source": str(csv), "fed.rounds": 3, "fed.sample-rate": 0.8, "fed.eval-every": 2,
             "fed.eval-clients": 0, "fed.timeout": 300.0, "model.dim": 8, "fed.server-lr": 0.05,
-            "dp.noise-seed": 0, "dp.target-epsilon": 0.0}  # DP and SecAgg+ on; seeded noise, no budget cap
+            "dp.noise-seed": 0, "fed.sampling-seed": 0,  # DP and SecAgg+ on; seeded noise and cohorts,
+            "dp.target-epsilon": 0.0}  # no budget cap
     return RunConfig.from_flat({**base, **flat})
 
 
@@ -92,17 +93,27 @@ def test_a_failing_client_is_counted_and_the_round_goes_on(block_csv, tmp_path, 
     assert "client 3 failed" in caplog.text
 
 
-def test_silo_record_level_dp_sgd_composes_epsilon_across_rounds(tmp_path):
+def test_silo_dp_sgd_composes_epsilon_across_rounds_and_across_a_resume(tmp_path):
+    """Each silo's user-level DP-SGD ε composes over rounds (the accountant history is restored
+    every round) and over a resume: the server keeps the histories with its checkpoint, so a
+    resumed run (fresh client state) never reports a smaller ε (issue #11, item 6)."""
     from tests.conftest import write_block_csv
 
     csv = write_block_csv(tmp_path / "r.csv", n_users=30)
-    eps = []
-    for rounds in (1, 2):
-        cfg = tiny_config(csv, **{"fed.rounds": rounds, "fed.partition": "silo", "fed.num-silos": 3,
-                                  "fed.sample-rate": 1.0, "dp.enabled": False, "dp.record-level": True,
-                                  "dp.record-sample-rate": 0.2})
-        run_dir, _ = run(cfg, tmp_path / f"runs{rounds}")
-        eps.append(json.loads((run_dir.path / "client_epsilons.json").read_text()))
-        assert set(eps[-1]) == {"0", "1", "2"}
-    # the accountant history is restored every round: two rounds cost more than one
-    assert all(eps[1][k] > eps[0][k] * 1.1 for k in eps[0])
+    cfg = tiny_config(csv, **{"fed.rounds": 3, "fed.partition": "silo", "fed.num-silos": 3,
+                              "fed.sample-rate": 1.0, "dp.enabled": False, "dp.silo-dp-sgd": True,
+                              "dp.silo-sample-rate": 0.5, "secagg.enabled": False})
+    run_dir, _ = run(cfg, tmp_path / "runs", stop_after=1)
+    one = json.loads((run_dir.path / "client_epsilons.json").read_text())
+    assert set(one) == {"0", "1", "2"}
+    simulate.run(cfg, run_dir, progress=False, stop_after=2)  # a resume: every client starts without state
+    two = json.loads((run_dir.path / "client_epsilons.json").read_text())
+    simulate.run(cfg, run_dir, progress=False)
+    three = json.loads((run_dir.path / "client_epsilons.json").read_text())
+    # two rounds cost more than one, three more than two, although each resume restarted the clients
+    assert all(one[k] * 1.1 < two[k] < three[k] for k in one)
+    from common.silo_dp import ledger_from_history
+
+    history = RunDir(run_dir.path).load_checkpoint()[3]["silo_histories"]
+    assert {k: len(v) for k, v in history.items()} == {"0": 3, "1": 3, "2": 3}
+    assert three["0"] == ledger_from_history([tuple(e) for e in history["0"]], delta=cfg.dp.silo_delta).epsilon()

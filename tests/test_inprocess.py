@@ -25,7 +25,7 @@ def test_inprocess_equals_flower_simulation(block_csv, tmp_path, mode):
                                "fed.eval-every": 10, "model.dim": 8, "fed.server-lr": 0.05,
                                "dp.enabled": dp, "dp.mode": "local" if mode == "local" else "central",
                                "dp.noise-seed": 7, "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0,
-                               "secagg.enabled": False})
+                               "fed.sampling-seed": 0, "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
     simulate.run(cfg, run_dir, progress=False)
     flower = load_arrays(run_dir.path / "model.safetensors")
@@ -53,7 +53,8 @@ def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, mode):
                                "fed.eval-every": 10, "model.dim": 8, "fed.server-lr": 0.05, "model.kind": "hybrid",
                                "model.text-negatives": 8, "dp.enabled": mode != "off",
                                "dp.mode": "local" if mode == "local" else "central", "dp.noise-seed": 7,
-                               "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0, "secagg.enabled": False})
+                               "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0, "fed.sampling-seed": 0,
+                               "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
     simulate.run(cfg, run_dir, progress=False)
     flower = load_arrays(run_dir.path / "model.safetensors")

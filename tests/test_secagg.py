@@ -16,6 +16,7 @@ from common.evaluation import EvalSets
 from common.federated import ClientData, client_train
 from common.mf import init_items
 from common.privacy.dp_fedavg import clip_item_update
+from common.secure_sum import clip_before_rounding
 from common.serialization import load_arrays
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
@@ -38,10 +39,12 @@ def expected_mean(csv, cfg: RunConfig, clients: list[int]) -> list[np.ndarray]:
     sets = EvalSets.from_split(split_interactions(load_interactions(str(csv)), "random", seed=0))
     params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
     ups = []
+    # The device clips to C less SecAgg+'s rounding margin (common/secure_sum.py), what the server tells it.
+    clip = clip_before_rounding(CLIP, dim=params.embeddings.size + params.bias.size, bits=cfg.secagg.quantization_bits)
     for c in clients:
         update, _, _ = client_train(params, ClientData.from_sets(c, np.array([c]), sets), model=cfg.model,
                                     epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
-        ups.append(clip_item_update(update.to_arrays(), CLIP, cfg.dp.bias_share))
+        ups.append(clip_item_update(update.to_arrays(), clip, cfg.dp.bias_share))
     return [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)], params
 
 
@@ -71,6 +74,8 @@ def test_secagg_aggregate_equals_the_plaintext_mean_within_one_quantization_step
     for g, m in zip(got, mean):
         assert np.max(np.abs(g - m)) <= step + 1e-7  # + float32 storage of the model
     assert np.max(np.abs(mean[0])) > 100 * step  # the comparison is not trivially satisfied
+    fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
+    assert "train_loss" not in fit  # under SecAgg+ no client's training loss reaches the server
 
 
 def _stage(msg: Message) -> str | None:
@@ -125,17 +130,21 @@ def test_a_client_failing_before_its_key_shares_are_sent_does_not_cost_the_round
         assert np.max(np.abs(g - m)) <= step + 1e-7
 
 
-def test_too_few_survivors_abandon_the_round_without_charging_epsilon(tmp_path, monkeypatch):
+def test_too_few_survivors_abandon_the_round_which_still_releases_noise_and_is_charged(tmp_path, monkeypatch):
+    """Issue #11 (9): whether SecAgg+ completes depends on who was sampled and on (possibly
+    data-dependent) client failures, so an abandoned round must not go uncharged: like a round
+    nobody reported in, it releases noise only and is charged."""
     # 7 of 10 crash during key setup in round 1: 3 survivors < the reconstruction threshold (4).
     csv = write_block_csv(tmp_path / "r.csv", n_users=10)
-    cfg = config(csv, **{"fed.rounds": 2, "dp.enabled": True, "dp.noise-seed": 0, "fed.server-opt": "adam",
-                         "fed.server-lr": 0.01})
+    cfg = config(csv, **{"fed.rounds": 2, "dp.enabled": True, "dp.noise-seed": 0, "fed.server-opt": "sgd",
+                         "fed.server-lr": 1.0})
     run_dir = run(cfg, tmp_path / "runs", [_fail_at(Stage.SETUP, set(range(7)), {"1"})], monkeypatch)
     fits = {r["round"]: r for r in run_dir.rounds() if r["kind"] == "fit"}
-    assert fits[1].get("abandoned") is True and "epsilon" not in fits[1]
+    assert fits[1].get("abandoned") is True and fits[1]["epsilon"] > 0
     assert not fits[2].get("abandoned") and fits[2]["participants"] == 10
     ledger = run_dir.load_ledger()["ledger"]
-    assert [e["round"] for e in ledger["events"]] == [2]  # only the completed round is charged
+    assert [e["round"] for e in ledger["events"]] == [1, 2]  # both rounds are charged
+    assert fits[2]["epsilon"] > fits[1]["epsilon"]
 
 
 def test_a_nan_update_is_refused_on_the_device_before_masking(block_csv):
@@ -149,3 +158,32 @@ def test_a_nan_update_is_refused_on_the_device_before_masking(block_csv):
     params.embeddings[5, 0] = np.nan  # e.g. a corrupted download
     with pytest.raises(ValueError, match="update refused: .*NaN"):
         client.fit(params.to_arrays(), {keys.SERVER_ROUND: 1, keys.CLIP_NORM: CLIP, keys.BIAS_SHARE: 0.1})
+
+
+def test_a_round_of_1100_clients_releases_the_right_sum(tmp_path):
+    """Issue #11 (2): with Flower's default modulus 2^32 and 22 bits, 1,024 or more survivors wrap
+    the masked sum and its weight factor, and the released aggregate came out scaled (×14.5 at 1,100
+    clients, measured on the old code). The modulus is now sized for the population: the mean of
+    1,100 clipped updates comes out within one quantization step."""
+    n = 1100
+    cfg = config("unused", **{"data.source": f"synthetic:{n}", "fed.rounds": 2, "model.dim": 2,
+                              "fed.timeout": 1200.0})
+    run_dir = RunDir.create(tmp_path / "runs", cfg)
+    simulate.run(cfg, run_dir, progress=False, stop_after=1)  # round 1 only, no evaluation of 1,100 clients
+    fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
+    assert fit["participants"] == n and not fit.get("abandoned") and "refused" not in fit
+    sets = EvalSets.from_split(split_interactions(load_interactions(cfg.data.source), "random", seed=0))
+    params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
+    clip = clip_before_rounding(CLIP, dim=params.embeddings.size + params.bias.size, bits=cfg.secagg.quantization_bits)
+    ups = []
+    for c in range(n):
+        update, _, _ = client_train(params, ClientData.from_sets(c, np.array([c]), sets), model=cfg.model,
+                                    epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
+        ups.append(clip_item_update(update.to_arrays(), clip, cfg.dp.bias_share))
+    mean = [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)]
+    _, model, _, _ = run_dir.load_checkpoint()
+    got = [model.embeddings.astype(np.float64) - params.embeddings, model.bias.astype(np.float64) - params.bias]
+    step = 2 * CLIP / 2 ** cfg.secagg.quantization_bits
+    for g, m in zip(got, mean):
+        assert np.max(np.abs(g - m)) <= step + 1e-7
+    assert np.max(np.abs(mean[1])) > 100 * step

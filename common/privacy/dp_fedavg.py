@@ -11,9 +11,16 @@ Local DP (``dp.mode = local``): the *device* adds N(0, (σC)²) to its own clipp
 (:func:`add_local_noise`), so nobody, not even a server that sees single updates, learns more than
 the (ε, δ) of :func:`release_event` allows. The server then only averages.
 
+Neighbouring relation. Central DP with one user per client: add/remove one user, with the
+population size N public (the denominator q·N is fixed by it, so removing a user "zeroes out"
+their contribution and changes the sum by at most C). A user inside a silo, or a device under
+local DP, cannot make its client stop sending: replace-one (two contributions differ by up to
+2C), accounted as such by the ledger (never by halving σ by hand).
+
 Noise comes from the operating system's CSPRNG (``os.urandom``) turned into Gaussians by the
-Box-Muller transform; a seeded generator is available for tests and reproducible debugging
-and is reported as such.
+Box-Muller transform, each coordinate the sum of four draws (Opacus' secure mode does the same,
+against floating-point attacks on a single Gaussian draw); a seeded generator is available for
+tests and reproducible debugging and is reported as such.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import os
 
 import numpy as np
 
-from common.privacy.ledger import MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy.ledger import MechanismEvent, PrivacyLedger, Relation, Sampling, Unit
 
 #: Local DP: a noised coordinate is clamped to ±C·(1 + LOCAL_TAIL·σ) (post-processing, so the
 #: guarantee is unchanged). SecAgg+'s quantization range is set to the same bound: the protocol
@@ -65,9 +72,15 @@ def clip_item_update(arrays: list[np.ndarray], clip: float, bias_share: float) -
             clip_update([bias], clip * np.sqrt(bias_share))[0][0]]
 
 
+#: Secure noise: each coordinate is the sum of this many independent draws of std/2 (Opacus'
+#: secure mode uses four), so no single floating-point Gaussian sample is released.
+SECURE_DRAWS = 4
+
+
 class GaussianNoise:
-    """Gaussian noise source. ``seed=None``: secure (os.urandom + Box-Muller); otherwise a
-    seeded NumPy generator (reproducible, NOT for production)."""
+    """Gaussian noise source. ``seed=None``: secure (os.urandom + Box-Muller, the sum of
+    :data:`SECURE_DRAWS` draws per coordinate); otherwise a seeded NumPy generator
+    (reproducible, NOT for production)."""
 
     def __init__(self, seed: int | list[int] | None = None) -> None:
         self.secure = seed is None
@@ -86,14 +99,19 @@ class GaussianNoise:
         n = int(np.prod(shape))
         if not self.secure:
             return self._rng.normal(0.0, std, size=shape)
-        m = (n + 1) // 2
-        raw = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m)
-        # 53-bit uniforms in (0, 1]: never 0, so log() is finite.
-        u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
-        u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
-        radius = np.sqrt(-2.0 * np.log(u1))
-        z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
-        return (z * std).reshape(shape)
+        draws = sum(_urandom_normal(n) for _ in range(SECURE_DRAWS))
+        return (draws * (std / np.sqrt(SECURE_DRAWS))).reshape(shape)
+
+
+def _urandom_normal(n: int) -> np.ndarray:
+    """``n`` standard normal draws from os.urandom by the Box-Muller transform."""
+    m = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * m), dtype=np.uint64).reshape(2, m)
+    # 53-bit uniforms in (0, 1]: never 0, so log() is finite.
+    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:n]
 
 
 def noisy_mean(update_sum: list[np.ndarray], *, noise_multiplier: float, clip: float, expected_cohort: float,
@@ -127,24 +145,29 @@ def local_noise_for(seed: int | None, server_round: int, client_id: int) -> Gaus
     return GaussianNoise(None if seed is None else [seed, server_round, client_id, 0x10CA1])
 
 
-def ledger_for(mode: str, delta: float) -> PrivacyLedger:
-    """The run's ledger: user-level (central DP-FedAvg) or local (on-device noise)."""
-    return PrivacyLedger(delta=delta, neighbouring=Neighbouring.LOCAL if mode == "local" else Neighbouring.USER)
+def ledger_for(mode: str, delta: float, partition: str = "user") -> PrivacyLedger:
+    """The run's ledger. The unit is always the user; the relation is add/remove for central DP
+    with one user per client, replace-one where a user's client sends either way (local DP; a
+    user inside a silo)."""
+    replace = mode == "local" or partition == "silo"
+    return PrivacyLedger(delta=delta, unit=Unit.USER,
+                         relation=Relation.REPLACE_ONE if replace else Relation.ADD_OR_REMOVE_ONE)
 
 
 def release_event(mode: str, *, noise_multiplier: float, sample_rate: float, parameters: tuple[str, ...],
                   server_round: int) -> MechanismEvent:
     """What one round releases about one user.
 
-    central: a Poisson-subsampled Gaussian on the sum, sensitivity C (add/remove one user), so the
-    event's multiplier is σ and sampling amplifies at rate q. local: each device's own Gaussian
-    release of an update of norm ≤ C; any two updates differ by up to 2C, so the multiplier is σ/2,
-    and since the server sees who reported there is no amplification (q = 1): conservatively, every
-    round is charged to every user, as if each took part in all of them.
+    central: a Poisson-subsampled Gaussian on the sum (σ over the clip C), amplified at rate q
+    (the cohort is drawn secretly: see :mod:`common.sampling`). local: each device's own Gaussian
+    release (σ over C); the server sees who reported, so no amplification is claimed
+    (:attr:`Sampling.NONE`): conservatively, every round is charged to every user, as if each
+    took part in all of them. The ledger's relation (replace-one for local DP) accounts for two
+    updates of one device differing by up to 2C.
     """
     if mode == "local":
-        return MechanismEvent(noise_multiplier=noise_multiplier / 2.0, sample_rate=1.0, steps=1,
-                              neighbouring=Neighbouring.LOCAL, parameters=parameters, round=server_round,
-                              note="local DP: device-side Gaussian, sensitivity 2C, no amplification")
+        return MechanismEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1,
+                              sampling=Sampling.NONE, parameters=parameters, round=server_round,
+                              note="local DP: device-side Gaussian, no amplification claimed")
     return MechanismEvent(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1,
-                          neighbouring=Neighbouring.USER, parameters=parameters, round=server_round)
+                          sampling=Sampling.POISSON, parameters=parameters, round=server_round)
