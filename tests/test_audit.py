@@ -79,8 +79,8 @@ def test_audit_on_uniform_data(uniform):
     assert time.perf_counter() - t0 < 20
     assert fig["plaintext_auc"] > 0.95 and fig["plaintext_p@k"] > 0.9  # positive control: the attack works
     assert 0.0 <= fig["dp_only_auc"] <= 1.0  # clipping alone hides nothing (reported, ~1 in fact)
-    assert fig["secagg_dp_auc"] == pytest.approx(0.5, abs=0.05)
-    assert fig["secagg_dp_nonmember_auc"] == pytest.approx(0.5, abs=0.05)
+    assert fig["released_auc"] == pytest.approx(0.5, abs=0.05)
+    assert fig["released_nonmember_auc"] == pytest.approx(0.5, abs=0.05)
     assert fig["secagg_auc"] > fig["secagg_nonmember_auc"]  # the noiseless sum still marks the cohort's items
     assert fig["clients"] == 40 and fig["nonmembers"] == 40 and fig["round"] == 1
     assert fig["sigma"] == RunConfig().dp.noise_multiplier and fig["clip"] == RunConfig().dp.clip
@@ -122,8 +122,8 @@ def test_audit_on_ml100k():
     assert fig["local_dp_auc"] == pytest.approx(0.5, abs=0.05)
     # The aggregate reflects the cohort's popular items (so its AUC is a little above 0.5 for members
     # and non-members alike), but hardly anything about the members themselves.
-    assert fig["secagg_dp_auc"] == pytest.approx(0.5, abs=0.1)
-    assert abs(fig["secagg_dp_auc"] - fig["secagg_dp_nonmember_auc"]) < 0.03
+    assert fig["released_auc"] == pytest.approx(0.5, abs=0.1)
+    assert abs(fig["released_auc"] - fig["released_nonmember_auc"]) < 0.03
 
 
 # ---------------------------------------------------------------- command line
@@ -135,7 +135,7 @@ def test_cli_audit_writes_the_run_dirs_audit_json(block_csv, tmp_path, capsys):
     code = main(["audit", "leakage", "--clients", "6", "--run-dir", str(run.path), "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "plaintext" in out and "secagg_dp" in out and "AUC" in out
+    assert "plaintext" in out and "released" in out and "AUC" in out
     figures = json.loads((run.path / "audit.json").read_text())
     assert figures == json.loads(out_json.read_text())
     assert figures["sigma"] == 0.7 and figures["clip"] == 0.5 and figures["clients"] == 6  # the run's config

@@ -11,16 +11,17 @@ from typing import Any
 import pytest
 
 from common.config import RunConfig
-from common.privacy import Accountant, MechanismEvent, Neighbouring, PrivacyLedger
+from common.privacy import Accountant, MechanismEvent, PrivacyLedger, Sampling
+from common.privacy.dp_fedavg import ledger_for
 from server import report as rpt
 
 SIGMA, Q, DELTA = 1.0, 0.1, 1e-4
 
 
 def _ledger(rounds: int) -> PrivacyLedger:
-    ledger = PrivacyLedger(delta=DELTA, neighbouring=Neighbouring.USER)
+    ledger = ledger_for("central", DELTA)
     for r in range(1, rounds + 1):
-        ledger.record(MechanismEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=1, neighbouring=Neighbouring.USER,
+        ledger.record(MechanismEvent(noise_multiplier=SIGMA, sample_rate=Q, steps=1, sampling=Sampling.POISSON,
                                      parameters=("item_embeddings", "item_bias"), round=r))
     return ledger
 
@@ -105,16 +106,36 @@ def test_parameters_and_trust_model(dp_run) -> None:
     rep, md, html = dp_run
     p = rep["parameters"]
     assert (p["noise_multiplier"], p["clip"], p["sample_rate"], p["population"]) == (SIGMA, 1.0, Q, 90)
-    assert p["neighbouring"] == "add/remove one user's entire data" and p["noise_source"].startswith("secure")
+    assert (p["unit"], p["relation"]) == ("user", "add-or-remove-one") and p["noise_source"].startswith("secure")
     assert not rep["warnings"]
     server = next(t["statement"] for t in rep["trust_model"] if t["party"] == "server")
-    assert "in plaintext" in server and "evaluation metric sums" in server
+    assert "in plaintext" in server
+    outside = " ".join(rep["claims"]["outside_epsilon"])
+    assert "evaluation sums" in outside and "training loss" in outside  # SecAgg+ off: the loss goes out too
     assert "central DP" in md and "How ε was computed" in html
 
 
-def test_record_level_and_audit(dp_run) -> None:
+def test_the_report_states_what_a_privacy_officer_signs(dp_run) -> None:
+    """Issue #11: unit of privacy, neighbouring relation, whether amplification is claimed and why it
+    holds, what the server sees, and what is outside ε -- in the JSON, the Markdown and the HTML."""
     rep, md, html = dp_run
-    assert rep["record_level"]["used"] and rep["record_level"]["summary"]["max"] == 4.0
+    c = rep["claims"]
+    assert c["unit"].startswith("one user")
+    assert "zero-out" in c["relation"] and "N = 90" in c["relation"]
+    assert c["amplification"]["claimed"] and c["amplification"]["holds"]
+    assert "OS CSPRNG" in c["amplification"]["why"]
+    assert "clipped update in plaintext" in c["server_sees"]
+    outside = " ".join(c["outside_epsilon"])
+    for item in ("un-noised held-out", "evaluation sums", "Participation metadata", "validation split"):
+        assert item in outside
+    for text in (md, html):
+        assert "What is claimed" in text and "outside ε" in text and "amplification by sampling" in text
+    assert rep["epsilon_without_amplification"]["rdp"] > rep["epsilon"]["rdp"]
+
+
+def test_silo_dp_sgd_and_audit(dp_run) -> None:
+    rep, md, html = dp_run
+    assert rep["silo_dp_sgd"]["used"] and rep["silo_dp_sgd"]["summary"]["max"] == 4.0
     assert rep["audit"] == {"membership AUC <b>": 0.51}
     assert "membership AUC &lt;b&gt;" in html and "<b>membership" not in html  # escaped
     assert html.count("data:image/png;base64,") == 2  # ε beside utility, record-level histogram
@@ -159,8 +180,10 @@ def test_seeded_noise_unknown_population_and_secagg(tmp_path: Path) -> None:
     assert rep["parameters"]["noise_source"].startswith("SEEDED")
     assert any("NOT for production" in w for w in rep["warnings"])
     server = next(t["statement"] for t in rep["trust_model"] if t["party"] == "server")
-    assert "sum of masked updates" in server
-    assert rep["record_level"]["note"].endswith("not used in this run") and "audit" not in rep
+    # Issue #11 (11): with central DP the server unmasks the EXACT sum and only then adds the noise.
+    assert "EXACT sum" in server and "noised sum" not in server
+    assert "training loss" not in " ".join(rep["claims"]["outside_epsilon"])  # under SecAgg+ it stays home
+    assert rep["silo_dp_sgd"]["note"].endswith("not used in this run") and "audit" not in rep
     _, md, html = _written(run)
     assert "NOT for production" in md and "NOT for production" in html
 
@@ -192,9 +215,43 @@ def test_local_dp_run_is_reported_as_local(tmp_path: Path) -> None:
     rep, md, html = _written(run)
     assert rep["dp_mode"] == "local" and rep["mechanism"].startswith("local DP")
     assert rep["epsilon"]["rdp"] == pytest.approx(ledger.epsilon())
-    assert "sensitivity 2C" in rep["parameters"]["neighbouring"]
-    assert "NOT used in the accounting" in rep["parameters"]["sampling"]
-    assert "each update its device sent" in rep["guarantee"]
+    assert rep["parameters"]["relation"] == "replace-one" and "2C" in rep["claims"]["relation"]
+    assert rep["claims"]["amplification"]["claimed"] is False
+    assert "each update its device sent" in rep["guarantee"] and "the server included" in rep["guarantee"]
     device = next(t["statement"] for t in rep["trust_model"] if t["party"] == "device")
     assert "locally noised" in device and "never its training loss" in device
-    assert "NOT trusted with the noise" in md and "σ/2" in html
+    assert "against the server too" in md and "replace-one" in html
+
+
+def test_seeded_cohorts_are_reported_as_breaking_the_sampling_assumption(tmp_path: Path) -> None:
+    """Issue #11 (1): a run whose cohorts can be replayed from config.json does not get the
+    amplification; the report says so and gives the ε that holds against such an observer."""
+    run = make_run(tmp_path / "run", rounds=4, flat={"fed.sampling-seed": 5})
+    stored = json.loads((run / "ledger.json").read_text())
+    (run / "ledger.json").write_text(json.dumps({**stored, "secret_cohorts": False}))
+    rep, md, html = _written(run)
+    assert any("SEEDED COHORTS" in w for w in rep["warnings"])
+    assert rep["claims"]["amplification"] == {**rep["claims"]["amplification"], "claimed": True, "holds": False}
+    assert "SEEDED" in rep["parameters"]["sampling"]
+    assert "does NOT hold" in md and "SEEDED COHORTS" in html
+    unamplified = _ledger(4).epsilon(amplification=False)
+    assert rep["epsilon_without_amplification"]["rdp"] == pytest.approx(unamplified)
+    assert rpt._eps(unamplified) in " ".join(rep["warnings"])
+
+
+def test_silo_runs_report_a_user_inside_a_silo_as_replace_one(tmp_path: Path) -> None:
+    """Issue #11 (5): one user of a sampled silo moves the silo's update by up to 2C."""
+    from common.privacy.dp_fedavg import ledger_for, release_event
+
+    run = make_run(tmp_path / "run", flat={"fed.partition": "silo", "fed.num-silos": 10})
+    ledger = ledger_for("central", DELTA, "silo")
+    for r in range(1, 5):
+        ledger.record(release_event("central", noise_multiplier=SIGMA, sample_rate=Q,
+                                    parameters=("item_embeddings", "item_bias"), server_round=r))
+    (run / "ledger.json").write_text(json.dumps({"ledger": ledger.state_dict(), "secure_noise": True}))
+    rep, md, _ = _written(run)
+    assert rep["parameters"]["relation"] == "replace-one"
+    assert "user inside a silo" in rep["claims"]["unit"] and "user of a silo" in rep["guarantee"]
+    user_eps, silo_eps = rep["epsilon"]["pld"], rep["silo_level_epsilon"]["pld"]
+    assert user_eps > silo_eps == pytest.approx(_ledger(4).epsilon(Accountant.PLD))
+    assert "one whole silo" in md
