@@ -46,8 +46,8 @@ class RecClient(NumPyClient):
         self.cfg, self.data, self.state = cfg, data, context.state
         self.policy = policy or DevicePolicy.for_run(cfg)  # a simulated device: the operator's floor
 
-    def get_properties(self, config):  # noqa: D102 - a pseudonymous id for sampling
-        return {keys.PROP_CLIENT_ID: int(self.data.client_id)}
+    def get_properties(self, config):  # noqa: D102 - a pseudonymous id for sampling, and how many users
+        return {keys.PROP_CLIENT_ID: int(self.data.client_id), keys.PROP_USERS: len(self.data.users)}
 
     def fit(self, parameters, config):
         protection = protection_for(self.policy, config)  # PolicyRefusal: nothing is sent

@@ -101,6 +101,9 @@ class FedConfig:
     # needs). ≥ 0: reproducible cohorts for tests/experiments; the privacy report then says the
     # guarantee's sampling assumption did not hold (anyone with config.json can replay them).
     sampling_seed: int = -1
+    # Without DP and SecAgg+ no clip applies; the server still refuses a plaintext update whose L2
+    # norm exceeds this (honest ML-100K updates: median 8, max 16 at the initial model).
+    update_norm_bound: float = 100.0
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, f"fed.rounds must be ≥ 1, got {self.rounds}")
@@ -114,6 +117,7 @@ class FedConfig:
         _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
         _check(self.sampling_seed >= -1, f"fed.sampling-seed must be -1 (secret cohorts) or ≥ 0, got {self.sampling_seed}")
+        _check(self.update_norm_bound > 0, f"fed.update-norm-bound must be > 0, got {self.update_norm_bound}")
 
     @property
     def cohort_seed(self) -> int | None:

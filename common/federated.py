@@ -180,9 +180,12 @@ def sum_updates(updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:
     return [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(updates[0]))]
 
 
-def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bound: float = np.inf) -> str | None:
-    """Why an update cannot be aggregated (wrong count or shape, NaN/Inf, a value outside
-    ±bound), or None. Used by the client before masking and by the server after receiving."""
+def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bound: float = np.inf, *,
+                    l2: float = np.inf, bias_share: float = 0.0) -> str | None:
+    """Why an update cannot be aggregated, or None: a wrong count or shape, NaN/Inf, a value
+    outside ±``bound``, an L2 norm above ``l2``, or (``bias_share`` > 0, per-group clipping) the
+    bias group (array 1) above ``l2·√share`` or the other arrays together above ``l2·√(1−share)``.
+    Used by the client before masking and by the server after receiving a plaintext update."""
     if len(arrays) != len(shapes):
         return f"{len(arrays)} arrays, expected {len(shapes)}"
     for i, (a, shape) in enumerate(zip(arrays, shapes)):
@@ -192,4 +195,13 @@ def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bou
             return f"array {i} contains NaN or Inf"
         if np.size(a) and float(np.max(np.abs(a))) > bound * (1 + 1e-6):
             return f"array {i} has a value of magnitude {float(np.max(np.abs(a))):.4g} > {bound:.4g}"
+    if np.isfinite(l2):
+        groups = [("the update", arrays, l2)]
+        if 0 < bias_share < 1 and len(arrays) > 1:
+            groups += [("the bias group", [arrays[1]], l2 * np.sqrt(bias_share)),
+                       ("the other arrays", [arrays[0], *arrays[2:]], l2 * np.sqrt(1.0 - bias_share))]
+        for name, group, limit in groups:
+            norm = float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in group)))
+            if norm > limit * (1 + 1e-5):
+                return f"{name} has L2 norm {norm:.4g} > {limit:.4g}"
     return None

@@ -12,6 +12,7 @@ LOCAL_NOISE = "local-noise"  # local DP: σ; the device adds N(0, (σ·clip)²) 
 # Properties a client reports once (a pseudonymous id: which partition/device it is).
 PROP_QUERY = "fedrec-identity"
 PROP_CLIENT_ID = "client-id"
+PROP_USERS = "users"  # how many users the client holds (1 on a device): bounds its evaluation sums
 
 # Metrics a client returns after training / evaluation (all plaintext, even under SecAgg+).
 M_TRAIN_LOSS = "train-loss"

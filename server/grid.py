@@ -27,6 +27,10 @@ class BoundedGrid:
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
+    def report_failure(self, node_id: int, reason: str) -> None:
+        """Count a node's reply the server refused as that node's failure."""
+        self._on_failure(node_id, reason)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies: list[Message] = []

@@ -50,6 +50,8 @@ class FedRecStrategy(Strategy):
         self.on_round = on_round or (lambda row: None)
         self.client_ids: dict[str, int] = {}  # proxy.cid -> pseudonymous client id
         self.node_to_client: dict[int, int] = {}
+        self.client_to_node: dict[int, int] = {}  # the node a client id is bound to (first claim wins)
+        self.client_users: dict[int, int] = {}  # users each client said it holds (bounds its evaluation)
         self.failures: list[tuple[int, int | None, str]] = []  # (round, client id, reason)
         self.current_round = start_round
         self._row: dict[str, Any] = {}
@@ -92,7 +94,11 @@ class FedRecStrategy(Strategy):
     # ---- identities
     def _resolve_ids(self, client_manager: ClientManager) -> list[ClientProxy]:
         """Ask nodes not yet known for their pseudonymous client id, all in one batch, so that
-        sampling depends on (seed, round, client id) only, not on Flower's random node ids."""
+        sampling depends on the client id only, not on Flower's random node ids.
+
+        A reply is data, not trust: one without a usable id is a failure of that node; an id
+        already bound to another connected node is refused (a node cannot displace another by
+        copying its id); the node is then never sampled."""
         if self.expected_clients:
             client_manager.wait_for(self.expected_clients, timeout=int(self.cfg.fed.timeout))
         proxies = list(client_manager.all().values())
@@ -101,14 +107,26 @@ class FedRecStrategy(Strategy):
             content = recorddict_compat.getpropertiesins_to_recorddict(GetPropertiesIns({keys.PROP_QUERY: 1}))
             out = [Message(content=content, dst_node_id=nid, message_type=MessageTypeLegacy.GET_PROPERTIES,
                            group_id="identity") for nid in unknown]
+            connected = {p.node_id for p in proxies}
             for reply in self.grid.send_and_receive(out, timeout=self.cfg.fed.timeout):
-                if reply.has_error():
+                proxy = unknown.get(reply.metadata.src_node_id)
+                if reply.has_error() or proxy is None:
                     continue  # logged by the grid; a node that cannot say who it is is not sampled
-                res = recorddict_compat.recorddict_to_getpropertiesres(reply.content)
-                proxy = unknown[reply.metadata.src_node_id]
-                cid = int(res.properties[keys.PROP_CLIENT_ID])
+                try:
+                    res = recorddict_compat.recorddict_to_getpropertiesres(reply.content)
+                    cid, users = _identity(res.properties)
+                except (KeyError, TypeError, ValueError) as exc:
+                    self.note_failure(proxy.node_id, f"identity reply refused: {exc}")
+                    continue
+                holder = self.client_to_node.get(cid)
+                if holder is not None and holder != proxy.node_id and holder in connected:
+                    self.note_failure(proxy.node_id, f"identity refused: client id {cid} belongs to another "
+                                                     "connected node")
+                    continue
                 self.client_ids[proxy.cid] = cid
                 self.node_to_client[proxy.node_id] = cid
+                self.client_to_node[cid] = proxy.node_id
+                self.client_users[cid] = users
         return [p for p in proxies if p.cid in self.client_ids]
 
     def note_failure(self, node_id: int, reason: str) -> None:
@@ -163,7 +181,8 @@ class FedRecStrategy(Strategy):
         # Deterministic order: the sum does not depend on which reply came first.
         for proxy, res in sorted(results, key=lambda r: self.client_ids.get(r[0].cid, -1)):
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = validate_update(arrays, expected, self.clip_bound)
+            problem = validate_update(arrays, expected, self.clip_bound, l2=self.l2_bound,
+                                      bias_share=max(self.cfg.dp.bias_share, 0.0))
             if not problem and not self.secure_aggregation and res.num_examples != 1:
                 problem = f"claimed weight {res.num_examples}, the protocol's is 1"
             if problem:
@@ -203,6 +222,7 @@ class FedRecStrategy(Strategy):
         if wf is None:
             return
         wf.modulus_range = modulus_for(self.population, sa.quantization_bits)
+        wf.expected_shapes = [(1,), *(tuple(np.shape(a)) for a in self.params.to_arrays())]
         if cohort >= sa.num_shares:
             wf.num_shares, wf.reconstruction_threshold = sa.num_shares, sa.reconstruction_threshold
         else:  # floats: proportions of the sampled clients / of the shares (Flower's convention)
@@ -251,6 +271,18 @@ class FedRecStrategy(Strategy):
         return clip
 
     @property
+    def l2_bound(self) -> float:
+        """The L2 bound every plaintext update must meet (per group too): the clip devices were
+        told to use; without DP or SecAgg+ still ``fed.update-norm-bound`` (one client can push
+        the model only so far). Locally noised updates are bounded per value only; under SecAgg+
+        the server has no single update to check (only the sum: see ``aggregate_fit``)."""
+        if self.local_dp or self.secure_aggregation:
+            return np.inf
+        if self.ledger is not None or self.secure_aggregation:
+            return self.device_clip
+        return self.cfg.fed.update_norm_bound
+
+    @property
     def clip_bound(self) -> float:
         """Every coordinate of a clipped update lies within ±C (no bound without clipping); a
         locally noised one within ±local_bound (also SecAgg+'s quantization range)."""
@@ -294,6 +326,9 @@ class FedRecStrategy(Strategy):
         if server_round == 0 or self._stopped(self.start_round + server_round):
             return None
         if not self._released:
+            failure = getattr(self.secagg_workflow, "last_failure", None)
+            if failure:
+                self._row["refused"] = failure
             if self.secure_aggregation and self._row.get("sampled", 0) > 0:
                 # The protocol did not complete (too few survivors) or its sum was refused. Whether that
                 # happens can depend on which clients were sampled and on data-dependent failures, so
@@ -348,14 +383,48 @@ class FedRecStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures):
         rnd = self.start_round + server_round
         phase = self._eval_phase(rnd)
-        users = sum(res.num_examples for _, res in results)
-        row: dict[str, Any] = {"kind": "eval", "round": rnd, "phase": phase, "users": users, "failures": len(failures)}
+        names = [f"{m}@{k}" for m in RANKING_METRICS for k in EVAL_KS]
+        accepted, refused = [], 0
+        for proxy, res in results:
+            problem = self._evaluation_problem(proxy, res, names)
+            if problem:
+                self.note_failure(proxy.node_id, f"evaluation refused: {problem}")
+                refused += 1
+            else:
+                accepted.append(res)
+        users = sum(res.num_examples for res in accepted)
+        row: dict[str, Any] = {"kind": "eval", "round": rnd, "phase": phase, "users": users,
+                               "failures": len(failures) + refused}
         if users:
-            for name in (f"{m}@{k}" for m in RANKING_METRICS for k in EVAL_KS):
-                row[name] = sum(float(res.metrics.get(name, 0.0)) for _, res in results) / users
+            for name in names:
+                row[name] = sum(float(res.metrics.get(name, 0.0)) for res in accepted) / users
         self.run_dir.log_round(row)
         self.on_round(row)
         return None, {k: v for k, v in row.items() if isinstance(v, float)}
+
+    def _evaluation_problem(self, proxy: ClientProxy, res: EvaluateRes, names: list[str]) -> str | None:
+        """Why a client's evaluation sums cannot be true: a user count outside 0..(users it said it
+        holds), or a metric sum that is not a number in [0, users] (each metric is in [0, 1] per user)."""
+        users = res.num_examples
+        held = self.client_users.get(self.client_ids.get(proxy.cid, -1), 1)
+        if isinstance(users, bool) or not isinstance(users, int) or not 0 <= users <= held:
+            return f"{users!r} users evaluated, the client holds {held}"
+        for name in names:
+            value = _finite(res.metrics.get(name, 0.0))
+            if value is None or not 0.0 <= value <= users * (1 + 1e-9):
+                return f"{name} sum {res.metrics.get(name)!r} is not within [0, {users}]"
+        return None
+
+
+def _identity(properties: dict[str, Scalar]) -> tuple[int, int]:
+    """(client id, users held) from an identity reply; ValueError when they are not integers."""
+    cid, users = properties[keys.PROP_CLIENT_ID], properties.get(keys.PROP_USERS, 1)
+    for name, value in ((keys.PROP_CLIENT_ID, cid), (keys.PROP_USERS, users)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if users < 0:
+        raise ValueError(f"{keys.PROP_USERS} must be ≥ 0, got {users}")
+    return int(cid), int(users)
 
 
 def _finite(value: Any) -> float | None:
