@@ -83,6 +83,10 @@ class StoreNotFoundError(StoreError):
     """No device store at the path (and the caller did not ask to create one)."""
 
 
+class StoreBusyError(StoreError):
+    """Another program has the store open, so it cannot be wiped now (``forget``)."""
+
+
 @dataclass(frozen=True)
 class Rating:
     item: str
@@ -422,21 +426,49 @@ class DeviceStore:
             self._put(PRIVACY_POLICY, json.dumps(policy.to_dict(), sort_keys=True).encode("utf-8"))
 
     # ---------------------------------------------------------------- forget
-    def forget(self) -> list[Path]:
-        """Delete everything: the rows (zeroed on disk by secure_delete), then the file and its
-        ``-wal``/``-shm``/``-journal`` companions. The store is closed afterwards. Returns the
-        files removed."""
-        with self._tx() as db:
+    def forget(self, *, wait: float = 2.0) -> list[Path]:
+        """Delete everything so that no byte of it stays in the files, then the files. The store
+        is closed afterwards. Returns the files removed.
+
+        1. Take the store for this connection alone (``locking_mode=EXCLUSIVE``, ``BEGIN
+           EXCLUSIVE``, waiting up to ``wait`` seconds). While another program reads it (a running
+           ``fedrec-client``, the SuperNode of ``fedrec-client join``) a checkpoint cannot complete
+           and the main file would keep the old pages: :class:`StoreBusyError`, nothing deleted.
+        2. Delete every row with ``secure_delete`` on: SQLite overwrites deleted content with zeros.
+        3. ``wal_checkpoint(TRUNCATE)``, checked: the zeroed pages replace the old ones in the main
+           file and the ``-wal`` (which holds every version written since the last checkpoint) is
+           emptied. Only then are the file and its ``-wal``/``-shm``/``-journal`` unlinked.
+        """
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
+        if int(db.execute("PRAGMA secure_delete = ON").fetchone()[0]) != 1:
+            raise StoreError(f"{self.path}: this SQLite cannot zero deleted content (secure_delete): not deleted")
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as exc:
+            db.execute("PRAGMA locking_mode = NORMAL")
+            raise StoreBusyError(f"{self.path}: another program is using the device store ({exc}), so it cannot be "
+                                 "wiped now: nothing was deleted. Close it (a running fedrec-client, or the "
+                                 "SuperNode of fedrec-client join) and run forget again") from None
+        try:
             for table in _TABLES:
                 db.execute(f"DELETE FROM {table}")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.close()
-        removed = []
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            path = self.path.with_name(self.path.name + suffix)
-            if path.exists():
-                path.unlink()
-                removed.append(path)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        wal = self.path.with_name(self.path.name + "-wal")
+        if busy or (wal.exists() and wal.stat().st_size):
+            raise StoreBusyError(f"{self.path}: the rows are deleted, but the write-ahead log could not be written "
+                                 "back (checkpoint busy), so the file may still hold them: close every program "
+                                 "using the store and run forget again")
+        files = [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        removed = [path for path in files if path.exists()]
+        self.close()  # the last connection: SQLite itself may remove the (empty) -wal and -shm
+        for path in removed:
+            path.unlink(missing_ok=True)
         return removed
 
 
