@@ -360,3 +360,61 @@ def test_forget_refuses_while_another_connection_of_this_process_reads(tmp_path)
     cursor.close()
     reader.close()
     assert store.forget() and not path.exists()
+
+
+# ---------------------------------------------------------------- what the store gives back is checked (finding 5)
+
+def test_a_global_model_with_nan_inf_or_beyond_float32_is_refused(store):
+    ids = ["a", "b"]
+    for emb, bias in [(np.array([[np.nan, 1.0], [0.0, 1.0]]), np.zeros(2)),
+                      (np.ones((2, 2)), np.array([0.0, np.inf])),
+                      (np.array([[1e300, 1.0], [0.0, 1.0]]), np.zeros(2))]:  # finite float64, inf as float32
+        with pytest.raises(StoreError, match="NaN or Inf"):
+            store.set_global_model(ids, emb, bias, 1)
+    assert store.get_global_model() is None
+    with pytest.raises(StoreError, match="NaN or Inf"):
+        store.set_user_vector(np.array([1.0, np.nan], dtype=np.float32))
+
+
+def put_raw(store: DeviceStore, key: str, value: bytes) -> None:
+    """Write a state value behind the store's back (a damaged file, an older version's bug)."""
+    store._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+
+def test_damaged_state_values_are_store_errors_naming_them(store):
+    from safetensors.numpy import save
+
+    store.set_global_model(["a", "b"], np.ones((2, 2)), np.zeros(2), 3)
+    put_raw(store, "global-model", b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    with pytest.raises(StoreError, match="the stored global-model is damaged"):
+        store.get_global_model()
+    nan_model = save({"item_embeddings": np.full((2, 2), np.nan, np.float32), "item_bias": np.zeros(2, np.float32)},
+                     metadata={"round": "3"})
+    put_raw(store, "global-model", nan_model)
+    with pytest.raises(StoreError, match="global-model is damaged.*NaN or Inf"):
+        store.get_global_model()
+    put_raw(store, "privacy-ledger", b"\xff{")
+    with pytest.raises(StoreError, match="the stored privacy-ledger is damaged"):
+        store.ledger_state()
+    put_raw(store, "client-id", b'"seven"')
+    with pytest.raises(StoreError, match="the stored client-id is damaged"):
+        store.client_id()
+    # the user vector is a cache: a damaged or NaN one is fitted again, not used
+    put_raw(store, "user-vector", b"junk")
+    assert store.get_user_vector() is None
+    put_raw(store, "user-vector", save({"user_vector": np.array([np.nan, 1.0], np.float32)}))
+    assert store.get_user_vector() is None
+
+
+def test_import_refuses_a_rating_that_would_become_inf_and_names_a_line_that_is_not_utf8(store, tmp_path):
+    with pytest.raises(DataError, match=r"big.csv:3: column 'rating': expected a rating within"):
+        store.import_ratings(write(tmp_path / "big.csv", "item,rating\na,5\nb,1e308\n"))
+    rows = "".join(f"item{k},4\n" for k in range(2000))  # beyond the text reader's first 8 KiB
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"item,rating\n" + rows.encode() + "caf\u00e9,5\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        store.import_ratings(path)
+    assert err.value.line == 2002 and "byte 0xe9" in str(err.value)
+    assert store.ratings() == []
+    assert store.import_ratings(path, encoding="latin-1").inserted == 2001
+    assert "caf\u00e9" in {r.item for r in store.ratings()}
