@@ -436,3 +436,68 @@ def test_forget_while_another_program_reads_exits_2_and_deletes_nothing(files, c
     code, out, _ = run_cli(capsys, "--db", db, "status")
     assert "ratings: 3" in out
     assert run_cli(capsys, "--db", db, "forget", "--yes")[0] == 0 and not db.exists()
+
+
+# ---------------------------------------------------------------- a model received from the server
+
+def test_check_received_model_refuses_nan_shape_dimension_and_absurd_rounds():
+    from client.data import MAX_MODEL_ROUND, check_received_model
+
+    good = catalogue_params().to_arrays()
+    check_received_model(good, n_items=8, model_round=3, dim=4, max_round=10)
+    nan = [good[0].copy(), good[1]]
+    nan[0][2, 2] = np.nan
+    bad = {
+        "1 of 32 embeddings are NaN or Inf": dict(parameters=nan),
+        "biases are NaN or Inf": dict(parameters=[good[0], np.full(8, np.inf, np.float32)]),
+        "or beyond float32": dict(parameters=[good[0].astype(np.float64) * 1e300, good[1]]),
+        "catalogue has 9 items": dict(n_items=9),
+        "dimension 4, the run's model.dim is 8": dict(dim=8),
+        "biases of shape (7,)": dict(parameters=[good[0], good[1][:7]]),
+        "expected float arrays": dict(parameters=[good[0].astype(np.int64), good[1]]),
+        "expected item embeddings and biases, got 1": dict(parameters=good[:1]),
+        "round 11 is outside [0, 10]": dict(model_round=11),
+        "round -1 is outside": dict(model_round=-1),
+        f"round {2**62} is outside [0, {MAX_MODEL_ROUND}]": dict(model_round=2**62, max_round=None),
+        "round 2.5 is not a whole number": dict(model_round=2.5),
+    }
+    for expected, change in bad.items():
+        kwargs = {"parameters": good, "n_items": 8, "model_round": 3, "dim": 4, "max_round": 10, **change}
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            check_received_model(kwargs.pop("parameters"), **kwargs)
+
+
+def test_keep_on_device_refuses_a_bad_model_and_nothing_pins_one_forever(files, capsys):
+    from client.data import keep_on_device
+    from client.store import DeviceStore as Store
+
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    cfg = RunConfig.from_flat({"model.dim": 4})
+    with Store(db, create=False) as store:
+        data = store.client_data({i: k for k, i in enumerate(IDS)})
+    good = catalogue_params().to_arrays()
+
+    def keep(arrays, rnd, **kw):
+        keep_on_device(str(db), arrays, rnd, cfg.model, data, None, False, **kw)
+        with Store(db, create=False) as store:
+            model = store.get_global_model()
+            return None if model is None else (model.round, model.run)
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        keep([np.full((8, 4), np.nan, np.float32), good[1]], 1)
+    with pytest.raises(ValueError, match="outside"):
+        keep(good, 10**12)  # the round that used to pin a model for good
+    with Store(db, create=False) as store:
+        assert store.get_global_model() is None  # nothing kept
+        store.set_global_model(IDS, good[0], good[1], 10**12)  # as an older fedrec-client kept it
+    assert keep(good, 3) == (3, None)  # a stored round beyond what a run can have does not pin
+    assert keep(good, 2) == (3, None)  # within a run, an older model does not replace a newer one
+    assert keep(good, 5, max_round=150) == (5, None)
+    assert keep(good, 1, run_id=7) == (1, 7)  # a new run starts at round 1 again: its model replaces
+    assert keep(good, 0, run_id=7) == (1, 7)
+    with pytest.raises(ValueError, match="outside \\[0, 150\\]"):
+        keep(good, 151, max_round=150)
+    with Store(db, create=False) as store:  # a damaged stored model is replaced, not a dead end
+        store._db.execute("UPDATE state SET value = x'00' WHERE key = 'global-model'")
+    assert keep(good, 2, run_id=7) == (2, 7)
