@@ -63,6 +63,11 @@ def device_client_data(data_path: str) -> tuple[ClientData, int]:
 MAX_MODEL_ROUND = 1_000_000
 
 
+def round_bound(max_round: int | None) -> int:
+    """The latest round a received model may claim: the run's rounds, at most MAX_MODEL_ROUND."""
+    return MAX_MODEL_ROUND if max_round is None else min(int(max_round), MAX_MODEL_ROUND)
+
+
 def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_round: int, dim: int | None = None,
                          max_round: int | None = None) -> None:
     """Refuse a global model from the server that a device must neither train on nor keep.
@@ -79,7 +84,8 @@ def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_ro
     dim:
         The run's ``model.dim``, when known: the embeddings must have that many columns.
     max_round:
-        The most rounds this run can have (its ``fed.rounds``); :data:`MAX_MODEL_ROUND` when None.
+        The most rounds this run can have (its ``fed.rounds``), never above :data:`MAX_MODEL_ROUND`
+        (the run config comes from the server too).
 
     Raises
     ------
@@ -106,7 +112,7 @@ def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_ro
             if bad:
                 raise ValueError(f"global model refused: {bad} of {array.size} {name} are NaN or Inf "
                                  "(or beyond float32)")
-    bound = MAX_MODEL_ROUND if max_round is None else int(max_round)
+    bound = round_bound(max_round)
     if isinstance(model_round, bool) or not isinstance(model_round, (int, np.integer)):
         raise ValueError(f"global model refused: round {model_round!r} is not a whole number")
     if not 0 <= model_round <= bound:
@@ -138,7 +144,7 @@ def keep_on_device(data_path: str, parameters: list[np.ndarray], model_round: in
         except StoreError as exc:  # damaged: replaced by this one rather than blocking every future model
             log.warning("%s; replacing it with the model of round %d", exc, model_round)
             stored = None
-        bound = MAX_MODEL_ROUND if max_round is None else int(max_round)
+        bound = round_bound(max_round)
         if (stored is None or stored.round is None or model_round >= stored.round or stored.round > bound
                 or (run_id is not None and stored.run != run_id)):
             store.set_global_model(item_ids, parameters[0], parameters[1], model_round, loss=model.loss,

@@ -459,6 +459,8 @@ def test_check_received_model_refuses_nan_shape_dimension_and_absurd_rounds():
         "round 11 is outside [0, 10]": dict(model_round=11),
         "round -1 is outside": dict(model_round=-1),
         f"round {2**62} is outside [0, {MAX_MODEL_ROUND}]": dict(model_round=2**62, max_round=None),
+        f"round {MAX_MODEL_ROUND + 1} is outside [0, {MAX_MODEL_ROUND}]": dict(model_round=MAX_MODEL_ROUND + 1,
+                                                                              max_round=10**12),
         "round 2.5 is not a whole number": dict(model_round=2.5),
     }
     for expected, change in bad.items():
