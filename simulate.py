@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -228,25 +229,49 @@ def summarize(run_dir, result: dict) -> str:
     return text
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that are not config keys: a ValueError naming the flag (inf, NaN, negatives...)."""
+    cpus = os.cpu_count() or 1
+    if not (math.isfinite(args.num_cpus) and 0 < args.num_cpus <= cpus):
+        raise ValueError(f"--num-cpus {args.num_cpus}: expected CPUs per simulated client in (0, {cpus}]")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after {args.stop_after}: expected a round ≥ 1")
+    if args.clients_per_round is not None and args.clients_per_round < 1:
+        raise ValueError(f"--clients-per-round {args.clients_per_round}: expected a number ≥ 1")
+
+
+def config_error(exc: BaseException) -> int:
+    """A mistake in the flags, the config or the data: one line on stderr, exit status 2."""
+    print(f"simulate.py: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_logs(args.verbose)
+    from common.data import DataUnavailableError
     from server.run_dir import RunDir
 
-    if args.resume:
-        from server.run_dir import ConfigMismatchError, RunDirError
-
-        run_dir = RunDir(args.resume)
-        try:
+    try:
+        check_args(args)
+        if args.resume:
+            run_dir = RunDir(args.resume)
             cfg = build_config(args, run_dir.config())
             run_dir.check_resume(cfg)
             run_dir.load_checkpoint()  # a damaged checkpoint stops here, named, before any simulation starts
             run_dir.rounds()
-        except (RunDirError, ConfigMismatchError) as exc:
-            print(f"simulate.py: error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        cfg = build_config(args)
+        else:
+            cfg = build_config(args)
+        from client.data import num_clients  # reads the data once (cached for the run): a bad file is one line
+
+        num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+    except (ValueError, OSError, DataUnavailableError) as exc:  # DataError, RunDirError, ConfigMismatchError: ValueErrors
+        return config_error(exc)
+    except SystemExit as exc:  # build_config's own refusals carry their message
+        if isinstance(exc.code, str):
+            return config_error(exc)
+        raise
+    if not args.resume:
         run_dir = RunDir.create(Path(args.runs_dir), cfg)
     print(f"fedrec simulation -> {run_dir.path}", flush=True)
     result = run(cfg, run_dir, num_cpus=args.num_cpus, progress=not args.no_progress, verbose=args.verbose,

@@ -2,7 +2,7 @@
 
 ::
 
-    fedrec-client import ratings.csv [--items items.csv]   your ratings (and the server's item list)
+    fedrec-client import ratings.csv [--items items.csv] [--encoding latin-1]   your ratings (and the server's item list)
     fedrec-client recommend [--k 10] [--model model.safetensors --items items.csv] [--timing]
     fedrec-client status                                   what is stored on this device
     fedrec-client privacy set [--clip C] [--local-noise S] this device's privacy floor (the server cannot lower it)
@@ -12,7 +12,8 @@
 Everything lives in one SQLite file, ``--db`` (default ``~/.fedrec/device.sqlite``); see
 :mod:`client.store`. ``recommend`` runs on the device: the user vector is reconstructed from
 the stored ratings and never leaves it. Mistakes in what the user typed or gave end with one
-line ``fedrec-client: error: ...`` and exit status 2.
+line ``fedrec-client: error: ...`` and exit status 2, also for a damaged store or model file
+(never a traceback, never a silent "Top 0" from a model with NaN values).
 
 Imports stay light (no torch) until a user vector has to be fitted: a cached vector makes
 ``recommend`` a NumPy-only computation.
@@ -21,11 +22,13 @@ Imports stay light (no torch) until a user vector has to be fitted: a cached vec
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
 import shlex
 import shutil
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -40,7 +43,9 @@ from client.store import (
     GlobalModel,
     MappedRatings,
     StoreError,
+    non_finite,
     read_items_file,
+    read_ratings_file,
     user_vector_fingerprint,
 )
 from common.data.errors import DataError
@@ -63,14 +68,17 @@ def _db(args: argparse.Namespace) -> Path:
 def cmd_import(args: argparse.Namespace) -> int:
     if args.ratings is None and args.items is None:
         raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
-    items = read_items_file(args.items) if args.items else None  # validate both files before storing either
+    encoding = _encoding(args.encoding)
+    items = read_items_file(args.items, encoding) if args.items else None  # validate both files before storing either
+    if args.ratings is not None:
+        read_ratings_file(args.ratings, encoding)
     with DeviceStore(_db(args)) as store:
         if items is not None:
             dropped = store.set_catalog(*items)
             print(f"{args.items}: item catalogue of {len(items[0])} items stored"
                   + ("; the stored global model indexed another item list and was dropped" if dropped else ""))
         if args.ratings is not None:
-            report = store.import_ratings(args.ratings)
+            report = store.import_ratings(args.ratings, encoding)
             print(report.summary())
             catalog = store.catalog()[0]
             if catalog:
@@ -81,6 +89,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         counts = store.counts()
     print(f"{_db(args)}: {counts['ratings']} ratings, {counts['catalog']} catalogue items")
     return 0
+
+
+def _encoding(name: str | None) -> str | None:
+    """``--encoding``, checked before any file is read (the readers log the warning per file)."""
+    if name is not None:
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise UsageError(f"--encoding {name!r}: unknown text encoding (e.g. utf-8, latin-1, cp1252)") from None
+    return name
 
 
 def _some(ids: Sequence[str], n: int = 5) -> str:
@@ -100,10 +118,18 @@ class Recommendation:
 def rank_items(model: GlobalModel, vector: np.ndarray, rated: MappedRatings, k: int,
                exclude: Sequence[int] = ()) -> list[Recommendation]:
     """Top-``k`` items by ``u·v + b``, rated and ``exclude``d items left out, each with the liked
-    item (rating ≥ the user's mean rating) whose embedding is most similar (cosine)."""
-    scores = model.embeddings @ vector.astype(np.float32) + model.bias
-    scores[rated.items] = -np.inf
-    scores[np.asarray(exclude, dtype=np.int64)] = -np.inf
+    item (rating ≥ the user's mean rating) whose embedding is most similar (cosine). A score
+    that is NaN or Inf (a damaged model or vector) is a ValueError, never a shorter list."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = model.embeddings @ vector.astype(np.float32) + model.bias
+    candidates = np.ones(len(scores), dtype=bool)
+    candidates[rated.items] = False
+    candidates[np.asarray(exclude, dtype=np.int64)] = False
+    bad = int(np.count_nonzero(~np.isfinite(scores[candidates])))
+    if bad:
+        raise ValueError(f"{bad} of {int(candidates.sum())} item scores are NaN or Inf: the model or the user "
+                         "vector is damaged")
+    scores[~candidates] = -np.inf
     k = min(k, int(np.isfinite(scores).sum()))
     top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
     top = top[np.argsort(-scores[top], kind="stable")]
@@ -140,13 +166,36 @@ def load_model_files(model_path: str, items_path: str) -> GlobalModel:
     if emb.ndim != 2 or bias.shape != (emb.shape[0],) or len(ids) != emb.shape[0]:
         raise UsageError(f"{items_path} lists {len(ids)} items but {path.name} has embeddings {emb.shape} and biases "
                          f"{bias.shape}: use the items file published with this model")
-    loss = user_reg = None
-    config = path.parent / "config.json"
-    if config.is_file():
-        flat = json.loads(config.read_text())
-        loss, user_reg = flat.get("model.loss"), flat.get("model.user-reg")
-    return GlobalModel(tuple(ids), tuple(titles), emb.astype(np.float32), bias.astype(np.float32), None, loss,
-                       None if user_reg is None else float(user_reg))
+    if emb.dtype.kind != "f" or bias.dtype.kind != "f":
+        raise UsageError(f"{path}: expected float arrays, found {emb.dtype} and {bias.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        emb, bias = emb.astype(np.float32), bias.astype(np.float32)
+    problem = non_finite(emb, ITEM_PARAM_NAMES[0]) or non_finite(bias, ITEM_PARAM_NAMES[1])
+    if problem:
+        raise UsageError(f"{path}: a damaged model ({problem}, or beyond float32): nothing to recommend from")
+    loss, user_reg = _run_config(path.parent / "config.json")
+    return GlobalModel(tuple(ids), tuple(titles), emb, bias, None, loss, user_reg)
+
+
+def _run_config(config: Path) -> tuple[str | None, float | None]:
+    """``model.loss`` and ``model.user-reg`` from a run's ``config.json`` (None, None without one)."""
+    if not config.is_file():
+        return None, None
+    try:
+        flat = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{config}: not a fedrec run config ({exc}); fix or remove it") from None
+    if not isinstance(flat, dict):
+        raise UsageError(f"{config}: expected a JSON object of config keys, found {type(flat).__name__}")
+    loss, user_reg = flat.get("model.loss"), flat.get("model.user-reg")
+    if loss is not None and not (isinstance(loss, str) and loss):
+        raise UsageError(f"{config}: model.loss must be a loss name, found {loss!r}")
+    if user_reg is not None:
+        if isinstance(user_reg, bool) or not isinstance(user_reg, (int, float)) or not (
+                np.isfinite(user_reg) and user_reg > 0):
+            raise UsageError(f"{config}: model.user-reg must be a finite number > 0, found {user_reg!r}")
+        user_reg = float(user_reg)
+    return loss, user_reg
 
 
 def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:
@@ -160,6 +209,10 @@ def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:
     defaults = ModelConfig()
     loss = model.loss or defaults.loss
     reg = defaults.user_reg if model.user_reg is None else model.user_reg
+    try:
+        ModelConfig(loss=loss, user_reg=reg)  # an unknown loss from a run's config.json: one line, not a traceback
+    except ValueError as exc:
+        raise UsageError(f"the model's run config: {exc}") from None
     params = ItemParams(model.embeddings, model.bias)
     negatives = None
     if loss == "bpr":  # the same draw as common.federated.reconstruct_users
@@ -193,9 +246,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             import common.mf  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
             t_import = time.perf_counter() - start
             vector = fit_user_vector(model, rated)
+            if non_finite(vector, "user vector"):
+                raise UsageError("your user vector could not be fitted to this model (NaN/Inf): the model is "
+                                 "damaged or unusable")
             store.set_user_vector(vector, fingerprint=key)
         t_user = time.perf_counter()
-        recs = rank_items(model, vector, rated, args.k, exclude=dismissed)
+        try:
+            recs = rank_items(model, vector, rated, args.k, exclude=dismissed)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         t_rank = time.perf_counter()
     source = f"global model of round {model.round}" if model.round is not None else Path(args.model).name
     print(f"Top {len(recs)} of {len(model.item_ids)} items for you ({source}; from {len(rated.items)} of your ratings)")
@@ -240,7 +299,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         from common.privacy.ledger import PrivacyLedger  # its accountant libraries only when needed
 
-        spent = PrivacyLedger.from_state_dict(ledger)
+        try:
+            spent = PrivacyLedger.from_state_dict(ledger)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(f"{_db(args)}: the stored privacy ledger is damaged ({type(exc).__name__}: {exc})") from None
         print(f"privacy: epsilon {spent.epsilon():.3g} at delta {spent.delta:g} over {len(spent.events)} releases")
     return 0
 
@@ -408,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "user,item,rating,timestamp (one user). Items: item_id,title.")
     imp.add_argument("ratings", nargs="?", help="your ratings file (.csv, or .tsv tab-separated)")
     imp.add_argument("--items", help="the server's items file item_id,title (the model's item list)")
+    imp.add_argument("--encoding", help="the files' text encoding when not UTF-8, e.g. latin-1 (a warning is printed)")
     imp.set_defaults(run=cmd_import)
 
     rec = commands.add_parser("recommend", parents=[common], help="top-K items for you, computed here")
@@ -456,8 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.db = DEFAULT_DB
     try:
         return int(args.run(args))
-    except (UsageError, DataError, StoreError) as exc:
+    except (UsageError, DataError, StoreError, sqlite3.Error, OSError) as exc:
         message = " ".join(str(exc).split())
+        if isinstance(exc, sqlite3.Error):  # e.g. "database is locked": say which database
+            message = f"{_db(args)}: {message}"
         print(f"fedrec-client: error: {message}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 
@@ -12,6 +13,8 @@ from common.data.partition import partition_users
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.federated import ClientData
+
+log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=2)
@@ -55,19 +58,101 @@ def device_client_data(data_path: str) -> tuple[ClientData, int]:
         return store.client_data({item: i for i, item in enumerate(item_ids)}), len(item_ids)
 
 
+#: No run has more rounds than this (a round takes seconds at least): a model that claims a later
+#: round is refused, so that it can never pin itself as "the newest" on a device.
+MAX_MODEL_ROUND = 1_000_000
+
+
+def round_bound(max_round: int | None) -> int:
+    """The latest round a received model may claim: the run's rounds, at most MAX_MODEL_ROUND."""
+    return MAX_MODEL_ROUND if max_round is None else min(int(max_round), MAX_MODEL_ROUND)
+
+
+def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_round: int, dim: int | None = None,
+                         max_round: int | None = None) -> None:
+    """Refuse a global model from the server that a device must neither train on nor keep.
+
+    Parameters
+    ----------
+    parameters:
+        The received arrays: item embeddings (I, d) and item biases (I,) first (MF).
+    n_items:
+        The size of this device's item catalogue: the model must have one row per item.
+    model_round:
+        The rounds completed when it was sent (``server-round - 1`` in fit, ``server-round`` in
+        evaluate).
+    dim:
+        The run's ``model.dim``, when known: the embeddings must have that many columns.
+    max_round:
+        The most rounds this run can have (its ``fed.rounds``), never above :data:`MAX_MODEL_ROUND`
+        (the run config comes from the server too).
+
+    Raises
+    ------
+    ValueError
+        Naming what is wrong: missing arrays, a shape that disagrees with the catalogue or the
+        dimension, a non-float array, NaN/Inf (also after the cast to float32 the device stores),
+        or a round that is negative, not a whole number, or beyond what a run can have.
+    """
+    if len(parameters) < 2:
+        raise ValueError(f"global model refused: expected item embeddings and biases, got {len(parameters)} arrays")
+    emb, bias = np.asarray(parameters[0]), np.asarray(parameters[1])
+    if emb.dtype.kind != "f" or bias.dtype.kind != "f":
+        raise ValueError(f"global model refused: expected float arrays, got {emb.dtype} and {bias.dtype}")
+    if emb.ndim != 2 or emb.shape[0] != n_items or emb.shape[1] < 1:
+        raise ValueError(f"global model refused: embeddings of shape {emb.shape}, this device's catalogue has "
+                         f"{n_items} items (import the server's items file: fedrec-client import --items)")
+    if dim is not None and emb.shape[1] != dim:
+        raise ValueError(f"global model refused: embeddings of dimension {emb.shape[1]}, the run's model.dim is {dim}")
+    if bias.shape != (n_items,):
+        raise ValueError(f"global model refused: biases of shape {bias.shape}, expected ({n_items},)")
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, array in (("embeddings", emb), ("biases", bias)):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+            if bad:
+                raise ValueError(f"global model refused: {bad} of {array.size} {name} are NaN or Inf "
+                                 "(or beyond float32)")
+    bound = round_bound(max_round)
+    if isinstance(model_round, bool) or not isinstance(model_round, (int, np.integer)):
+        raise ValueError(f"global model refused: round {model_round!r} is not a whole number")
+    if not 0 <= model_round <= bound:
+        raise ValueError(f"global model refused: round {model_round} is outside [0, {bound}], "
+                         "the rounds a run can have")
+
+
 def keep_on_device(data_path: str, parameters: list[np.ndarray], model_round: int, model: ModelConfig,
-                   data: ClientData, vector: np.ndarray | None, exact: bool) -> None:
-    """Keep the global model a device received (when newer than the stored one) and its new
-    user vector. ``exact``: the vector is what reconstruction against this model gives (one
-    local epoch, deterministic loss), so ``fedrec-client recommend`` may use it as is."""
-    from client.store import DeviceStore, user_vector_fingerprint
+                   data: ClientData, vector: np.ndarray | None, exact: bool, *, max_round: int | None = None,
+                   run_id: int | None = None) -> None:
+    """Keep the global model a device received and its new user vector. ``exact``: the vector is
+    what reconstruction against this model gives (one local epoch, deterministic loss), so
+    ``fedrec-client recommend`` may use it as is.
+
+    The model is checked first (:func:`check_received_model`, with ``model.dim`` and
+    ``max_round``): a bad one raises ValueError and nothing is kept. It replaces the stored model
+    when it is at least as new (round), when it comes from another run (``run_id``, Flower's
+    ``context.run_id``: a new run starts at round 1 again), or when the stored one is damaged or
+    claims a round beyond what a run can have: nothing pins a model on the device for good.
+    """
+    from client.store import DeviceStore, StoreError, user_vector_fingerprint
 
     with DeviceStore(data_path, create=False) as store:
-        stored = store.get_global_model()
-        if stored is None or stored.round is None or model_round >= stored.round:
-            store.set_global_model(store.catalog()[0], parameters[0], parameters[1], model_round,
-                                   loss=model.loss, user_reg=model.user_reg)
+        item_ids = store.catalog()[0]
+        check_received_model(parameters, n_items=len(item_ids), model_round=model_round, dim=model.dim,
+                             max_round=max_round)
+        try:
+            stored = store.get_global_model()
+        except StoreError as exc:  # damaged: replaced by this one rather than blocking every future model
+            log.warning("%s; replacing it with the model of round %d", exc, model_round)
+            stored = None
+        bound = round_bound(max_round)
+        if (stored is None or stored.round is None or model_round >= stored.round or stored.round > bound
+                or (run_id is not None and stored.run != run_id)):
+            store.set_global_model(item_ids, parameters[0], parameters[1], model_round, loss=model.loss,
+                                   user_reg=model.user_reg, run=run_id)
         if vector is not None:
+            if not np.isfinite(vector).all():
+                log.warning("%s: the new user vector has NaN/Inf values and is not kept", data_path)
+                return
             user = data.train[0]
             key = user_vector_fingerprint(np.asarray(parameters[0], dtype=np.float32),
                                           np.asarray(parameters[1], dtype=np.float32),

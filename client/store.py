@@ -15,7 +15,9 @@ model, in order; :func:`read_items_file`). It arrives with ``fedrec-client impor
 with a global model, and it is how a device turns its item ids into the model's indices.
 
 Opened in WAL mode with foreign keys on and ``secure_delete`` (deleted rows are zeroed).
-The file is created readable by its owner only.
+The file is created readable by its owner only. What the store gives back is checked: a state
+blob that does not parse, or a model or vector with NaN/Inf, is a :class:`StoreError` naming
+it, never a traceback and never a silent NaN recommendation.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from safetensors.numpy import save as save_safetensors
 
 from common.data.errors import DataError
 from common.data.formats import csv_rows
-from common.data.readers import parse_number
+from common.data.readers import decode_error, parse_number, parse_rating, text_encoding
 from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
@@ -83,6 +85,10 @@ class StoreNotFoundError(StoreError):
     """No device store at the path (and the caller did not ask to create one)."""
 
 
+class StoreBusyError(StoreError):
+    """Another program has the store open, so it cannot be wiped now (``forget``)."""
+
+
 @dataclass(frozen=True)
 class Rating:
     item: str
@@ -120,6 +126,7 @@ class GlobalModel:
     round: int | None  # the rounds completed when it was sent; None for a model read from a file
     loss: str | None = None  # the run's model.loss / model.user-reg (None: the defaults)
     user_reg: float | None = None
+    run: int | None = None  # the Flower run that sent it, when known (a new run's model replaces it)
 
     def index(self) -> dict[str, int]:
         return {item: i for i, item in enumerate(self.item_ids)}
@@ -224,25 +231,47 @@ class DeviceStore:
                          "excluded.value", (key, sqlite3.Binary(value)))
 
     def schema_version(self) -> int:
-        return int(self._db.execute("SELECT version FROM schema_version").fetchone()[0])
+        row = self._db.execute("SELECT version FROM schema_version").fetchone()
+        try:
+            return int(row[0])
+        except (TypeError, ValueError):
+            raise StoreError(f"{self.path}: its schema_version table is damaged ({row!r}): not a usable device "
+                             "store (fedrec-client forget deletes it)") from None
 
     def client_id(self) -> int:
-        return int(json.loads(self._get(CLIENT_ID) or b"0"))
+        blob = self._get(CLIENT_ID)
+        with self._corrupt(CLIENT_ID):
+            value = json.loads(blob or b"0")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"expected a whole number, found {value!r}")
+            return value
+
+    @contextmanager
+    def _corrupt(self, key: str) -> Iterator[None]:
+        """Turn a state value that does not parse into a StoreError naming it (no traceback)."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:  # json, safetensors, UnicodeDecodeError, KeyError...: all mean "damaged"
+            raise StoreError(f"{self.path}: the stored {key} is damaged ({type(exc).__name__}: {exc}); "
+                             "fedrec-client forget deletes the store, then import your ratings again") from None
 
     def counts(self) -> dict[str, int]:
         return {table: int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
                 for table in ("ratings", "feedback", "catalog")}
 
     # ---------------------------------------------------------------- ratings
-    def import_ratings(self, csv_path: str | Path) -> ImportReport:
+    def import_ratings(self, csv_path: str | Path, encoding: str | None = None) -> ImportReport:
         """Add or update ratings from a CSV file (``.tsv``: tab-separated) of this one user.
 
         Header ``item,rating[,timestamp]`` or ``user,item,rating[,timestamp]`` (every row one
         user). An item twice in the file counts once: its latest row (ties: the last). A row
         older than the rating already stored is not applied. Raises :class:`DataError` naming
-        the file and line of the first bad row; nothing is stored then.
+        the file and line of the first bad row; nothing is stored then. ``encoding``: UTF-8
+        unless named (another is logged as a warning).
         """
-        records, user = read_ratings_file(csv_path)
+        records, user = read_ratings_file(csv_path, encoding)
         latest: dict[str, tuple[float, float | None]] = {}
         for _, item, rating, stamp in records:
             old = latest.get(item)
@@ -344,17 +373,25 @@ class DeviceStore:
 
     def set_global_model(self, item_ids: Sequence[str], embeddings: np.ndarray, bias: np.ndarray, round: int, *,
                          titles: Sequence[str] | None = None, loss: str | None = None,
-                         user_reg: float | None = None) -> None:
+                         user_reg: float | None = None, run: int | None = None) -> None:
         """Keep a global model: its arrays, the item ids of its rows (the catalogue; titles kept
-        by id unless given) and the run's ``model.loss``/``model.user-reg`` for reconstruction."""
-        emb, b = np.asarray(embeddings, dtype=np.float32), np.asarray(bias, dtype=np.float32)
+        by id unless given), the run's ``model.loss``/``model.user-reg`` for reconstruction and
+        the run that sent it. A model with NaN/Inf (also after the cast to float32) is refused."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            emb, b = np.asarray(embeddings, dtype=np.float32), np.asarray(bias, dtype=np.float32)
         if emb.ndim != 2 or b.shape != (emb.shape[0],) or len(item_ids) != emb.shape[0]:
             raise StoreError(f"global model: embeddings {emb.shape}, bias {b.shape} and {len(item_ids)} item ids "
                              "must agree on the number of items")
+        problem = non_finite(emb, "embeddings") or non_finite(b, "biases")
+        if problem:
+            raise StoreError(f"global model refused: {problem}")
         if int(round) < 0:
             raise StoreError(f"global model round must be ≥ 0, got {round}")
+        if user_reg is not None and not (np.isfinite(user_reg) and user_reg > 0):
+            raise StoreError(f"global model: user-reg must be a finite number > 0, got {user_reg}")
         meta = {"format": "fedrec-mf-items", "round": str(int(round)), "loss": loss or "",
-                "user-reg": "" if user_reg is None else repr(float(user_reg))}
+                "user-reg": "" if user_reg is None else repr(float(user_reg)),
+                "run": "" if run is None else str(int(run))}
         blob = save_safetensors({ITEM_PARAM_NAMES[0]: np.ascontiguousarray(emb),
                                  ITEM_PARAM_NAMES[1]: np.ascontiguousarray(b)}, metadata=meta)
         with self._tx():
@@ -362,17 +399,29 @@ class DeviceStore:
             self._put(GLOBAL_MODEL, blob)
 
     def get_global_model(self) -> GlobalModel | None:
+        """The stored global model; a damaged one (does not parse, NaN/Inf, shapes that disagree)
+        is a StoreError: the next model from the federation replaces it (client/data.py)."""
         blob = self._get(GLOBAL_MODEL)
         if blob is None:
             return None
-        arrays, meta = load_safetensors(blob), _metadata(blob)
+        with self._corrupt(GLOBAL_MODEL):
+            arrays, meta = load_safetensors(blob), _metadata(blob)
+            emb, bias = arrays[ITEM_PARAM_NAMES[0]], arrays[ITEM_PARAM_NAMES[1]]
+            model_round = int(meta["round"])
+            user_reg = float(meta["user-reg"]) if meta.get("user-reg") else None
+            run = int(meta["run"]) if meta.get("run") else None
+            if emb.ndim != 2 or emb.dtype.kind != "f" or bias.shape != (emb.shape[0],) or bias.dtype.kind != "f":
+                raise ValueError(f"embeddings {emb.shape} {emb.dtype} and biases {bias.shape} {bias.dtype} do not agree")
+            if model_round < 0 or (user_reg is not None and not (np.isfinite(user_reg) and user_reg > 0)):
+                raise ValueError(f"round {model_round}, user-reg {user_reg}")
+            problem = non_finite(emb, "embeddings") or non_finite(bias, "biases")
+            if problem:
+                raise ValueError(problem)
         ids, titles = self.catalog()
-        emb, bias = arrays[ITEM_PARAM_NAMES[0]], arrays[ITEM_PARAM_NAMES[1]]
         if emb.shape[0] != len(ids):
             raise StoreError(f"{self.path}: the stored global model has {emb.shape[0]} items, the catalogue "
                              f"{len(ids)}: import the server's items file again")
-        return GlobalModel(ids, titles, emb, bias, int(meta["round"]), meta.get("loss") or None,
-                           float(meta["user-reg"]) if meta.get("user-reg") else None)
+        return GlobalModel(ids, titles, emb, bias, model_round, meta.get("loss") or None, user_reg, run)
 
     # ---------------------------------------------------------------- user vector
     def set_user_vector(self, vector: np.ndarray, *, fingerprint: str = "") -> None:
@@ -380,22 +429,43 @@ class DeviceStore:
         vector = np.asarray(vector)
         if vector.ndim != 1 or vector.dtype.kind != "f":
             raise StoreError(f"a user vector is a 1-D float array, got shape {vector.shape} of {vector.dtype}")
+        problem = non_finite(vector, "user vector")
+        if problem:
+            raise StoreError(f"user vector refused: {problem}")
         with self._tx():
             self._put(USER_VECTOR, save_safetensors({"user_vector": np.ascontiguousarray(vector)},
                                                     metadata={"fingerprint": fingerprint}))
 
     def get_user_vector(self, fingerprint: str | None = None) -> np.ndarray | None:
-        """The stored vector; None when there is none or it was fitted to another ``fingerprint``."""
+        """The stored vector; None when there is none, it was fitted to another ``fingerprint``,
+        or it is damaged (it is only a cache: the caller fits a new one)."""
         blob = self._get(USER_VECTOR)
-        if blob is None or (fingerprint is not None and _metadata(blob).get("fingerprint") != fingerprint):
+        if blob is None:
             return None
-        return load_safetensors(blob)["user_vector"]
+        try:
+            stored = _metadata(blob).get("fingerprint")
+            vector = load_safetensors(blob)["user_vector"]
+        except Exception:  # noqa: BLE001 - damaged cache: fitted again
+            log.warning("%s: the stored user vector is damaged and is fitted again", self.path)
+            return None
+        if fingerprint is not None and stored != fingerprint:
+            return None
+        if vector.ndim != 1 or vector.dtype.kind != "f" or non_finite(vector, "user vector"):
+            log.warning("%s: the stored user vector is not a finite 1-D vector and is fitted again", self.path)
+            return None
+        return vector
 
     # ---------------------------------------------------------------- privacy ledger
     def ledger_state(self) -> dict[str, Any] | None:
         """The device's :class:`~common.privacy.ledger.PrivacyLedger` ``state_dict``, if any."""
         blob = self._get(PRIVACY_LEDGER)
-        return None if blob is None else json.loads(blob.decode("utf-8"))
+        if blob is None:
+            return None
+        with self._corrupt(PRIVACY_LEDGER):
+            state = json.loads(blob.decode("utf-8"))
+            if not isinstance(state, dict):
+                raise ValueError(f"expected a JSON object, found {type(state).__name__}")
+            return state
 
     def set_ledger_state(self, state: Mapping[str, Any]) -> None:
         with self._tx():
@@ -422,22 +492,56 @@ class DeviceStore:
             self._put(PRIVACY_POLICY, json.dumps(policy.to_dict(), sort_keys=True).encode("utf-8"))
 
     # ---------------------------------------------------------------- forget
-    def forget(self) -> list[Path]:
-        """Delete everything: the rows (zeroed on disk by secure_delete), then the file and its
-        ``-wal``/``-shm``/``-journal`` companions. The store is closed afterwards. Returns the
-        files removed."""
-        with self._tx() as db:
+    def forget(self, *, wait: float = 2.0) -> list[Path]:
+        """Delete everything so that no byte of it stays in the files, then the files. The store
+        is closed afterwards. Returns the files removed.
+
+        1. Take the store for this connection alone (``locking_mode=EXCLUSIVE``, ``BEGIN
+           EXCLUSIVE``, waiting up to ``wait`` seconds). While another program reads it (a running
+           ``fedrec-client``, the SuperNode of ``fedrec-client join``) a checkpoint cannot complete
+           and the main file would keep the old pages: :class:`StoreBusyError`, nothing deleted.
+        2. Delete every row with ``secure_delete`` on: SQLite overwrites deleted content with zeros.
+        3. ``wal_checkpoint(TRUNCATE)``, checked: the zeroed pages replace the old ones in the main
+           file and the ``-wal`` (which holds every version written since the last checkpoint) is
+           emptied. Only then are the file and its ``-wal``/``-shm``/``-journal`` unlinked.
+        """
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
+        if int(db.execute("PRAGMA secure_delete = ON").fetchone()[0]) != 1:
+            raise StoreError(f"{self.path}: this SQLite cannot zero deleted content (secure_delete): not deleted")
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            db.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as exc:
+            db.execute("PRAGMA locking_mode = NORMAL")
+            raise StoreBusyError(f"{self.path}: another program is using the device store ({exc}), so it cannot be "
+                                 "wiped now: nothing was deleted. Close it (a running fedrec-client, or the "
+                                 "SuperNode of fedrec-client join) and run forget again") from None
+        try:
             for table in _TABLES:
                 db.execute(f"DELETE FROM {table}")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.close()
-        removed = []
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            path = self.path.with_name(self.path.name + suffix)
-            if path.exists():
-                path.unlink()
-                removed.append(path)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        wal = self.path.with_name(self.path.name + "-wal")
+        if busy or (wal.exists() and wal.stat().st_size):
+            raise StoreBusyError(f"{self.path}: the rows are deleted, but the write-ahead log could not be written "
+                                 "back (checkpoint busy), so the file may still hold them: close every program "
+                                 "using the store and run forget again")
+        files = [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        removed = [path for path in files if path.exists()]
+        self.close()  # the last connection: SQLite itself may remove the (empty) -wal and -shm
+        for path in removed:
+            path.unlink(missing_ok=True)
         return removed
+
+
+def non_finite(array: np.ndarray, name: str) -> str | None:
+    """"NAME: k of n values are NaN or Inf" when ``array`` has any, else None."""
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    return f"{name}: {bad} of {np.size(array)} values are NaN or Inf" if bad else None
 
 
 def _metadata(blob: bytes) -> dict[str, str]:
@@ -448,19 +552,21 @@ def _metadata(blob: bytes) -> dict[str, str]:
 
 # ---------------------------------------------------------------- files a device reads
 
-def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line, stripped fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped."""
+def _csv_records(path: Path, encoding: str | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line, stripped fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped.
+    UTF-8 unless ``encoding`` names another; a byte that does not decode is a DataError naming its line."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     if not path.is_file():
         raise DataError(path, "file not found")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    name = text_encoding(encoding, path)
+    with path.open(encoding="utf-8-sig" if name == "utf-8" else name, newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter, strict=True)
         try:
             for line, fields in csv_rows(path, reader):
                 if any(f.strip() for f in fields):
                     yield line, [f.strip() for f in fields]
-        except UnicodeDecodeError:
-            raise DataError(path, "expected UTF-8 text, found bytes that are not", reader.line_num + 1) from None
+        except UnicodeDecodeError:  # raised a read-ahead buffer early: find the real line
+            raise decode_error(path, name) from None
 
 
 def _header(path: Path, records: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
@@ -483,12 +589,14 @@ def _fields(path: Path, line: int, fields: list[str], header: list[str], sep: st
     return dict(zip(header, fields))
 
 
-def read_ratings_file(path: str | Path) -> tuple[list[tuple[int, str, float, float | None]], str | None]:
+def read_ratings_file(path: str | Path,
+                      encoding: str | None = None) -> tuple[list[tuple[int, str, float, float | None]], str | None]:
     """Validated rows ``(line, item, rating, timestamp)`` of one user's ratings file, and the
-    user id when the file names one. Raises :class:`DataError` naming file and line."""
+    user id when the file names one. Raises :class:`DataError` naming file and line; a rating
+    must be finite and fit a float32, a timestamp must be finite."""
     path = Path(path)
     expected = "item,rating[,timestamp] or user,item,rating,timestamp"
-    records = _csv_records(path)
+    records = _csv_records(path, encoding)
     header_line, header = _header(path, records, expected)
     for name in header:
         if name not in ("user", "item", "rating", "timestamp"):
@@ -514,19 +622,19 @@ def read_ratings_file(path: str | Path) -> tuple[list[tuple[int, str, float, flo
                                       f"here and {user[0]!r} on line {user[1]}: export only your own ratings "
                                       "(a data set of many users is for the server: fedrec data info)", line)
         stamp = parse_number(path, line, "timestamp", row["timestamp"]) if "timestamp" in row else None
-        out.append((line, row["item"], parse_number(path, line, "rating", row["rating"]), stamp))
+        out.append((line, row["item"], parse_rating(path, line, "rating", row["rating"]), stamp))
     if not out:
         raise DataError(path, "expected rating rows after the header, found none", header_line + 1)
     return out, None if user is None else user[0]
 
 
-def read_items_file(path: str | Path) -> tuple[list[str], list[str]]:
+def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list[str], list[str]]:
     """The item ids and titles of an items file, in row order (= the model's row order).
 
     Format: CSV with a header naming ``item_id`` (or ``item``) and ``title``; other columns are
     ignored. The server publishes one beside its ``model.safetensors``."""
     path = Path(path)
-    records = _csv_records(path)
+    records = _csv_records(path, encoding)
     header_line, header = _header(path, records, "item_id,title")
     id_col = "item_id" if "item_id" in header else "item" if "item" in header else None
     if id_col is None or "title" not in header:

@@ -8,6 +8,7 @@ convention), e.g. ``fed.sample-rate``. ``pyproject.toml`` carries the same defau
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,7 @@ class ModelConfig:
         _check(self.loss in LOSSES, f"model.loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.user_reg > 0, f"model.user-reg must be > 0 (reconstruction must be strictly convex), got {self.user_reg}")
         _check(self.item_reg >= 0, f"model.item-reg must be ≥ 0, got {self.item_reg}")
+        _check(self.init_scale >= 0, f"model.init-scale must be ≥ 0, got {self.init_scale}")
         _check(self.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
         _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
@@ -255,20 +257,29 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig,
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default``, or a ValueError naming ``key``. A float must be finite:
+    inf and NaN would pass every ``> 0`` check of the sections (``dp.clip=inf`` gives an inf model)."""
     kind = type(default)
     try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
+        out = _convert(kind, value)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"config key {key!r}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and not math.isfinite(out):
+        raise ValueError(f"config key {key!r}: expected a finite number, got {value!r}")
+    return out
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        return float(value)
+    return str(value)

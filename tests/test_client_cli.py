@@ -3,8 +3,11 @@ the ClientApp (node_config ``data-path``)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -324,3 +327,179 @@ def test_the_device_owner_sets_the_privacy_floor_and_the_server_cannot_lower_it(
     assert max(float(np.max(np.abs(a))) for a in arrays) <= 0.5 * (1 + 8 * 3.0)  # its own clip 0.5, not 1.0
     with DeviceStore(db, create=False) as store:
         assert len(store.ledger_state()["events"]) == 1
+
+
+# ---------------------------------------------------------------- bad input on the device (issue #12, finding 5)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_process(*argv) -> subprocess.CompletedProcess:
+    """fedrec-client as a user runs it: its own process, its exit status, its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "client.cli", *map(str, argv)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+def one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("fedrec-client: error: ")
+    return proc.stderr
+
+
+def nan_model_files(files) -> tuple[Path, Path]:
+    from common.serialization import save_arrays
+
+    params = catalogue_params()
+    emb = params.embeddings.copy()
+    emb[3, 1] = np.nan
+    model = files["tmp"] / "nan" / "model.safetensors"
+    model.parent.mkdir()
+    save_arrays(model, {keys.ITEM_PARAM_NAMES[0]: emb, keys.ITEM_PARAM_NAMES[1]: params.bias})
+    return model, files["items"]
+
+
+def test_recommend_with_a_nan_model_is_an_error_not_an_empty_top_list(files, capsys):
+    db = files["db"]
+    assert run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])[0] == 0
+    model, items = nan_model_files(files)
+    err = one_line(run_process("--db", db, "recommend", "--model", model, "--items", items))
+    assert "model.safetensors: a damaged model (item_embeddings: 1 of 32 values are NaN or Inf" in err
+    # the same model stored on the device (written behind the store's back: it refuses it itself)
+    from safetensors.numpy import load, save
+
+    blob = save(load(model.read_bytes()), metadata={"format": "fedrec-mf-items", "round": "4"})
+    with DeviceStore(db) as store:
+        store._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('global-model', ?)", (blob,))
+    assert "the stored global-model is damaged" in one_line(run_process("--db", db, "recommend"))
+    assert "the stored global-model is damaged" in one_line(run_process("--db", db, "status"))
+
+
+def test_a_nan_user_vector_or_score_is_an_error_not_an_empty_top_list(files):
+    from client.cli import rank_items
+    from client.store import GlobalModel, MappedRatings
+
+    params = catalogue_params()
+    model = GlobalModel(tuple(IDS), tuple(TITLES), params.embeddings, params.bias, 1)
+    rated = MappedRatings(np.array([0]), np.array([5.0], np.float32), ())
+    with pytest.raises(ValueError, match="7 of 7 item scores are NaN or Inf"):
+        rank_items(model, np.full(4, np.nan, np.float32), rated, 3)
+    assert len(rank_items(model, np.ones(4, np.float32), rated, 3)) == 3
+
+
+@pytest.mark.parametrize("config, expected", [
+    ("{not json", "not a fedrec run config"),
+    ('["a list"]', "expected a JSON object"),
+    ('{"model.user-reg": "forty"}', "model.user-reg must be a finite number > 0"),
+    ('{"model.user-reg": -1}', "model.user-reg must be a finite number > 0"),
+    ('{"model.loss": 3}', "model.loss must be a loss name"),
+    ('{"model.loss": "hinge"}', "model.loss must be one of"),
+])
+def test_a_bad_config_json_beside_the_model_is_one_line(files, capsys, config, expected):
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"])
+    (files["model"].parent / "config.json").write_text(config)
+    code, out, err = run_cli(capsys, "--db", db, "recommend", "--model", files["model"], "--items", files["items"])
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+
+
+def test_import_a_bad_file_exits_2_naming_its_line_in_a_real_process(files):
+    bad = files["tmp"] / "latin.csv"
+    bad.write_bytes(b"item,rating\n" + "".join(f"{k},4\n" for k in range(3000)).encode() + "caf\u00e9,5\n".encode("latin-1"))
+    err = one_line(run_process("--db", files["db"], "import", bad))
+    assert f"{bad}:3002: expected utf-8 text, found byte 0xe9" in err and "--encoding latin-1" in err
+    assert not files["db"].exists()  # nothing stored
+    proc = run_process("--db", files["db"], "import", bad, "--encoding", "latin-1")
+    assert proc.returncode == 0 and "3001 inserted" in proc.stdout
+    assert "reading as iso8859-1, not UTF-8, as asked" in proc.stderr
+    inf = files["tmp"] / "inf.csv"
+    inf.write_text("item,rating\na,5\nb,1e308\n")
+    assert f"{inf}:3: column 'rating': expected a rating within" in one_line(run_process("--db", files["db"], "import", inf))
+    assert "unknown text encoding" in one_line(run_process("--db", files["db"], "import", inf, "--encoding", "klingon"))
+
+
+def test_forget_while_another_program_reads_exits_2_and_deletes_nothing(files, capsys):
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    reader = ("import sqlite3, sys; db = sqlite3.connect(sys.argv[1], isolation_level=None); db.execute('BEGIN'); "
+              "print(db.execute('SELECT COUNT(*) FROM ratings').fetchone()[0], flush=True); sys.stdin.readline()")
+    proc = subprocess.Popen([sys.executable, "-c", reader, str(db)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "3"
+        code, out, err = run_cli(capsys, "--db", db, "forget", "--yes")
+    finally:
+        proc.communicate("done\n", timeout=30)
+    assert code == 2 and "another program is using the device store" in err and err.count("\n") == 1
+    assert db.exists()
+    code, out, _ = run_cli(capsys, "--db", db, "status")
+    assert "ratings: 3" in out
+    assert run_cli(capsys, "--db", db, "forget", "--yes")[0] == 0 and not db.exists()
+
+
+# ---------------------------------------------------------------- a model received from the server
+
+def test_check_received_model_refuses_nan_shape_dimension_and_absurd_rounds():
+    from client.data import MAX_MODEL_ROUND, check_received_model
+
+    good = catalogue_params().to_arrays()
+    check_received_model(good, n_items=8, model_round=3, dim=4, max_round=10)
+    nan = [good[0].copy(), good[1]]
+    nan[0][2, 2] = np.nan
+    bad = {
+        "1 of 32 embeddings are NaN or Inf": dict(parameters=nan),
+        "biases are NaN or Inf": dict(parameters=[good[0], np.full(8, np.inf, np.float32)]),
+        "or beyond float32": dict(parameters=[good[0].astype(np.float64) * 1e300, good[1]]),
+        "catalogue has 9 items": dict(n_items=9),
+        "dimension 4, the run's model.dim is 8": dict(dim=8),
+        "biases of shape (7,)": dict(parameters=[good[0], good[1][:7]]),
+        "expected float arrays": dict(parameters=[good[0].astype(np.int64), good[1]]),
+        "expected item embeddings and biases, got 1": dict(parameters=good[:1]),
+        "round 11 is outside [0, 10]": dict(model_round=11),
+        "round -1 is outside": dict(model_round=-1),
+        f"round {2**62} is outside [0, {MAX_MODEL_ROUND}]": dict(model_round=2**62, max_round=None),
+        f"round {MAX_MODEL_ROUND + 1} is outside [0, {MAX_MODEL_ROUND}]": dict(model_round=MAX_MODEL_ROUND + 1,
+                                                                              max_round=10**12),
+        "round 2.5 is not a whole number": dict(model_round=2.5),
+    }
+    for expected, change in bad.items():
+        kwargs = {"parameters": good, "n_items": 8, "model_round": 3, "dim": 4, "max_round": 10, **change}
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            check_received_model(kwargs.pop("parameters"), **kwargs)
+
+
+def test_keep_on_device_refuses_a_bad_model_and_nothing_pins_one_forever(files, capsys):
+    from client.data import keep_on_device
+    from client.store import DeviceStore as Store
+
+    db = files["db"]
+    run_cli(capsys, "--db", db, "import", files["ratings"], "--items", files["items"])
+    cfg = RunConfig.from_flat({"model.dim": 4})
+    with Store(db, create=False) as store:
+        data = store.client_data({i: k for k, i in enumerate(IDS)})
+    good = catalogue_params().to_arrays()
+
+    def keep(arrays, rnd, **kw):
+        keep_on_device(str(db), arrays, rnd, cfg.model, data, None, False, **kw)
+        with Store(db, create=False) as store:
+            model = store.get_global_model()
+            return None if model is None else (model.round, model.run)
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        keep([np.full((8, 4), np.nan, np.float32), good[1]], 1)
+    with pytest.raises(ValueError, match="outside"):
+        keep(good, 10**12)  # the round that used to pin a model for good
+    with Store(db, create=False) as store:
+        assert store.get_global_model() is None  # nothing kept
+        store.set_global_model(IDS, good[0], good[1], 10**12)  # as an older fedrec-client kept it
+    assert keep(good, 3) == (3, None)  # a stored round beyond what a run can have does not pin
+    assert keep(good, 2) == (3, None)  # within a run, an older model does not replace a newer one
+    assert keep(good, 5, max_round=150) == (5, None)
+    assert keep(good, 1, run_id=7) == (1, 7)  # a new run starts at round 1 again: its model replaces
+    assert keep(good, 0, run_id=7) == (1, 7)
+    with pytest.raises(ValueError, match="outside \\[0, 150\\]"):
+        keep(good, 151, max_round=150)
+    with Store(db, create=False) as store:  # a damaged stored model is replaced, not a dead end
+        store._db.execute("UPDATE state SET value = x'00' WHERE key = 'global-model'")
+    assert keep(good, 2, run_id=7) == (2, 7)

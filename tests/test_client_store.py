@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 from client.store import (
     SCHEMA_VERSION,
     DeviceStore,
+    StoreBusyError,
     StoreError,
     StoreNotFoundError,
     read_items_file,
@@ -263,13 +267,154 @@ def test_forget_removes_the_file_and_its_wal_and_shm(tmp_path):
     store = DeviceStore(path)
     store.import_ratings(write(tmp_path / "r.csv", "item,rating\na,5\n"))
     store.set_user_vector(np.ones(3, dtype=np.float32))
-    reader = sqlite3.connect(path)  # a second connection keeps -wal and -shm alive until forget
-    assert reader.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 1
+    reader = sqlite3.connect(path)  # another connection came and went: -wal and -shm stay while the store is open
+    assert reader.execute("SELECT COUNT(*) FROM ratings").fetchall() == [(1,)]
+    reader.close()
     wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
     assert wal.exists() and shm.exists()
     removed = store.forget()
-    reader.close()
     assert path in removed and wal in removed and shm in removed
     assert not path.exists() and not wal.exists() and not shm.exists()
     with DeviceStore(path) as fresh:  # a new store: nothing left over
         assert fresh.ratings() == [] and fresh.get_user_vector() is None
+
+
+# ---------------------------------------------------------------- forget with another program reading (issue #12, finding 6)
+
+SECRET = "forgotten-item-7c1e5"  # the bytes that must not survive forget, in the main file or the -wal
+
+
+def secret_store(path: Path, tmp_path: Path) -> DeviceStore:
+    """A store whose ratings, catalogue, feedback and model all name SECRET: part of it already
+    checkpointed into the main file, part still in the -wal only."""
+    store = DeviceStore(path)
+    ids = [f"{SECRET}-{k}" for k in range(300)]
+    store.import_ratings(write(tmp_path / "r.csv", "item,rating\n" + "".join(f"{i},4\n" for i in ids)))
+    store.set_global_model(ids, np.ones((300, 4)), np.zeros(300), 1, titles=[f"Title of {i}" for i in ids])
+    assert store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # now in the main file
+    store.add_feedback(ids[0], "click")  # and this only in the -wal
+    assert SECRET.encode() in path.read_bytes() and SECRET.encode() in Path(f"{path}-wal").read_bytes()
+    return store
+
+
+READER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN")  # a read transaction, as a running fedrec-client or SuperNode holds
+print(db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0], flush=True)
+sys.stdin.readline()
+"""
+
+
+@contextlib.contextmanager
+def another_process_reading(path: Path):
+    proc = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "300"  # it has read the store
+        yield proc
+    finally:
+        proc.communicate("done\n", timeout=30)
+
+
+def test_forget_refuses_while_another_process_reads_then_leaves_no_byte_behind(tmp_path, monkeypatch):
+    path = tmp_path / "device.sqlite"
+    store = secret_store(path, tmp_path)
+    with another_process_reading(path):
+        with pytest.raises(StoreBusyError, match=r"another program is using the device store.*nothing was deleted"):
+            store.forget(wait=0.2)
+    assert path.exists() and len(store.ratings()) == 300  # nothing deleted, the store still usable
+
+    seen: dict[str, bytes] = {}  # the bytes of each file at the last moment before it leaves
+    real_close, real_unlink = store.close, Path.unlink
+
+    def close_after_reading() -> None:
+        for suffix in ("", "-wal"):
+            seen[f"before close{suffix}"] = Path(f"{path}{suffix}").read_bytes()
+        real_close()
+
+    def unlink_after_reading(self: Path, *args, **kwargs) -> None:
+        if self.exists():
+            seen[f"before unlink {self.name}"] = self.read_bytes()
+        real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(store, "close", close_after_reading)
+    monkeypatch.setattr(Path, "unlink", unlink_after_reading)
+    removed = store.forget()
+    monkeypatch.undo()
+    assert path in removed and not path.exists() and not Path(f"{path}-wal").exists()
+    assert seen["before close"] and seen["before close-wal"] == b""  # checkpointed, the -wal truncated
+    assert seen["before unlink device.sqlite"]
+    for when, data in seen.items():
+        assert SECRET.encode() not in data and b"Title of" not in data, f"{when}: forgotten data still in the file"
+
+
+def test_forget_refuses_while_another_connection_of_this_process_reads(tmp_path):
+    path = tmp_path / "device.sqlite"
+    store = secret_store(path, tmp_path)
+    reader = sqlite3.connect(path)
+    cursor = reader.execute("SELECT item FROM ratings")
+    cursor.fetchone()  # a read in progress
+    with pytest.raises(StoreBusyError):
+        store.forget(wait=0.1)
+    cursor.close()
+    reader.close()
+    assert store.forget() and not path.exists()
+
+
+# ---------------------------------------------------------------- what the store gives back is checked (finding 5)
+
+def test_a_global_model_with_nan_inf_or_beyond_float32_is_refused(store):
+    ids = ["a", "b"]
+    for emb, bias in [(np.array([[np.nan, 1.0], [0.0, 1.0]]), np.zeros(2)),
+                      (np.ones((2, 2)), np.array([0.0, np.inf])),
+                      (np.array([[1e300, 1.0], [0.0, 1.0]]), np.zeros(2))]:  # finite float64, inf as float32
+        with pytest.raises(StoreError, match="NaN or Inf"):
+            store.set_global_model(ids, emb, bias, 1)
+    assert store.get_global_model() is None
+    with pytest.raises(StoreError, match="NaN or Inf"):
+        store.set_user_vector(np.array([1.0, np.nan], dtype=np.float32))
+
+
+def put_raw(store: DeviceStore, key: str, value: bytes) -> None:
+    """Write a state value behind the store's back (a damaged file, an older version's bug)."""
+    store._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+
+def test_damaged_state_values_are_store_errors_naming_them(store):
+    from safetensors.numpy import save
+
+    store.set_global_model(["a", "b"], np.ones((2, 2)), np.zeros(2), 3)
+    put_raw(store, "global-model", b"\x10\x00\x00\x00\x00\x00\x00\x00{not safetensors")
+    with pytest.raises(StoreError, match="the stored global-model is damaged"):
+        store.get_global_model()
+    nan_model = save({"item_embeddings": np.full((2, 2), np.nan, np.float32), "item_bias": np.zeros(2, np.float32)},
+                     metadata={"round": "3"})
+    put_raw(store, "global-model", nan_model)
+    with pytest.raises(StoreError, match="global-model is damaged.*NaN or Inf"):
+        store.get_global_model()
+    put_raw(store, "privacy-ledger", b"\xff{")
+    with pytest.raises(StoreError, match="the stored privacy-ledger is damaged"):
+        store.ledger_state()
+    put_raw(store, "client-id", b'"seven"')
+    with pytest.raises(StoreError, match="the stored client-id is damaged"):
+        store.client_id()
+    # the user vector is a cache: a damaged or NaN one is fitted again, not used
+    put_raw(store, "user-vector", b"junk")
+    assert store.get_user_vector() is None
+    put_raw(store, "user-vector", save({"user_vector": np.array([np.nan, 1.0], np.float32)}))
+    assert store.get_user_vector() is None
+
+
+def test_import_refuses_a_rating_that_would_become_inf_and_names_a_line_that_is_not_utf8(store, tmp_path):
+    with pytest.raises(DataError, match=r"big.csv:3: column 'rating': expected a rating within"):
+        store.import_ratings(write(tmp_path / "big.csv", "item,rating\na,5\nb,1e308\n"))
+    rows = "".join(f"item{k},4\n" for k in range(2000))  # beyond the text reader's first 8 KiB
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"item,rating\n" + rows.encode() + "caf\u00e9,5\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        store.import_ratings(path)
+    assert err.value.line == 2002 and "byte 0xe9" in str(err.value)
+    assert store.ratings() == []
+    assert store.import_ratings(path, encoding="latin-1").inserted == 2001
+    assert "caf\u00e9" in {r.item for r in store.ratings()}

@@ -101,3 +101,26 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     with PYPROJECT.open("rb") as f:
         table = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
     assert typed(flatten(table)) == typed(RunConfig().to_flat())
+
+
+FLOAT_KEYS = sorted(key for key, value in RunConfig().to_flat().items() if isinstance(value, float))
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), "-Infinity", "1e999"])
+def test_every_float_key_refuses_inf_and_nan_by_name(key, value):
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_flat({key: value})
+    assert repr(key) in str(info.value) and "finite" in str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("fed.rounds", float("inf")), ("fed.rounds", "nan"), ("model.dim", "1e999")])
+def test_int_keys_refuse_inf_and_nan_by_name(key, value):
+    with pytest.raises(ValueError, match=repr(key)):
+        RunConfig.from_flat({key: value})
+
+
+def test_init_scale_must_be_a_non_negative_number():
+    with pytest.raises(ValueError, match="model.init-scale"):
+        RunConfig.from_flat({"model.init-scale": -0.1})
+    assert RunConfig.from_flat({"model.init-scale": "0"}).model.init_scale == 0.0

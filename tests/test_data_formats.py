@@ -160,11 +160,15 @@ def test_generic_tsv_implicit_without_item_file(tmp_path, path_kind):
     assert data.report == ("ignored columns: session",)
 
 
-def test_generic_csv_falls_back_to_latin1_and_strips_bom(tmp_path, path_kind):
+def test_generic_csv_strips_bom_and_reads_latin1_only_when_asked(tmp_path, path_kind, caplog):
     path = write(tmp_path / "d.csv", "\ufeffuser,item,text\n1,2,café\n")
     assert formats.read_generic_with_text(path)[1] == ["café"]
-    path = write(tmp_path / "e.csv", "user,item,text\n1,2,café\n", encoding="latin-1")
-    assert formats.read_generic_with_text(path)[1] == ["café"]
+    path = write(tmp_path / "e.csv", "user,item,text\n1,2,cafe\n3,4,café\n", encoding="latin-1")
+    with pytest.raises(DataError, match=r"e.csv:3: expected utf-8 text, found byte 0xe9.*--encoding latin-1"):
+        formats.read_generic_with_text(path)  # no silent fallback: the line of the first bad byte
+    assert "not UTF-8" not in caplog.text
+    assert formats.read_generic_with_text(path, encoding="latin-1")[1] == ["cafe", "café"]
+    assert "e.csv: reading as iso8859-1, not UTF-8, as asked" in caplog.text
 
 
 def test_duplicates_are_dropped_counted_and_texts_stay_aligned(tmp_path, path_kind):
@@ -344,3 +348,107 @@ def test_plain_files_take_the_column_wise_path(tmp_path, monkeypatch):
     (d / "movies.csv").unlink()
     assert len(formats.read_ml_latest(d)) == 3
     assert len(formats.read_generic(write(tmp_path / "d.tsv", "user\titem\trating\na\tx\t1\n"))) == 1
+
+
+# ---------------------------------------------------------------- bad input (issue #12, finding 5)
+
+def test_parquet_string_and_boolean_ratings_name_file_column_and_row(tmp_path, path_kind):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"user": ["a", "b"], "item": ["x", "y"], "rating": ["4", "great"]}), path)
+    with pytest.raises(DataError, match=r"data.parquet:2: column 'rating': expected a number, found 'great'"):
+        formats.read_generic(path)
+    pq.write_table(pa.table({"user": ["a", "b"], "item": ["x", "y"], "rating": [True, False]}), path)
+    with pytest.raises(DataError, match=r"data.parquet:1: column 'rating': expected a number, found 'true'"):
+        formats.read_generic(path)
+    pq.write_table(pa.table({"user": ["a"], "item": ["x"], "timestamp": pa.array([b"\xff"], pa.binary())}), path)
+    with pytest.raises(DataError, match=r"data.parquet: column 'timestamp': expected numbers or strings, found binary"):
+        formats.read_generic(path)
+
+
+def test_atomic_item_file_with_a_short_row_names_file_and_line(tmp_path):
+    d = tmp_path / "atomic"
+    write(d / "mine.inter", "user_id:token\titem_id:token\trating:float\n1\t10\t4\n")
+    write(d / "mine.item", "item_id:token\tmovie_title:token_seq\trelease_year:token\n10\tHeat\t1995\n11\n")
+    with pytest.raises(DataError, match=r"mine.item:3: expected 3 tab-separated fields .*got 1"):
+        load_interactions(str(d))
+    write(d / "mine.item", "item_id:token\tmovie_title:token_seq\n10\tHeat\n10\tHeat again\n")
+    with pytest.raises(DataError, match=r"mine.item:3: expected each item id once, found '10' again \(first on line 2\)"):
+        load_interactions(str(d))
+
+
+OVERFLOWING = "1e308"  # a finite float64 that is inf as a float32 rating
+
+
+@pytest.mark.parametrize("fmt", ["generic", "generic-tsv", "ml-latest", "grouplens-100k", "ml-1m", "atomic"])
+def test_a_rating_that_would_become_inf_is_refused_with_file_and_line(tmp_path, path_kind, fmt):
+    if fmt == "generic":
+        source = write(tmp_path / "d.csv", f"user,item,rating\n1,2,5\n1,3,{OVERFLOWING}\n")
+    elif fmt == "generic-tsv":
+        source = write(tmp_path / "d.tsv", f"user\titem\trating\n1\t2\t5\n1\t3\t{OVERFLOWING}\n")
+    elif fmt == "ml-latest":
+        source = ml_latest_dir(tmp_path)
+        write(source / "ratings.csv", f"{ML_HEADER}1,1,4,1\n1,2,{OVERFLOWING},2\n")
+    elif fmt == "grouplens-100k":
+        source = grouplens_dir(tmp_path)
+        write(source / "u.data", f"1\t2\t3\t4\n1\t3\t{OVERFLOWING}\t5\n")
+    elif fmt == "ml-1m":
+        source = ml1m_dir(tmp_path)
+        write(source / "ratings.dat", f"1::2::3::4\n1::3::{OVERFLOWING}::5\n")
+    else:
+        source = tmp_path / "atomic"
+        write(source / "x.inter", f"user_id:token\titem_id:token\trating:float\n1\t10\t4\n1\t11\t{OVERFLOWING}\n")
+    with pytest.raises(DataError, match=r":(2|3): column '(rating|Rating)': expected a rating within ±3.4e\+38"):
+        load_interactions(str(source))
+
+
+def test_parquet_rating_that_would_become_inf_is_refused_with_the_row(tmp_path, path_kind):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"user": ["a", "b"], "item": ["x", "y"], "rating": [4.0, 1e308]}), path)
+    with pytest.raises(DataError, match=r"data.parquet:2: column 'rating': expected a rating within"):
+        formats.read_generic(path)
+
+
+def test_a_byte_that_is_not_utf8_is_reported_on_its_own_line(tmp_path, path_kind):
+    # far beyond the first line and the first 8 KiB a text reader decodes at once
+    good = "".join(f"u{k},i{k},4\n" for k in range(3000))
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"user,item,rating\n" + good.encode() + b"u\xe9,i1,4\n")
+    with pytest.raises(DataError) as err:
+        formats.read_generic(path)
+    assert err.value.line == 3002 and "byte 0xe9" in str(err.value)
+    d = grouplens_dir(tmp_path)
+    (d / "u.data").write_bytes(b"1\t2\t3\t4\r\n1\t3\t4\t5\r\n1\t4\t5\t6\r\n\xff\t1\t1\t1\r\n")
+    with pytest.raises(DataError, match=r"u.data:4: expected utf-8 text, found byte 0xff"):
+        load_interactions(str(d))
+    atomic = tmp_path / "atomic"
+    (atomic).mkdir()
+    (atomic / "x.inter").write_bytes(b"user_id:token\titem_id:token\n1\t2\n1\t3\r1\t\xc3(\n")
+    with pytest.raises(DataError, match=r"x.inter:4: expected utf-8 text, found byte 0xc3"):
+        load_interactions(str(atomic))
+
+
+@pytest.mark.parametrize("fmt", ["generic", "ml-latest", "grouplens-100k", "atomic"])
+def test_latin1_is_read_only_when_named_and_then_with_a_warning(tmp_path, path_kind, fmt, caplog):
+    if fmt == "generic":
+        source = write(tmp_path / "d.csv", "user,item,text\nbj\u00f6rk,1,caf\u00e9\n", encoding="latin-1")
+    elif fmt == "ml-latest":
+        source = ml_latest_dir(tmp_path)
+        write(source / "movies.csv", "movieId,title,genres\n1,Caf\u00e9 (1995),Drama\n", encoding="latin-1")
+    elif fmt == "grouplens-100k":
+        source = grouplens_dir(tmp_path)
+        write(source / "u.data", "bj\u00f6rk\t1\t3\t4\n", encoding="latin-1")
+    else:
+        source = tmp_path / "atomic"
+        write(source / "x.inter", "user_id:token\titem_id:token\nbj\u00f6rk\t1\n", encoding="latin-1")
+    with pytest.raises(DataError, match=r":2: expected utf-8 text|u.data:1: expected utf-8 text"):
+        load_interactions(str(source))
+    assert "not UTF-8" not in caplog.text
+    data = load_interactions(str(source), encoding="latin-1")
+    assert "bj\u00f6rk" in data.user_ids or "Caf\u00e9" in [i.title for i in data.items]
+    assert "reading as iso8859-1, not UTF-8, as asked" in caplog.text
+    with pytest.raises(ValueError, match="unknown text encoding 'klingon'"):
+        load_interactions(str(source), encoding="klingon")

@@ -115,6 +115,9 @@ def build_interactions(
     explicit = rating is not None
     rating = np.ones(n, dtype=np.float32) if rating is None else np.asarray(rating, dtype=np.float32)
     timestamp = np.arange(n, dtype=np.float64) if timestamp is None else np.asarray(timestamp, dtype=np.float64)
+    # The readers refuse these with file and line; this guard keeps a reader's slip from passing silently.
+    if not (np.isfinite(rating).all() and np.isfinite(timestamp).all()):
+        raise ValueError(f"{name}: ratings and timestamps must be finite (float32 ratings: |r| ≤ 3.4e38)")
     item_info = dict(item_info or {})
 
     user_ids, user = np.unique(raw_user, return_inverse=True)

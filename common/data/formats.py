@@ -3,6 +3,8 @@
 Every reader raises :class:`DataError` naming the file, the 1-based line (Parquet: the 1-based
 row) and what was expected vs found. With pyarrow installed, plain (unquoted) CSV and Parquet
 files are first read column-wise; on any doubt the row-by-row path runs and reports precisely.
+Text is UTF-8 unless an ``encoding`` is named (see :mod:`common.data.readers`); ratings must be
+finite and fit a float32.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from common.data.dataset import Interactions, ItemInfo, build_interactions
 from common.data.errors import DataError
-from common.data.readers import _read_lines, parse_year
+from common.data.readers import RATING_MAX, _read_lines, decode_error, parse_year, text_encoding
 
 GROUPLENS_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -52,6 +54,13 @@ def _number(value: str) -> float:
     return out
 
 
+def _rating(value: str) -> float:
+    out = _number(value)
+    if abs(out) > RATING_MAX:  # ratings are float32: a larger value would silently become inf
+        raise ValueError(f"expected a rating within ±{RATING_MAX:.3g} (stored as a 32-bit float), found {value!r}")
+    return out
+
+
 def _flag(value: str) -> bool:
     if value.strip() not in ("0", "1"):
         raise ValueError(f"expected a genre flag 0 or 1, found {value!r}")
@@ -63,7 +72,7 @@ def _text(value: str) -> str:
 
 
 Spec = dict[str, tuple[str, Callable[[str], Any]]]  # key -> (column name, converter)
-_GENERIC: Spec = {"user": ("user", _id), "item": ("item", _id), "rating": ("rating", _number),
+_GENERIC: Spec = {"user": ("user", _id), "item": ("item", _id), "rating": ("rating", _rating),
                   "timestamp": ("timestamp", _number), "text": ("text", _text)}
 _GENERIC_ITEMS: Spec = {"item": ("item", _id), "title": ("title", _text), "text": ("text", _text)}
 
@@ -103,13 +112,8 @@ def _collect(path: Path, header: list[str], rows: Iterable[tuple[int, list[str]]
     return out
 
 
-def _read_headerless(path: Path, sep: str, header: list[str], spec: Spec, encoding: str = "utf-8") -> Columns:
-    try:
-        lines = _read_lines(path, encoding)
-    except DataError as exc:
-        if exc.line is None and path.is_file():
-            raise DataError(path, f"expected rows of {', '.join(header)}, found an empty file", 1) from None
-        raise
+def _read_headerless(path: Path, sep: str, header: list[str], spec: Spec, encoding: str | None) -> Columns:
+    lines = _read_lines(path, encoding, f"rows of {', '.join(header)}")
     rows = ((n, line.split(sep)) for n, line in enumerate(lines, start=1) if line.strip())
     return _collect(path, header, rows, spec, (), sep)
 
@@ -130,28 +134,28 @@ def csv_rows(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
 
 
-def _read_csv(path: Path, delimiter: str, spec: Spec, required: Iterable[str],
-              fast: bool = True) -> tuple[Columns, list[str]]:
+def _read_csv(path: Path, delimiter: str, spec: Spec, required: Iterable[str], fast: bool = True,
+              encoding: str | None = None) -> tuple[Columns, list[str]]:
     """The columns of a CSV file with a header line, and that header (BOM stripped)."""
     if not path.is_file():
         raise DataError(path, "file not found")
-    for encoding in ("utf-8-sig", "latin-1"):
-        try:
-            with path.open(encoding=encoding, newline="") as fh:
-                rows = csv_rows(path, csv.reader(fh, delimiter=delimiter, strict=True))
-                header_line, header = next(rows, (1, []))
-                if not header:
-                    raise DataError(path, f"expected a header line ({', '.join(n for n, _ in spec.values())}), "
-                                          "found an empty file", 1)
-                columns = _arrow_csv(path, delimiter, header, spec, required) if fast and header_line == 1 else None
-                return columns or _collect(path, header, rows, spec, required, delimiter, header_line), header
-        except UnicodeDecodeError:
-            continue
-    raise AssertionError("unreachable: latin-1 decodes any byte")  # pragma: no cover
+    name = text_encoding(encoding, path)
+    try:
+        with path.open(encoding="utf-8-sig" if name == "utf-8" else name, newline="") as fh:
+            rows = csv_rows(path, csv.reader(fh, delimiter=delimiter, strict=True))
+            header_line, header = next(rows, (1, []))
+            if not header:
+                raise DataError(path, f"expected a header line ({', '.join(n for n, _ in spec.values())}), "
+                                      "found an empty file", 1)
+            columns = (_arrow_csv(path, delimiter, header, spec, required, name) if fast and header_line == 1
+                       else None)
+            return columns or _collect(path, header, rows, spec, required, delimiter, header_line), header
+    except UnicodeDecodeError:
+        raise decode_error(path, name) from None
 
 
 def _arrow_csv(path: Path, delimiter: str, header: list[str], spec: Spec,
-               required: Iterable[str]) -> Columns | None:
+               required: Iterable[str], encoding: str = "utf-8") -> Columns | None:
     """Unquoted CSV only: pyarrow forgives bad quoting that the csv module reports."""
     try:
         import pyarrow as pa
@@ -161,7 +165,9 @@ def _arrow_csv(path: Path, delimiter: str, header: list[str], spec: Spec,
         return None
     try:
         as_strings = pacsv.ConvertOptions(column_types={h: pa.string() for h in header}, strings_can_be_null=False)
-        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
+        read = pacsv.ReadOptions(encoding="utf8" if encoding.startswith("utf-8") else encoding)
+        table = pacsv.read_csv(path, read_options=read,
+                               parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
                                convert_options=as_strings)
         if table.column_names != header or any(pc.any(pc.match_substring(c, '"')).as_py() for c in table.columns):
             return None
@@ -186,9 +192,14 @@ def _arrow_columns(table: Any, spec: Spec, required: Iterable[str]) -> Columns |
             continue
         if col.null_count:
             return None
-        if convert is _number:
-            col = pc.cast(col, pa.float64())
+        if convert in (_number, _rating):
+            try:
+                col = pc.cast(col, pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. "abc", "true": the row path says where
+                return None
             if not pc.all(pc.is_finite(col)).as_py():
+                return None
+            if convert is _rating and pc.max(pc.abs(col)).as_py() > RATING_MAX:
                 return None
             out[key] = col.to_numpy()
         else:  # ids; a value equal to the column name may be a repeated header line
@@ -227,7 +238,10 @@ def _read_parquet(path: Path, spec: Spec, required: Iterable[str],
         except Exception:
             raise DataError(path, f"column '{field.name}': expected numbers or strings, "
                                   f"found {field.type}") from None
-    columns = _arrow_columns(table, spec, required) if fast else None
+    try:
+        columns = _arrow_columns(table, spec, required) if fast else None
+    except Exception:  # anything odd: the row path reports it precisely
+        columns = None
     if columns is not None:
         return columns, header
     values = [table.column(i).to_pylist() for i in range(table.num_columns)]
@@ -235,11 +249,12 @@ def _read_parquet(path: Path, spec: Spec, required: Iterable[str],
     return _collect(path, header, rows, spec, required, "parquet"), header
 
 
-def _read_table(path: Path, spec: Spec, required: Iterable[str], fast: bool = True) -> tuple[Columns, list[str]]:
+def _read_table(path: Path, spec: Spec, required: Iterable[str], fast: bool = True,
+                encoding: str | None = None) -> tuple[Columns, list[str]]:
     """A CSV (``.tsv``: tab-separated) or Parquet file with a header."""
     if path.suffix.lower() == ".parquet":
         return _read_parquet(path, spec, required, fast)
-    return _read_csv(path, "\t" if path.suffix.lower() == ".tsv" else ",", spec, required, fast)
+    return _read_csv(path, "\t" if path.suffix.lower() == ".tsv" else ",", spec, required, fast, encoding)
 
 
 def _item_info(path: Path, cols: Columns, make: Callable[[int], ItemInfo]) -> dict[str, ItemInfo]:
@@ -280,18 +295,19 @@ def _build(name: str, cols: Columns, info: dict[str, ItemInfo] | None, item_path
     return replace(data, report=data.report + (note,)) if note else data
 
 
-def read_grouplens_100k(path: str | Path) -> Interactions:
-    """GroupLens ML-100K directory: ``u.data`` (tab: user, item, rating, timestamp) + optional ``u.item``."""
+def read_grouplens_100k(path: str | Path, encoding: str | None = None) -> Interactions:
+    """GroupLens ML-100K directory: ``u.data`` (tab: user, item, rating, timestamp) + optional ``u.item``
+    (Latin-1, as GroupLens publishes it, unless ``encoding`` is named)."""
     path = Path(path)
-    spec: Spec = {"user": ("user", _id), "item": ("item", _id), "rating": ("rating", _number),
+    spec: Spec = {"user": ("user", _id), "item": ("item", _id), "rating": ("rating", _rating),
                   "timestamp": ("timestamp", _number)}
-    cols = _read_headerless(path / "u.data", "\t", list(spec), spec)
+    cols = _read_headerless(path / "u.data", "\t", list(spec), spec, encoding)
     item_path, info = path / "u.item", None
     if item_path.is_file():
         header = ["movie id", "movie title", "release date", "video release date", "IMDb URL", *GROUPLENS_GENRES]
         item_spec: Spec = {"item": ("movie id", _id), "title": ("movie title", _text),
                            "date": ("release date", _text), **{g: (g, _flag) for g in GROUPLENS_GENRES}}
-        items = _read_headerless(item_path, "|", header, item_spec, encoding="latin-1")
+        items = _read_headerless(item_path, "|", header, item_spec, encoding or "latin-1")
 
         def make(k: int) -> ItemInfo:
             title, year = split_title(items["title"][k])
@@ -302,37 +318,38 @@ def read_grouplens_100k(path: str | Path) -> Interactions:
     return _build(path.name, cols, info, item_path)
 
 
-def read_ml_1m(path: str | Path) -> Interactions:
-    """ML-1M directory: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) + optional ``movies.dat``."""
+def read_ml_1m(path: str | Path, encoding: str | None = None) -> Interactions:
+    """ML-1M directory: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``) + optional ``movies.dat``
+    (Latin-1, as GroupLens publishes it, unless ``encoding`` is named)."""
     path = Path(path)
-    spec: Spec = {"user": ("UserID", _id), "item": ("MovieID", _id), "rating": ("Rating", _number),
+    spec: Spec = {"user": ("UserID", _id), "item": ("MovieID", _id), "rating": ("Rating", _rating),
                   "timestamp": ("Timestamp", _number)}
-    cols = _read_headerless(path / "ratings.dat", "::", [name for name, _ in spec.values()], spec)
+    cols = _read_headerless(path / "ratings.dat", "::", [name for name, _ in spec.values()], spec, encoding)
     item_path, info = path / "movies.dat", None
     if item_path.is_file():
         item_spec: Spec = {"item": ("MovieID", _id), "title": ("Title", _text), "genres": ("Genres", _text)}
-        items = _read_headerless(item_path, "::", ["MovieID", "Title", "Genres"], item_spec, encoding="latin-1")
+        items = _read_headerless(item_path, "::", ["MovieID", "Title", "Genres"], item_spec, encoding or "latin-1")
         info = _item_info(item_path, items, _genre_info(items))
     return _build(path.name, cols, info, item_path)
 
 
-def read_ml_latest(path: str | Path) -> Interactions:
+def read_ml_latest(path: str | Path, encoding: str | None = None) -> Interactions:
     """ML-latest/20M/25M directory: ``ratings.csv`` (userId,movieId,rating,timestamp) + optional
     ``movies.csv`` (movieId,title,genres)."""
     path = Path(path)
-    spec: Spec = {"user": ("userId", _id), "item": ("movieId", _id), "rating": ("rating", _number),
+    spec: Spec = {"user": ("userId", _id), "item": ("movieId", _id), "rating": ("rating", _rating),
                   "timestamp": ("timestamp", _number)}
-    cols, _ = _read_csv(path / "ratings.csv", ",", spec, spec)
+    cols, _ = _read_csv(path / "ratings.csv", ",", spec, spec, encoding=encoding)
     item_path, info = path / "movies.csv", None
     if item_path.is_file():
         item_spec: Spec = {"item": ("movieId", _id), "title": ("title", _text), "genres": ("genres", _text)}
-        items, _ = _read_csv(item_path, ",", item_spec, item_spec, fast=False)
+        items, _ = _read_csv(item_path, ",", item_spec, item_spec, fast=False, encoding=encoding)
         info = _item_info(item_path, items, _genre_info(items))
     return _build(path.name, cols, info, item_path)
 
 
-def read_generic_with_text(path: str | Path,
-                           item_file: str | Path | None = None) -> tuple[Interactions, list[str] | None]:
+def read_generic_with_text(path: str | Path, item_file: str | Path | None = None,
+                           encoding: str | None = None) -> tuple[Interactions, list[str] | None]:
     """Read a generic interaction file and its per-interaction texts.
 
     Parameters
@@ -342,6 +359,8 @@ def read_generic_with_text(path: str | Path,
         other columns are ignored and named in ``report``.
     item_file:
         Optional CSV/TSV/Parquet ``item,title[,text]``; "Name (1995)" titles give the year.
+    encoding:
+        Of the CSV/TSV files: UTF-8 unless named (another is logged as a warning).
 
     Returns
     -------
@@ -349,12 +368,12 @@ def read_generic_with_text(path: str | Path,
         ``texts[k]`` is the ``text`` (e.g. a review) of interaction ``k``; None without a text column.
     """
     path = Path(path)
-    cols, header = _read_table(path, _GENERIC, ("user", "item"))
+    cols, header = _read_table(path, _GENERIC, ("user", "item"), encoding=encoding)
     ignored = [h for h in header if h.strip().lower() not in _GENERIC]
     report = [f"ignored columns: {', '.join(ignored)}"] if ignored else []
     item_path, info = (Path(item_file) if item_file is not None else None), None
     if item_path is not None:
-        items, _ = _read_table(item_path, _GENERIC_ITEMS, ("item", "title"), fast=False)
+        items, _ = _read_table(item_path, _GENERIC_ITEMS, ("item", "title"), fast=False, encoding=encoding)
 
         def make(k: int) -> ItemInfo:
             title, year = split_title(items["title"][k])
@@ -382,6 +401,6 @@ def _kept_rows(cols: Columns) -> np.ndarray:
     return np.sort(order[last])
 
 
-def read_generic(path: str | Path, item_file: str | Path | None = None) -> Interactions:
+def read_generic(path: str | Path, item_file: str | Path | None = None, encoding: str | None = None) -> Interactions:
     """:func:`read_generic_with_text` without the per-interaction texts."""
-    return read_generic_with_text(path, item_file)[0]
+    return read_generic_with_text(path, item_file, encoding)[0]
