@@ -31,7 +31,7 @@ from common.mf import ItemParams
 from common.privacy.device import DevicePolicy, PolicyRefusal, Protection, protection_for
 from common.privacy.dp_fedavg import add_local_noise, clip_item_update, ledger_for, local_bound, local_noise_for, release_event
 from common.silo_dp import checked_history, dp_sgd_item_update
-from client.data import device_client_data, keep_on_device, simulated_client_data
+from client.data import check_received_model, device_client_data, keep_on_device, simulated_client_data
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class DeviceRecClient(RecClient):
     def __init__(self, cfg: RunConfig, data: ClientData, context: Context, policy: DevicePolicy, data_path: str,
                  n_items: int) -> None:
         super().__init__(cfg, data, context, policy)
-        self.data_path, self.n_items = data_path, n_items
+        self.data_path, self.n_items, self.run_id = data_path, n_items, context.run_id
 
     def _saved_local_ledger(self) -> dict | None:
         """Local DP on a device: its ledger lives in its store, across runs (``fedrec-client status``)."""
@@ -192,25 +192,28 @@ class DeviceRecClient(RecClient):
         with DeviceStore(self.data_path, create=False) as store:
             store.set_ledger_state(state)
 
-    def _check(self, parameters) -> None:
-        if np.shape(parameters[0])[0] != self.n_items:
-            raise ValueError(f"the global model has {np.shape(parameters[0])[0]} items, this device's catalogue "
-                             f"{self.n_items}: import the server's items file (fedrec-client import --items)")
+    def _check(self, parameters, model_round: int) -> None:
+        """A model from the server is data: NaN/Inf, another catalogue or dimension, or an
+        impossible round (which would pin it on the device) is refused before training on it."""
+        check_received_model(parameters, n_items=self.n_items, model_round=model_round, dim=self.cfg.model.dim,
+                             max_round=self.cfg.fed.rounds)
 
     def fit(self, parameters, config):
-        self._check(parameters)
+        rnd = int(config[keys.SERVER_ROUND]) - 1
+        self._check(parameters, rnd)
         reply = super().fit(parameters, config)
         vector = self.state.array_records[keys.STATE_USER_VECTORS].to_numpy_ndarrays()[0][0]
         exact = int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)) == 1 and self.cfg.model.loss != "bpr"
-        keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]) - 1, self.cfg.model, self.data,
-                       vector, exact)
+        keep_on_device(self.data_path, parameters, rnd, self.cfg.model, self.data, vector, exact,
+                       max_round=self.cfg.fed.rounds, run_id=self.run_id)
         return reply
 
     def evaluate(self, parameters, config):
-        self._check(parameters)
+        rnd = int(config.get(keys.SERVER_ROUND, 0))
+        self._check(parameters, rnd)
         if keys.SERVER_ROUND in config:
-            keep_on_device(self.data_path, parameters, int(config[keys.SERVER_ROUND]), self.cfg.model, self.data,
-                           None, False)
+            keep_on_device(self.data_path, parameters, rnd, self.cfg.model, self.data, None, False,
+                           max_round=self.cfg.fed.rounds, run_id=self.run_id)
         return super().evaluate(parameters, config)
 
 
