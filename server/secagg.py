@@ -56,6 +56,14 @@ class SecAggPlusWorkflowWithEarlyDropouts(SecAggPlusWorkflow):
         self.last_weight_factor, self.last_failure = None, None
         return self._guarded("setup", super().setup_stage, grid, context, state)
 
+    def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
+        ok = self._guarded("share-keys", super().share_keys_stage, grid, context, state)
+        shared = set(state.active_node_ids)  # nodes whose encrypted key shares were forwarded
+        state.sampled_node_ids = shared
+        state.nid_to_neighbours = {nid: neighbours & shared for nid, neighbours in state.nid_to_neighbours.items()
+                                   if nid in shared}
+        return ok
+
     def collect_masked_vectors_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
         # A masked upload of the wrong shape, type or range would break the sum for everyone:
         # such a reply is turned into that client's failure (a dropout, unmasked by its neighbours).
@@ -134,11 +142,3 @@ class _ScreeningGrid:
                 reply = Message(Error(REFUSED_REPLY, problem), reply_to=original)
             out.append(reply)
         return out
-
-    def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
-        ok = super().share_keys_stage(grid, context, state)
-        shared = set(state.active_node_ids)  # nodes whose encrypted key shares were forwarded
-        state.sampled_node_ids = shared
-        state.nid_to_neighbours = {nid: neighbours & shared for nid, neighbours in state.nid_to_neighbours.items()
-                                   if nid in shared}
-        return ok
