@@ -336,6 +336,39 @@ def test_a_supernode_trusting_another_ca_fails_the_tls_handshake(federation, tmp
     assert online_nodes(fed) == {str(n.node_id) for n in fed.nodes}  # it never connected
 
 
+OUTSIDER = Path(__file__).with_name("deploy_outsider.py")
+
+
+@slow
+def test_an_outsider_with_only_ca_crt_registers_lists_acquires_and_runs_nothing(federation, tmp_path):
+    """Finding 1 (issue #12): from another process, with only the public ca.crt and the address
+    the devices dial, Flower's own tools must not register a key, list nodes, take a ServerApp
+    task (AcquireTask) or start a run."""
+    import ipaddress
+    import shutil
+
+    fed = federation
+    host = fed.address.rsplit(":", 1)[0].strip("[]")
+    assert ipaddress.ip_address(host).is_loopback  # this test talks to loopback addresses only
+    shutil.copy(fed.tls.ca_cert, tmp_path / "ca.crt")  # all the outsider has
+    nodes_before = {row["node-id"] for row in fed.nodes_status()}
+    runs_before = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)}
+
+    out = subprocess.run([sys.executable, str(OUTSIDER), "--address", fed.address, "--ca", str(tmp_path / "ca.crt"),
+                          "--workdir", str(tmp_path / "outsider")], capture_output=True, text=True, timeout=400,
+                         cwd=tmp_path, stdin=subprocess.DEVNULL)
+    new_runs = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)} - runs_before
+    for run_id in new_runs:  # the operator stops what got through before the other tests go on
+        fed.stop_run(int(run_id))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert set(results) == {"register", "list", "acquire", "run"}
+    assert not any(r["succeeded"] for r in results.values()), json.dumps(results, indent=1)
+    assert {row["node-id"] for row in fed.nodes_status()} == nodes_before  # no key of the outsider's
+    assert not new_runs  # no run of the outsider's
+
+
 @slow
 def test_a_killed_serverapp_resumes_from_its_checkpoint_with_run_dir(federation, tmp_path):
     fed = federation
