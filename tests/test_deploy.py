@@ -121,7 +121,7 @@ def test_the_flwr_connection_is_read_by_flower(tmp_path, monkeypatch):
 
 
 def test_the_commands_carry_tls_node_auth_and_the_device_store(tmp_path):
-    from client.cli import build_parser, supernode_command
+    from client.cli import supernode_command
 
     tls = deploy.make_ca_and_certs(tmp_path / "tls")
     key = deploy.make_node_keys(tmp_path, 1)[0]
@@ -137,9 +137,8 @@ def test_the_commands_carry_tls_node_auth_and_the_device_store(tmp_path):
     db = tmp_path / "device.sqlite"
     node = deploy.supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
                                     auth_key=key.private)
-    args = build_parser().parse_args(["--db", str(db), "join", "--superlink", "127.0.0.1:9300", "--root-certificates",
-                                      str(tls.ca_cert), "--auth-key", str(key.private), "--port", "9401"])
-    assert node == supernode_command(args)  # exactly what `fedrec-client join` runs on a device
+    assert node == supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
+                                     auth_key=key.private)  # exactly what `fedrec-client join` runs on a device
     flags = dict(zip(node[1::2], node[2::2]))
     assert flags["--node-config"] == f"data-path='{db}'" and flags["--port"] == "9401"
     assert flags["--auth-supernode-private-key"] == str(key.private) and "--insecure" not in node

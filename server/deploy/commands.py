@@ -39,18 +39,14 @@ def superlink_command(tls: TLSFiles, *, database: str | Path, host: str = "127.0
 
 
 def supernode_command(*, superlink: str, root_certificates: str | Path, db: str | Path, port: int,
-                      auth_key: str | Path | None = None) -> list[str]:
+                      auth_key: str | Path | None = None, trusted_entities: str | Path | None = None) -> list[str]:
     """``flower-supernode`` for one device store: exactly what ``fedrec-client join`` runs
-    (TLS checked against ``root_certificates``, node-config ``data-path='DB'``, the local
-    Runtime API on 127.0.0.1:``port`` -- each SuperNode on a host needs its own)."""
-    import argparse
-
+    (:func:`client.cli.supernode_command`), its mistakes raised as ValueError."""
     from client.cli import UsageError, supernode_command as join_command
 
-    args = argparse.Namespace(superlink=superlink, root_certificates=str(root_certificates), db=str(db), port=port,
-                              auth_key=None if auth_key is None else str(auth_key))
     try:
-        return join_command(args)
+        return join_command(superlink=superlink, root_certificates=root_certificates, db=db, port=port,
+                            auth_key=auth_key, trusted_entities=trusted_entities)
     except UsageError as exc:
         raise ValueError(str(exc)) from None
 
