@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     leakage.set_defaults(handler=cmd_audit_leakage)
 
     # ---- deploy
+    from server.deploy.pki import CA_DAYS, MAX_CA_DAYS, MAX_SERVER_DAYS, SERVER_DAYS
+
     deploy = commands.add_parser(
         "deploy", help="deploy on Flower's SuperLink/SuperNodes (TLS, node auth)",
         description="Material and processes for a real deployment on Flower 1.42 (see docs/DEPLOY.md).")
@@ -182,14 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
         "certs", help="a CA and a SuperLink server certificate",
         description="Create a CA (ca.crt, ca.key) and a server certificate signed by it (server.pem, server.key) "
                     "valid for every --host (DNS names and IP addresses). ca.crt goes to every device and to "
-                    "flwr; server.* stay on the server host; keep ca.key offline.")
+                    "flwr; server.* stay on the server host; keep ca.key offline. --renew makes only a new "
+                    "server certificate from an existing CA (devices keep their ca.crt).")
     certs.add_argument("--out", required=True, metavar="DIR", help="directory to write the files to")
     certs.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
-                       help="a name devices use to reach the SuperLink (repeatable; localhost and 127.0.0.1 "
-                            "are always added)")
-    certs.add_argument("--days", type=positive_int, default=825, help="validity in days (default 825)")
+                       help="a name devices use to reach the SuperLink, without scheme or port (repeatable; "
+                            "localhost and 127.0.0.1 are always added)")
+    certs.add_argument("--days", type=positive_int, default=SERVER_DAYS,
+                       help=f"server certificate validity in days (default and maximum {MAX_SERVER_DAYS})")
+    certs.add_argument("--ca-days", type=positive_int, default=CA_DAYS,
+                       help=f"CA validity in days (default {CA_DAYS}, maximum {MAX_CA_DAYS})")
+    certs.add_argument("--renew", action="store_true",
+                       help="only a new server.pem/server.key, signed by DIR/ca.crt and --ca-key")
+    certs.add_argument("--ca-key", metavar="FILE", help="the CA's private key for --renew (default DIR/ca.key)")
     certs.add_argument("--force", action="store_true",
-                       help="overwrite existing files (every device then needs the new ca.crt)")
+                       help="overwrite existing files (a new CA: every device then needs the new ca.crt)")
     certs.set_defaults(handler=cmd_deploy_certs)
     keys = deploy_cmds.add_parser(
         "keys", help="SuperNode authentication key pairs (ECDSA P-384, OpenSSH format)",
@@ -449,20 +458,29 @@ def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
 
 
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
-    from server.deploy import DEFAULT_HOSTS, make_ca_and_certs
+    from server.deploy.pki import DEFAULT_HOSTS, make_ca_and_certs, make_server_cert, validate_hosts
 
     out = Path(args.out)
-    _refuse_overwrite([out / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")], args.force)
-    hosts = list(dict.fromkeys([*args.host, *DEFAULT_HOSTS]))
     try:
-        files = make_ca_and_certs(out, hosts, days=args.days)
+        hosts = validate_hosts([*args.host, *DEFAULT_HOSTS])
+        if args.renew:
+            ca_key = Path(args.ca_key) if args.ca_key else out / "ca.key"
+            for needed in (out / "ca.crt", ca_key):
+                if not needed.is_file():
+                    raise UserError(f"{needed}: no such file (--renew signs with an existing CA)")
+            cert, key = make_server_cert(out, hosts, ca_cert=out / "ca.crt", ca_key=ca_key, days=args.days)
+            print(f"new server certificate for {', '.join(hosts)}: {cert}, {key} (0600); restart the SuperLink "
+                  f"and the proxy. Devices keep their ca.crt.")
+            return 0
+        _refuse_overwrite([out / n for n in ("ca.crt", "ca.key", "server.pem", "server.key")], args.force)
+        files = make_ca_and_certs(out, hosts, days=args.days, ca_days=args.ca_days)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    print(f"server certificate for {', '.join(hosts)} (valid {args.days} days)")
+    print(f"server certificate for {', '.join(hosts)} (valid {args.days} days; CA {args.ca_days} days)")
     print(f"  {files.ca_cert}     CA certificate: to every device (--root-certificates) and to flwr")
-    print(f"  {files.server_cert}  SuperLink --ssl-certfile")
-    print(f"  {files.server_key}  SuperLink --ssl-keyfile (private, 0600)")
-    print(f"  {files.ca_key}      CA private key (0600): keep it offline; only needed for new server certificates")
+    print(f"  {files.server_cert}  SuperLink and proxy certificate")
+    print(f"  {files.server_key}  its private key (0600)")
+    print(f"  {files.ca_key}      CA private key (0600): keep it offline; only needed for --renew")
     return 0
 
 
