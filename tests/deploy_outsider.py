@@ -11,9 +11,10 @@ address the devices dial. With Flower's own tools it tries to
   on the server and on every device).
 
 Prints one JSON object ``{attack: {"succeeded": bool, "detail": str}}``. Only the address given
-is contacted (the tests give loopback addresses only); every call has a timeout.
+is contacted (the tests give loopback addresses only); every call has a timeout. Its ClientApp
+writes ``--marker`` if a device ever runs it.
 
-    python tests/deploy_outsider.py --address HOST:PORT --ca ca.crt --workdir DIR
+    python tests/deploy_outsider.py --address HOST:PORT --ca ca.crt --workdir DIR [--only acquire,run]
 """
 
 from __future__ import annotations
@@ -51,17 +52,29 @@ clientapp = "outsider_app:client"
 """
 
 APP_CODE = '''\
-"""The outsider's code: it would run on the server and on every device."""
+"""The outsider's code: the ServerApp runs on the server, the ClientApp on every device."""
+from pathlib import Path
+
+from flwr.app import Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
+MARKER = {marker!r}
 server = ServerApp()
 client = ClientApp()
 
 
 @server.main()
 def main(grid, context):
-    grid.get_node_ids()  # it could as well send every device a message of its own
+    messages = [Message(RecordDict(), dst_node_id=node, message_type="train") for node in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages, timeout=120))
+    print("outsider: replies", len(replies), "errors", [r.error.reason for r in replies if r.has_error()])
+
+
+@client.train()
+def train(msg, context):
+    Path(MARKER).write_text("the outsider's code ran on a device")
+    return Message(RecordDict(), reply_to=msg)
 '''
 
 
@@ -110,7 +123,11 @@ def main() -> int:
     parser.add_argument("--address", required=True)
     parser.add_argument("--ca", required=True, type=Path)
     parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--only", default="register,list,acquire,run", help="comma-separated attacks to try")
+    parser.add_argument("--marker", default="/nonexistent/outsider-ran",
+                        help="the file its ClientApp writes if a device ever runs it")
     args = parser.parse_args()
+    only = set(args.only.split(","))
 
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -128,16 +145,16 @@ def main() -> int:
     app = work / "app"
     app.mkdir(exist_ok=True)
     (app / "pyproject.toml").write_text(APP_PYPROJECT)
-    (app / "outsider_app.py").write_text(APP_CODE)
+    (app / "outsider_app.py").write_text(APP_CODE.format(marker=str(args.marker)))
 
-    results = {
-        "register": outcome(flwr(["supernode", "register", str(pub), CONNECTION, "--format", "json"], home),
-                            "node-id"),
-        "list": outcome(flwr(["supernode", "ls", CONNECTION, "--format", "json"], home), "nodes"),
-        "acquire": acquire(args.address, args.ca),
-        "run": outcome(flwr(["run", str(app), CONNECTION, "--format", "json"], home, timeout=120), "run-id"),
+    attacks = {
+        "register": lambda: outcome(flwr(["supernode", "register", str(pub), CONNECTION, "--format", "json"], home),
+                                    "node-id"),
+        "list": lambda: outcome(flwr(["supernode", "ls", CONNECTION, "--format", "json"], home), "nodes"),
+        "acquire": lambda: acquire(args.address, args.ca),
+        "run": lambda: outcome(flwr(["run", str(app), CONNECTION, "--format", "json"], home, timeout=120), "run-id"),
     }
-    print(json.dumps(results))
+    print(json.dumps({name: attack() for name, attack in attacks.items() if name in only}))
     return 0
 
 

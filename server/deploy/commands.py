@@ -18,24 +18,70 @@ def executable(name: str) -> str:
     return str(beside) if beside.is_file() else shutil.which(name) or name
 
 
-def superlink_command(tls: TLSFiles, *, database: str | Path, host: str = "127.0.0.1", port: int = 9093,
-                      isolation: str = "subprocess", node_auth: bool = True) -> list[str]:
-    """``flower-superlink`` with TLS, SuperNode authentication, a persistent SQLite state and no
-    run-time ``uv sync`` of app dependencies (the installed fedrec is what runs).
+SUPERLINK_PORT = 9091  # on 127.0.0.1 only: Fleet, Control and Runtime API of the SuperLink
+PUBLIC_PORT = 9093  # the proxy's public port: the Fleet API, what devices dial
+HUB_PORT = 9099  # on 127.0.0.1 only: the app hub the SuperLink fetches signed app bundles from
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def superlink_command(tls: TLSFiles, *, database: str | Path, secret_file: str | Path, host: str = "127.0.0.1",
+                      port: int = SUPERLINK_PORT, node_auth: bool = True) -> list[str]:
+    """``flower-superlink`` on a loopback address, with TLS, SuperNode authentication, a
+    persistent SQLite state, no run-time ``uv sync`` of app dependencies (the installed fedrec
+    is what runs), and ``process`` isolation with a SuperExec secret: the Runtime API then hands
+    tasks (AcquireTask) only to a SuperExec that signs its calls with ``secret_file``
+    (:func:`superexec_command`). In ``subprocess`` isolation Flower 1.42 ignores the secret.
 
     Flower 1.42 serves the Fleet API (SuperNodes), the Control API (``flwr``) and the Runtime
-    API (the ServerApp) over HTTPS on this one ``host:port``."""
+    API (ServerApp, SuperExec) on this one ``host:port``; the Control API authenticates nobody
+    without OIDC, so ``host`` must be a loopback address and the proxy publishes the Fleet API
+    (:mod:`server.deploy.proxy`)."""
+    if not _is_loopback(host):
+        raise ValueError(f"the SuperLink listens on {host!r}: it must be a loopback address (its port also serves "
+                         "the unauthenticated Control API); the proxy publishes the Fleet API")
     command = [executable("flower-superlink"),
                "--ssl-ca-certfile", str(Path(tls.ca_cert).absolute()),
                "--ssl-certfile", str(Path(tls.server_cert).absolute()),
                "--ssl-keyfile", str(Path(tls.server_key).absolute()),
                "--database", str(Path(database).absolute()),
                "--host", host, "--port", str(port),
-               "--isolation", isolation,
+               "--isolation", "process",
+               "--superexec-auth-secret-file", str(Path(secret_file).absolute()),
                "--disable-runtime-dependency-installation"]
     if node_auth:
         command.append("--enable-supernode-auth")
     return command
+
+
+def superexec_command(*, runtime_address: str, root_certificates: str | Path, secret_file: str | Path) -> list[str]:
+    """``flower-superexec`` for the SuperLink's ServerApps: it acquires their tasks from the
+    Runtime API at ``runtime_address`` (TLS checked against ``root_certificates``), signing its
+    calls with ``secret_file``, and starts one ``flwr-serverapp`` per run; no run-time
+    dependency installation."""
+    return [executable("flower-superexec"), "--runtime-api-address", runtime_address,
+            "--root-certificates", str(Path(root_certificates).absolute()),
+            "--superexec-auth-secret-file", str(Path(secret_file).absolute())]
+
+
+def write_secret(path: str | Path, nbytes: int = 32) -> Path:
+    """A fresh random SuperExec secret (hex text, 0600), shared by the SuperLink and its SuperExec."""
+    import secrets
+
+    from server.deploy.pki import write_private
+
+    path = Path(path)
+    write_private(path, secrets.token_hex(nbytes).encode("ascii"))
+    return path
 
 
 def supernode_command(*, superlink: str, root_certificates: str | Path, db: str | Path, port: int,
@@ -62,16 +108,18 @@ def write_flwr_config(flwr_home: str | Path, *, address: str, root_certificates:
         default = "fedrec"
 
         [superlink.fedrec]
-        address = "127.0.0.1:9093"
+        address = "127.0.0.1:9091"
         root-certificates = "/abs/path/ca.crt"   # must be absolute
         insecure = false
     """
+    from server.deploy.pki import write_private
+
     home = Path(flwr_home)
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
     ca = str(Path(root_certificates).expanduser().absolute())
     text = (f'[superlink]\ndefault = {json.dumps(name)}\n\n'
             f'[superlink.{name}]\naddress = {json.dumps(address)}\nroot-certificates = {json.dumps(ca)}\n'
             f'insecure = false\n')
     path = home / "config.toml"
-    path.write_text(text)
+    write_private(path, text.encode())
     return path

@@ -76,7 +76,7 @@ def flwr_cli(args: Sequence[str], *, flwr_home: str | Path, timeout: float = 120
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "NO_COLOR": "1",
            "COLUMNS": "200", "TERM": "dumb"}
     result = subprocess.run([executable("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                            cwd=cwd, stdin=subprocess.DEVNULL)
+                            cwd=cwd, stdin=subprocess.DEVNULL, umask=0o077)
     if check and result.returncode != 0:
         raise DeployError(f"flwr {' '.join(args)} exited with status {result.returncode}:\n"
                           f"{result.stdout[-2000:]}{result.stderr[-2000:]}")

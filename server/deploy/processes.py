@@ -57,15 +57,22 @@ class Proc:
         return Path(self.log).read_text(errors="replace") if Path(self.log).is_file() else ""
 
 
+PRIVATE_UMASK = 0o077  # files 0600, directories 0700: the SuperLink's state, run directories, logs
+
+
 def start_process(name: str, command: Sequence[str], log: str | Path, env: Mapping[str, str] | None = None,
-                  cwd: str | Path | None = None) -> Proc:
+                  cwd: str | Path | None = None, umask: int = PRIVATE_UMASK) -> Proc:
     """Start ``command`` in its own session (signals to this process leave it alone), with
-    stdout and stderr appended to ``log``."""
+    stdout and stderr appended to ``log`` and the file-creation mask ``umask``, which every
+    process it starts inherits (the SuperLink's database with its -wal and -shm, each run
+    directory of a ServerApp, unpacked app bundles: 0600 files, 0700 directories)."""
     log = Path(log)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as fh:
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as fh:
         popen = subprocess.Popen(list(command), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                                 umask=umask)
     return Proc(name, list(command), log, popen)
 
 
