@@ -170,10 +170,12 @@ def stop_run(run_id: int, flwr_home: str | Path, connection: str = CONNECTION) -
 def run_and_wait(flwr_home: str | Path, *, run_config: Mapping[str, Any] | None = None, connection: str = CONNECTION,
                  app_dir: str | Path | None = None, timeout: float = 600.0, check: bool = True,
                  workdir: str | Path | None = None) -> RunStatus:
-    """Copy the app, ``flwr run`` it, wait for the end and return the real status; with
-    ``check`` a run that did not complete raises :class:`DeployError` with Flower's details."""
+    """``flwr run`` ``app_dir`` (a directory, or a signed bundle's ``@publisher/name==x.y.z``;
+    default: an unsigned copy of this checkout, which SuperNodes with ``--trusted-entities``
+    refuse), wait for the end and return the real status; with ``check`` a run that did not
+    complete raises :class:`DeployError` with Flower's details."""
     work = Path(workdir or tempfile.mkdtemp(prefix="fedrec-run-"))
-    app = copy_app(work / "fedrec") if app_dir is None else Path(app_dir)
+    app = copy_app(work / "fedrec") if app_dir is None else app_dir
     run_id = start_run(app, flwr_home, run_config=run_config, connection=connection, workdir=work)
     status = wait_for_run(run_id, flwr_home, connection=connection, timeout=timeout)
     if check and not status.ok:
