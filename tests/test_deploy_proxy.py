@@ -66,6 +66,20 @@ def test_a_signed_bundle_passes_flowers_check_and_a_changed_one_or_another_key_d
         signing.sign_fab(app.fab, deploy.make_node_keys(tmp_path / "k", 1)[0].private)  # a P-384 node key
 
 
+def test_fedrec_deploy_sign_builds_this_checkout_and_flower_accepts_the_signature(tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["deploy", "app-key", "--out", str(tmp_path / "publisher")]) == 0
+    assert main(["deploy", "app-key", "--out", str(tmp_path / "publisher")]) == 2  # no silent overwrite
+    assert main(["deploy", "sign", "--key", str(tmp_path / "publisher" / "publisher.key"),
+                 "--out", str(tmp_path / "signed")]) == 0
+    assert "@fedrec/fedrec==" in capsys.readouterr().out
+    app = signing.load_signed_app(tmp_path / "signed")
+    assert app.app_spec == signing.app_spec()  # read from the bundle itself
+    assert _flower_accepts(app.fab.read_bytes(), app.verifications(), tmp_path / "publisher" / "trusted-entities.yaml")
+    assert main(["deploy", "sign", "--key", str(tmp_path / "none.key"), "--out", str(tmp_path / "signed")]) == 2
+
+
 def test_the_hub_answers_the_superlinks_request_on_loopback_only(tmp_path):
     import requests
     from flwr.supercore.utils import request_download_link
