@@ -115,7 +115,8 @@ def acquire(address: str, ca: Path) -> dict:
         return {"succeeded": False, "detail": f"{type(exc).__name__}: {exc}"[:600]}
     finally:
         client.close()
-    return {"succeeded": True, "detail": f"answered: task {response.task.task_id if response.HasField('task') else None}"}
+    task = response.task.task_id if response.HasField("task") else None
+    return {"succeeded": True, "detail": f"answered: task {task}"}
 
 
 def main() -> int:

@@ -33,7 +33,8 @@ def test_the_proxy_allowlist_is_every_fleet_call_of_flowers_supernode():
     assert all(route.methods == {"POST"} for route in router.routes)
 
 
-def _signed(tmp_path: Path, content: bytes = b"PK\x05\x06" + bytes(18)) -> tuple[signing.SignedApp, signing.PublisherKey]:
+def _signed(tmp_path: Path, content: bytes = b"PK\x05\x06" + bytes(18)) -> tuple[signing.SignedApp,
+                                                                                 signing.PublisherKey]:
     key = signing.make_publisher_key(tmp_path / "publisher")
     fab = tmp_path / "apps" / "fedrec.fedrec.0-1-0.abcd.fab"
     fab.parent.mkdir()

@@ -149,7 +149,8 @@ class Deployment:
 
     def _env(self, name: str) -> dict[str, str]:
         """The environment of one SuperNode: its own FLWR_HOME (app bundles are unpacked there)."""
-        env = {**os.environ, **self.env_given, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(self.workdir / "home" / name)}
+        env = {**os.environ, **self.env_given, "FLWR_TELEMETRY_ENABLED": "0",
+               "FLWR_HOME": str(self.workdir / "home" / name)}
         env.pop("FLWR_SUPERGRID_API_URL", None)
         return env
 

@@ -53,9 +53,9 @@ class ProxyFiles:
 def write_nginx_config(directory: str | Path, *, tls: TLSFiles, public_host: str, public_port: int,
                        superlink_port: int) -> ProxyFiles:
     """``nginx.conf`` for :func:`nginx_command`: the Fleet API of the SuperLink on
-    127.0.0.1:``superlink_port`` published on ``public_host:public_port``. nginx runs in the foreground (``daemon off``), logs errors to
-    its stderr and requests to ``access.log``; request and response bodies stream through (no
-    temporary files)."""
+    127.0.0.1:``superlink_port`` published on ``public_host:public_port``. nginx runs in the
+    foreground (``daemon off``), logs errors to its stderr and requests to ``access.log``;
+    request and response bodies stream through (no temporary files)."""
     base = Path(directory).absolute()
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     for sub in ("tmp", "logs"):

@@ -121,7 +121,8 @@ def build_fab(out_dir: str | Path, source: str | Path = PROJECT_ROOT) -> Path:
                                 env={**_env(), "FLWR_HOME": str(Path(tmp) / "home")})
         fabs = sorted(Path(tmp).glob("*.fab"))
         if result.returncode != 0 or len(fabs) != 1:
-            raise DeployError(f"flwr build failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+            raise DeployError(f"flwr build failed ({result.returncode}):\n"
+                              f"{result.stdout[-2000:]}{result.stderr[-2000:]}")
         target = out / fabs[0].name
         shutil.move(str(fabs[0]), target)
     return target
