@@ -7,7 +7,8 @@
     fedrec-client status                                   what is stored on this device
     fedrec-client privacy set [--clip C] [--local-noise S] this device's privacy floor (the server cannot lower it)
     fedrec-client forget [--yes]                           delete all of it
-    fedrec-client join --superlink HOST:PORT --root-certificates ca.pem [--auth-key KEY] [--port 9094]
+    fedrec-client join --superlink HOST:PORT --root-certificates ca.pem [--auth-key KEY]
+                  [--trusted-entities trusted-entities.yaml] [--port 9094]
 
 Everything lives in one SQLite file, ``--db`` (default ``~/.fedrec/device.sqlite``); see
 :mod:`client.store`. ``recommend`` runs on the device: the user vector is reconstructed from
@@ -367,31 +368,37 @@ def cmd_forget(args: argparse.Namespace) -> int:
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
 
 
-def supernode_command(args: argparse.Namespace) -> list[str]:
-    """The ``flower-supernode`` (Flower 1.42) command that connects this device.
+def supernode_command(*, superlink: str, root_certificates: str | Path, db: str | Path, port: int = 9094,
+                      auth_key: str | Path | None = None, trusted_entities: str | Path | None = None) -> list[str]:
+    """The ``flower-supernode`` (Flower 1.42) command that connects the device store ``db``.
 
     ``--node-config data-path='<db>'`` tells the ClientApp where the device store is. The
-    Runtime API listens on 127.0.0.1:``--port``. 1.42 installs no app dependencies at run
-    time unless ``--allow-runtime-dependency-installation`` is given (it is not): the
-    installed ``fedrec[client]`` is what runs.
+    Runtime API listens on 127.0.0.1:``port`` (each SuperNode on a host needs its own). With
+    ``trusted_entities`` (a YAML file of Ed25519 public keys) the SuperNode runs only app
+    bundles signed by one of them. 1.42 installs no app dependencies at run time unless
+    ``--allow-runtime-dependency-installation`` is given (it is not): the installed
+    ``fedrec[client]`` is what runs. Mistakes raise :class:`UsageError`.
     """
-    match = _ADDRESS.match(args.superlink)
+    match = _ADDRESS.match(superlink)
     if not match or not 1 <= int(match.group(2)) <= 65535:
-        raise UsageError(f"--superlink {args.superlink!r}: expected HOST:PORT, e.g. fedrec.example.org:9092")
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port {args.port}: expected a port number 1-65535")
-    db = _db(args)
+        raise UsageError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. fedrec.example.org:9093")
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected a port number 1-65535")
+    db = Path(db).expanduser().absolute()
     if "'" in str(db):
         raise UsageError(f"--db {db}: a path with a single quote cannot be passed in --node-config")
-    files = [("--root-certificates", args.root_certificates)] + ([("--auth-key", args.auth_key)] if args.auth_key else [])
+    files = [("--root-certificates", root_certificates), ("--auth-key", auth_key),
+             ("--trusted-entities", trusted_entities)]
     for flag, name in files:
-        if not Path(name).expanduser().is_file():
+        if name is not None and not Path(name).expanduser().is_file():
             raise UsageError(f"{flag} {name}: no such file")
-    ca = str(Path(args.root_certificates).expanduser().absolute())
-    command = [_supernode_executable(), "--superlink", args.superlink, "--root-certificates", ca,
-               "--node-config", f"{NODE_DATA_PATH}='{db}'", "--host", RUNTIME_HOST, "--port", str(args.port)]
-    if args.auth_key:
-        command += ["--auth-supernode-private-key", str(Path(args.auth_key).expanduser().absolute())]
+    ca = str(Path(root_certificates).expanduser().absolute())
+    command = [_supernode_executable(), "--superlink", superlink, "--root-certificates", ca,
+               "--node-config", f"{NODE_DATA_PATH}='{db}'", "--host", RUNTIME_HOST, "--port", str(port)]
+    if auth_key is not None:
+        command += ["--auth-supernode-private-key", str(Path(auth_key).expanduser().absolute())]
+    if trusted_entities is not None:
+        command += ["--trusted-entities", str(Path(trusted_entities).expanduser().absolute())]
     return command
 
 
@@ -408,7 +415,11 @@ def _supernode_executable() -> str:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    command = supernode_command(args)
+    command = supernode_command(superlink=args.superlink, root_certificates=args.root_certificates, db=_db(args),
+                                port=args.port, auth_key=args.auth_key, trusted_entities=args.trusted_entities)
+    if args.trusted_entities is None:
+        print("fedrec-client: warning: without --trusted-entities this device runs whatever app the SuperLink "
+              "sends; ask the operator for trusted-entities.yaml", file=sys.stderr)
     with DeviceStore(_db(args), create=False) as store:
         ids = store.catalog()[0]
         if not ids:
@@ -504,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--root-certificates", required=True, help="PEM CA certificate that signed the server's")
     join.add_argument("--auth-key", help="this device's SuperNode private key (node authentication)")
     join.add_argument("--port", type=int, default=9094, help="local Runtime API port (default 9094)")
+    join.add_argument("--trusted-entities", metavar="YAML",
+                      help="the operator's trusted-entities.yaml: run only app bundles signed by these keys")
     join.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     join.set_defaults(run=cmd_join)
     return parser

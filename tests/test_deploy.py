@@ -28,6 +28,9 @@ from tests.conftest import write_block_csv
 slow = pytest.mark.slow
 
 N_DEVICES = 3
+# The proxy's "public" address. Loopback, but not the SuperLink's 127.0.0.1: whatever answers
+# here is what the network sees.
+PUBLIC_HOST = "127.0.0.2"
 # A tiny run: everyone in every round, SecAgg+ among 3 (every node shares with both others,
 # threshold 2), seeded DP noise, no budget cap, evaluation only after the last round.
 BASE = {"fed.sample-rate": 1.0, "model.dim": 8, "fed.timeout": 90.0, "fed.eval-every": 1000,
@@ -121,28 +124,44 @@ def test_the_flwr_connection_is_read_by_flower(tmp_path, monkeypatch):
 
 
 def test_the_commands_carry_tls_node_auth_and_the_device_store(tmp_path):
-    from client.cli import build_parser, supernode_command
+    from client.cli import supernode_command
 
     tls = deploy.make_ca_and_certs(tmp_path / "tls")
     key = deploy.make_node_keys(tmp_path, 1)[0]
-    link = deploy.superlink_command(tls, database=tmp_path / "state.sqlite", port=9300)
+    secret = deploy.write_secret(tmp_path / "superexec.secret")
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 64
+    link = deploy.superlink_command(tls, database=tmp_path / "state.sqlite", secret_file=secret, port=9300)
     flags = dict(zip(link[1::2], link[2::2]))
     assert Path(link[0]).name == "flower-superlink"
     assert {"--enable-supernode-auth", "--disable-runtime-dependency-installation"} <= set(link)
     assert flags["--ssl-ca-certfile"] == str(tls.ca_cert) and flags["--ssl-certfile"] == str(tls.server_cert)
     assert flags["--ssl-keyfile"] == str(tls.server_key) and flags["--database"] == str(tmp_path / "state.sqlite")
-    assert (flags["--host"], flags["--port"], flags["--isolation"]) == ("127.0.0.1", "9300", "subprocess")
-    assert "--insecure" not in link
+    # loopback only; `process` isolation, the only one in which Flower 1.42 uses the SuperExec secret
+    assert (flags["--host"], flags["--port"], flags["--isolation"]) == ("127.0.0.1", "9300", "process")
+    assert flags["--superexec-auth-secret-file"] == str(secret) and "--insecure" not in link
+    for public in ("0.0.0.0", "10.0.0.5", "fedrec.example.org", "::"):
+        with pytest.raises(ValueError, match="loopback"):
+            deploy.superlink_command(tls, database=tmp_path / "s.sqlite", secret_file=secret, host=public)
+    execs = deploy.superexec_command(runtime_address="127.0.0.1:9300", root_certificates=tls.ca_cert,
+                                     secret_file=secret)
+    flags = dict(zip(execs[1::2], execs[2::2]))
+    assert Path(execs[0]).name == "flower-superexec" and flags["--superexec-auth-secret-file"] == str(secret)
+    assert flags["--runtime-api-address"] == "127.0.0.1:9300" and "--insecure" not in execs
+    assert "--allow-runtime-dependency-installation" not in execs
 
     db = tmp_path / "device.sqlite"
     node = deploy.supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
                                     auth_key=key.private)
-    args = build_parser().parse_args(["--db", str(db), "join", "--superlink", "127.0.0.1:9300", "--root-certificates",
-                                      str(tls.ca_cert), "--auth-key", str(key.private), "--port", "9401"])
-    assert node == supernode_command(args)  # exactly what `fedrec-client join` runs on a device
+    assert node == supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
+                                     auth_key=key.private)  # exactly what `fedrec-client join` runs on a device
     flags = dict(zip(node[1::2], node[2::2]))
     assert flags["--node-config"] == f"data-path='{db}'" and flags["--port"] == "9401"
     assert flags["--auth-supernode-private-key"] == str(key.private) and "--insecure" not in node
+    assert "--trusted-entities" not in node
+    trusted = deploy.make_publisher_key(tmp_path / "publisher").trusted_entities
+    node = deploy.supernode_command(superlink="127.0.0.1:9300", root_certificates=tls.ca_cert, db=db, port=9401,
+                                    auth_key=key.private, trusted_entities=trusted)
+    assert node[node.index("--trusted-entities") + 1] == str(trusted)
 
 
 def test_run_config_overrides_are_checked_and_typed(tmp_path):
@@ -242,11 +261,17 @@ def make_devices(root: Path, n: int) -> tuple[Path, list[Path]]:
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     csv, dbs = make_devices(root, N_DEVICES)
-    with deploy.Deployment(root / "fed", dbs) as fed:
+    with deploy.Deployment(root / "fed", dbs, host=PUBLIC_HOST) as fed:
         fed.csv = csv
         yield fed
     # Deployment.__exit__ has stopped the SuperLink and the SuperNodes, children included.
     assert not fed.superlink.alive() and not any(n.proc.alive() for n in fed.nodes)
+
+
+def shared_paths(root: Path) -> list[str]:
+    """Every path under ``root`` (itself included) that its group or others may use."""
+    return [f"{oct(p.stat().st_mode & 0o777)} {p}" for p in [root, *root.rglob("*")]
+            if p.stat().st_mode & 0o077 and not p.is_symlink()]
 
 
 def fit_rows(run_dir: Path) -> list[dict]:
@@ -305,6 +330,12 @@ def test_a_secure_private_run_completes_on_three_supernodes(federation):
     for node in fed.nodes:
         with DeviceStore(node.db, create=False) as store:
             assert store.get_global_model().round == 2
+    # Finding 7: the SuperLink's state (database, -wal, -shm), its logs, unpacked bundles and
+    # the run directory are private: files 0600, directories 0700.
+    state = [fed.database, fed.database.with_name(fed.database.name + "-wal"),
+             fed.database.with_name(fed.database.name + "-shm")]
+    assert all(p.is_file() for p in state), state
+    assert not shared_paths(fed.server.workdir) and not shared_paths(run_dir)
 
 
 @slow
@@ -334,6 +365,98 @@ def test_a_supernode_trusting_another_ca_fails_the_tls_handshake(federation, tmp
     log = proc.log_text()
     assert "CERTIFICATE_VERIFY_FAILED" in log, log
     assert online_nodes(fed) == {str(n.node_id) for n in fed.nodes}  # it never connected
+
+
+OUTSIDER = Path(__file__).with_name("deploy_outsider.py")
+
+
+@slow
+def test_an_outsider_with_only_ca_crt_registers_lists_acquires_and_runs_nothing(federation, tmp_path):
+    """Finding 1 (issue #12): from another process, with only the public ca.crt and the address
+    the devices dial, Flower's own tools must not register a key, list nodes, take a ServerApp
+    task (AcquireTask) or start a run."""
+    import ipaddress
+
+    fed = federation
+    host = fed.address.rsplit(":", 1)[0].strip("[]")
+    assert ipaddress.ip_address(host).is_loopback  # this test talks to loopback addresses only
+    nodes_before = {row["node-id"] for row in fed.nodes_status()}
+    runs_before = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)}
+    try:
+        results = run_outsider(fed.address, fed.tls.ca_cert, tmp_path)
+    finally:
+        new_runs = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)} - runs_before
+        for run_id in new_runs:  # the operator stops what got through before the other tests go on
+            fed.stop_run(int(run_id))
+
+    assert set(results) == {"register", "list", "acquire", "run"}
+    assert not any(r["succeeded"] for r in results.values()), json.dumps(results, indent=1)
+    assert {row["node-id"] for row in fed.nodes_status()} == nodes_before  # no key of the outsider's
+    assert not new_runs  # no run of the outsider's
+
+
+def run_outsider(address: str, ca: Path, workdir: Path, *extra: str) -> dict:
+    """tests/deploy_outsider.py in its own process, with a copy of ca.crt and nothing else."""
+    import shutil
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ca, workdir / "ca.crt")
+    out = subprocess.run([sys.executable, str(OUTSIDER), "--address", address, "--ca", str(workdir / "ca.crt"),
+                          "--workdir", str(workdir / "outsider"), *extra], capture_output=True, text=True,
+                         timeout=400, cwd=workdir, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@slow
+def test_the_superlink_listens_on_loopback_only_and_the_proxy_forwards_only_fleet_calls(federation):
+    import http.client
+    import ssl
+
+    fed = federation
+    link = fed.server.superlink_port
+    assert deploy.port_open("127.0.0.1", link) and not deploy.port_open(PUBLIC_HOST, link)  # not 0.0.0.0
+    context = ssl.create_default_context(cafile=str(fed.tls.ca_cert))
+
+    def status(method: str, path: str) -> int:
+        conn = http.client.HTTPSConnection(PUBLIC_HOST, fed.server.public_port, context=context, timeout=30)
+        try:
+            conn.request(method, path, body=b"" if method == "POST" else None,
+                         headers={"content-type": "application/protobuf"})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    for path in ("/v1/control/list-runs", "/v1/control/register-supernode", "/v1/runtime/acquire-task",
+                 "/v1/runtime/get-nodes", "/docs", "/openapi.json", "/health", "/v1/fleet/", "/v1/fleet/../control/x",
+                 "/v1/fleet/get-run/../../control/start-run"):
+        assert status("POST" if path.startswith("/v1") else "GET", path) == 404, path
+    assert status("GET", "/v1/fleet/get-run") == 403  # Fleet calls are POST only
+    assert status("POST", "/v1/fleet/get-run") not in (403, 404)  # reaches the SuperLink (which wants a signed node)
+
+
+@slow
+def test_on_the_server_host_acquire_task_needs_the_superexec_secret_and_devices_run_only_signed_apps(
+        federation, tmp_path):
+    """A local user of the server host reaches the SuperLink's loopback port. The Runtime API
+    refuses it tasks (no SuperExec secret); the Control API still takes its run (Flower 1.42
+    authenticates nobody there without OIDC: see docs/DEPLOY.md), but no device runs the
+    unsigned bundle's ClientApp."""
+    fed = federation
+    marker = tmp_path / "outsider-ran"
+    runs_before = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)}
+    results = run_outsider(fed.control_address, fed.tls.ca_cert, tmp_path, "--only", "acquire,run",
+                           "--marker", str(marker))
+    assert not results["acquire"]["succeeded"], results
+    assert "401" in results["acquire"]["detail"], results
+
+    assert results["run"]["succeeded"], results  # the documented residual risk
+    (run_id,) = {r["run-id"] for r in deploy.list_runs(fed.flwr_home)} - runs_before
+    fed.wait_for_run(int(run_id), timeout=300)
+    assert not marker.exists()
+    for node in fed.nodes:
+        assert "The FAB could not be verified" in node.proc.log_text(), node.proc.log
+    assert online_nodes(fed) == {str(n.node_id) for n in fed.nodes}
 
 
 @slow
