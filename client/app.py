@@ -242,10 +242,11 @@ def client_fn_for(cfg: RunConfig | None, policy: DevicePolicy | None = None):
     def client_fn(context: Context):
         torch.set_num_threads(1)
         run_cfg = cfg or RunConfig.from_flat(dict(context.run_config))
-        if cfg is None and run_cfg.dp.noise_seed >= 0:
+        floor = device_policy(cfg, context, policy)
+        adds_noise = floor.local_noise > 0 or (run_cfg.dp.enabled and run_cfg.dp.mode == "local")
+        if cfg is None and run_cfg.dp.noise_seed >= 0 and adds_noise:
             raise PolicyRefusal(f"the run asks devices for seeded noise (dp.noise-seed={run_cfg.dp.noise_seed}): a "
                                 "device draws its noise from its own secure source and takes no seed from the server")
-        floor = device_policy(cfg, context, policy)
         data_path = context.node_config.get(keys.NODE_DATA_PATH)
         if data_path and run_cfg.model.kind == "hybrid":
             raise ValueError("model.kind = hybrid runs in simulation only for now: a device's store keeps an MF "

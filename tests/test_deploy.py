@@ -466,15 +466,17 @@ def test_a_killed_serverapp_resumes_from_its_checkpoint_with_run_dir(federation,
     cfg = {**BASE, "data.source": str(fed.csv), "fed.rounds": 4, "secagg.enabled": False, "run-dir": str(run_dir)}
     first = fed.start_run(cfg)
 
-    checkpoint = run_dir / "checkpoint.json"
+    from server.run_dir import RunDir
+
+    checkpoint = RunDir(run_dir)  # one atomic file: the round, model and ledger together
     deadline = time.monotonic() + 420
-    while not (checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] >= 2):
+    while not ((run_dir / "config.json").is_file() and (checkpoint.checkpoint_round() or 0) >= 2):
         assert time.monotonic() < deadline, "round 2 never checkpointed"
         time.sleep(0.2)
     (serverapp,) = fed.serverapp_processes()  # flwr-serverapp, started by the SuperLink's SuperExec
     serverapp.kill()  # SIGKILL by PID: a crash, no chance to clean up
     gone(serverapp)
-    killed_at = json.loads(checkpoint.read_text())["round"]
+    killed_at = checkpoint.checkpoint_round()
     assert killed_at == 2
     done_before = [r for r in fit_rows(run_dir) if r["round"] <= killed_at]
 

@@ -85,9 +85,18 @@ def test_the_run_config_cannot_seed_a_devices_noise(block_csv):
     from client.app import client_fn_for
 
     ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0}, state=RecordDict(),
-                  run_config={"data.source": str(block_csv), "dp.noise-seed": 5})
+                  run_config={"data.source": str(block_csv), "dp.noise-seed": 5, "dp.mode": "local"})
     with pytest.raises(PolicyRefusal, match="seeded noise"):
         client_fn_for(None)(ctx)
+    # the same seed in a central-DP run seeds the server's noise, not the device's: nothing to refuse,
+    # and the device's own noise stays secure if its owner asks for local noise
+    central = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0}, state=RecordDict(),
+                      run_config={"data.source": str(block_csv), "dp.noise-seed": 5})
+    assert client_fn_for(None)(central).numpy_client.policy.noise_seed is None
+    noisy = Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0, "privacy-local-noise": 2.0},
+                    state=RecordDict(), run_config={"data.source": str(block_csv), "dp.noise-seed": 5})
+    with pytest.raises(PolicyRefusal, match="seeded noise"):
+        client_fn_for(None)(noisy)
 
 
 @pytest.mark.slow
