@@ -22,6 +22,7 @@ from common.config import RunConfig
 from common.privacy import RDP_ORDERS, Accountant, PrivacyLedger, Relation
 from common.privacy.analysis import PLD_VALUE_DISCRETIZATION_INTERVAL
 from common.serialization import read_jsonl, write_json
+from server.report_render import _eps, plots, to_html, to_markdown
 
 NO_DP = "NO DIFFERENTIAL PRIVACY GUARANTEE: this model was trained without DP; ε is infinite."
 MECHANISM = "user-level DP-FedAvg, Gaussian noise added by the server to the sum, Poisson sampling"
@@ -67,8 +68,6 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
 def write_report(run_dir: Path) -> list[Path]:
     """Write ``privacy_report.{json,md,html}`` into ``run_dir``; returns the three paths."""
-    from server.report_render import plots, to_html, to_markdown
-
     run_dir = Path(run_dir)
     report = build_report(run_dir)
     paths = [run_dir / name for name in FILES]
@@ -321,10 +320,3 @@ def _trust_model(run: _RunFacts) -> list[dict[str, str]]:
         {"party": "released model", "statement": f"The item model after each round is {model}."},
         {"party": "not covered", "statement": " ".join(_outside_epsilon(run))},
     ]
-
-
-def _eps(x: float) -> str:
-    """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
-    import math
-
-    return f"{math.ceil(x * 1000) / 1000:.3f}"

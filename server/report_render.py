@@ -9,7 +9,13 @@ import io
 import re
 from typing import Any
 
-from server.report import _eps
+
+
+def _eps(x: float) -> str:
+    """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
+    import math
+
+    return f"{math.ceil(x * 1000) / 1000:.3f}"
 
 def _fmt(x: Any) -> str:
     if x is None or isinstance(x, bool):

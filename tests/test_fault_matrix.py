@@ -8,8 +8,9 @@ the documented rule (docs/SECURITY.md, "Faults during a round"):
 * every round is charged once to the ledger (central: a Poisson-sampled Gaussian; local: every
   round), and the round after the faults completes with everyone.
 
-One simulation per (fault, DP mode) runs all four stages: round 1 clean, rounds 2-5 a fault at
-setup, share keys, upload, unmask, round 6 clean."""
+One simulation per DP mode runs every cell: round 1 clean (it also pays Ray's start-up), rounds 2-5
+a crash at setup, share keys, upload, unmask, rounds 6-9 a hang past the timeout at the same
+stages, round 10 clean."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from tests.conftest import write_block_csv
 
 pytestmark = pytest.mark.slow
 
-CLIENTS, FAULTY, TIMEOUT, HANG = 10, 3, 15.0, 22.0
-FAULT_ROUNDS = {2: Stage.SETUP, 3: Stage.SHARE_KEYS, 4: Stage.COLLECT_MASKED_VECTORS, 5: Stage.UNMASK}
+CLIENTS, FAULTY, TIMEOUT, HANG = 10, 3, 30.0, 40.0
+STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK)
+FAULTS = {**{2 + k: ("crash", s) for k, s in enumerate(STAGES)}, **{6 + k: ("hang", s) for k, s in enumerate(STAGES)}}
+ROUNDS = 10
 STAGE_NAMES = {Stage.SETUP: "setup", Stage.SHARE_KEYS: "share-keys", Stage.COLLECT_MASKED_VECTORS: "upload",
                Stage.UNMASK: "unmask"}
 # the documented outcome: participants in the faulty round
@@ -35,39 +38,37 @@ EXPECTED_PARTICIPANTS = {Stage.SETUP: CLIENTS - 1, Stage.SHARE_KEYS: CLIENTS - 1
                          Stage.COLLECT_MASKED_VECTORS: CLIENTS - 1, Stage.UNMASK: CLIENTS}
 
 
-def fault(kind: str):
-    def mod(msg: Message, context: Context, call_next):
-        rec = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
-        stage = None if rec is None else rec.get(Key.STAGE)
-        rnd = int(msg.metadata.group_id) if str(msg.metadata.group_id).isdigit() else None
-        if int(context.node_config["partition-id"]) == FAULTY and stage and FAULT_ROUNDS.get(rnd) == stage:
-            if kind == "hang":
-                time.sleep(HANG)  # the reply comes after the server stopped waiting
-            raise RuntimeError(f"device {kind} at {STAGE_NAMES[stage]}")
-        return call_next(msg, context)
-
-    return mod
+def fault(msg: Message, context: Context, call_next):
+    rec = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    stage = None if rec is None else rec.get(Key.STAGE)
+    rnd = int(msg.metadata.group_id) if str(msg.metadata.group_id).isdigit() else None
+    kind, at = FAULTS.get(rnd, (None, None))
+    if int(context.node_config["partition-id"]) == FAULTY and stage and stage == at:
+        if kind == "hang":
+            time.sleep(HANG)  # the reply comes after the server stopped waiting
+        raise RuntimeError(f"device {kind} at {STAGE_NAMES[stage]}")
+    return call_next(msg, context)
 
 
-_RUNS: dict[tuple[str, str], RunDir] = {}
+_RUNS: dict[str, RunDir] = {}
 
 
-def matrix_run(kind: str, mode: str, tmp_path_factory, monkeypatch_module) -> RunDir:
-    if (kind, mode) not in _RUNS:
+def matrix_run(mode: str, tmp_path_factory, monkeypatch_module) -> RunDir:
+    if mode not in _RUNS:
         from client import app as client_app
 
         csv = write_block_csv(tmp_path_factory.mktemp("fm") / "r.csv", n_users=CLIENTS)
-        cfg = RunConfig.from_flat({"data.source": str(csv), "fed.rounds": 6, "fed.sample-rate": 1.0,
+        cfg = RunConfig.from_flat({"data.source": str(csv), "fed.rounds": ROUNDS, "fed.sample-rate": 1.0,
                                    "fed.eval-every": 100, "fed.eval-clients": 0, "fed.timeout": TIMEOUT,
                                    "model.dim": 4, "dp.mode": mode, "dp.noise-multiplier": 3.0 if mode == "local"
                                    else 1.0, "dp.noise-seed": 0, "dp.target-epsilon": 0})
         original = client_app.build_client_app
-        monkeypatch_module.setattr(client_app, "build_client_app", lambda c: original(c, mods=[fault(kind)]))
+        monkeypatch_module.setattr(client_app, "build_client_app", lambda c: original(c, mods=[fault]))
         run_dir = RunDir.create(tmp_path_factory.mktemp("runs"), cfg)
         simulate.run(cfg, run_dir, progress=False)
         monkeypatch_module.setattr(client_app, "build_client_app", original)
-        _RUNS[(kind, mode)] = run_dir
-    return _RUNS[(kind, mode)]
+        _RUNS[mode] = run_dir
+    return _RUNS[mode]
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +77,18 @@ def monkeypatch_module():
         yield mp
 
 
-@pytest.mark.parametrize("stage", list(FAULT_ROUNDS.values()), ids=lambda s: STAGE_NAMES[s])
-@pytest.mark.parametrize("mode", ["central", "local"])
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: STAGE_NAMES[s])
 @pytest.mark.parametrize("kind", ["crash", "hang"])
-def test_fault_cell(kind, mode, stage, tmp_path_factory, monkeypatch_module):
-    run_dir = matrix_run(kind, mode, tmp_path_factory, monkeypatch_module)
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_fault_cell(mode, kind, stage, tmp_path_factory, monkeypatch_module):
+    run_dir = matrix_run(mode, tmp_path_factory, monkeypatch_module)
     fits = {r["round"]: r for r in run_dir.rounds() if r["kind"] == "fit"}
-    rnd = next(r for r, s in FAULT_ROUNDS.items() if s == stage)
+    rnd = next(r for r, f in FAULTS.items() if f == (kind, stage))
     assert not fits[rnd].get("abandoned"), fits[rnd]
     assert fits[rnd]["participants"] == EXPECTED_PARTICIPANTS[stage], fits[rnd]
     # every round, faulty or not, is charged exactly once
     events = [e["round"] for e in run_dir.load_ledger()["ledger"]["events"]]
-    assert events == [1, 2, 3, 4, 5, 6]
+    assert events == list(range(1, ROUNDS + 1))
     assert fits[rnd]["epsilon"] > fits[rnd - 1]["epsilon"]
-    # the clean rounds around the faults complete with everyone
-    assert fits[1]["participants"] == fits[6]["participants"] == CLIENTS
+    # the round after the faults completes with everyone
+    assert fits[ROUNDS]["participants"] == CLIENTS, fits[ROUNDS]
