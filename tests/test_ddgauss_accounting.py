@@ -23,7 +23,8 @@ D = 1 << 17  # ML-100K's 109,330 item-side values, padded
 
 def ddp_event(round_: int = 1, *, gamma: float = 1e-4, variance: int = 26_000_000, survivors: int = 4,
               q: float = 0.1, sampling: Sampling = Sampling.POISSON, steps: int = 1) -> DistributedDpEvent:
-    return DistributedDpEvent(clip=1.0, gamma=gamma, local_variance=variance, survivors=survivors, dim=D,
+    return DistributedDpEvent(clip=1.0, gamma=gamma, local_variance=variance, survivors=survivors,
+                              max_survivors=max(survivors, 154), dim=D,
                               beta=DEFAULT_BETA, sample_rate=q, sampling=sampling, parameters=("item_embeddings",),
                               round=round_, steps=steps)
 
@@ -122,6 +123,18 @@ def test_epsilon_moves_the_right_way(change, direction):
     assert (ddp_epsilon(**{**base, **change}) - ddp_epsilon(**base)) * direction > 0
 
 
+def test_tau_is_taken_at_the_most_shares_a_round_can_sum():
+    """[KLS21]'s τ grows with the number of shares: a bound at n_min alone would not cover a round
+    of more devices when σ² is small. Large σ² make τ vanish."""
+    def eps(variance: int, max_survivors: int) -> float:
+        return ddp_epsilon(clip=1.0, gamma=100.0, local_variance=variance, survivors=4, dim=4096, beta=0.0,
+                           max_survivors=max_survivors, sample_rate=1.0, rounds=10, delta=1e-5)
+
+    assert tau(1, 10**6) > 50 * tau(1, 4)
+    assert eps(1, 10**6) > eps(1, 4) * 1.05
+    assert eps(100, 10**6) == eps(100, 4)  # τ = 0 in floating point
+
+
 def test_amplification_never_costs():
     curve = lambda q: rdp_curve(RDP_ORDERS, l2=9000.0, l1=9000.0 * 362, tau_=0.0, dim=D, clients=4,  # noqa: E731
                                 local_variance=26e6, sample_rate=q)
@@ -171,10 +184,13 @@ def test_a_distributed_event_is_refused_where_its_bound_does_not_hold():
     with pytest.raises(ValueError, match="add-or-remove"):
         replace.epsilon()
     with pytest.raises(ValueError, match="power of two"):
-        DistributedDpEvent(clip=1.0, gamma=1e-4, local_variance=10, survivors=4, dim=109_330, beta=0.5,
+        DistributedDpEvent(clip=1.0, gamma=1e-4, local_variance=10, survivors=4, max_survivors=4, dim=109_330, beta=0.5,
                            sample_rate=0.1, sampling=Sampling.POISSON, parameters=("x",), round=1)
     with pytest.raises(ValueError, match="local_variance"):
         ddp_event(variance=0)
+    with pytest.raises(ValueError, match="max_survivors"):
+        DistributedDpEvent(clip=1.0, gamma=1e-4, local_variance=10, survivors=4, max_survivors=3, dim=D, beta=0.5,
+                           sample_rate=0.1, sampling=Sampling.POISSON, parameters=("x",), round=1)
     with pytest.raises(ValueError, match="lacks the key"):  # old code reading a new event fails loudly
         MechanismEvent.from_dict(ddp_event().to_dict())
 

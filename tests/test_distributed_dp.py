@@ -12,7 +12,7 @@ import pytest
 from common.privacy import distributed
 from common.privacy.discrete_gaussian import RandomWords
 from common.privacy.distributed import (
-    DistributedDpParams, TooFewSurvivors, conditional_round, decode, encode, hadamard, modular_sum, padded_dim,
+    DistributedDpParams, TooFewSurvivors, TooManySurvivors, conditional_round, decode, encode, hadamard, modular_sum, padded_dim,
     rotate, rotation_signs, unrotate,
 )
 from common.secure_sum import check_server_sum, noisy_sum_wrap_bound
@@ -20,7 +20,7 @@ from common.secure_sum import check_server_sum, noisy_sum_wrap_bound
 
 def params(**change) -> DistributedDpParams:
     base = {"clip": 1.0, "gamma": 1e-3, "local_variance": 40_000, "dim": 3000, "modulus_bits": 24,
-            "min_survivors": 3}
+            "min_survivors": 3, "max_survivors": 8}
     return DistributedDpParams(**{**base, **change})
 
 
@@ -107,11 +107,13 @@ def test_the_server_recovers_the_noisy_sum_and_adds_nothing():
     assert error.std() == pytest.approx(expected_std, rel=0.05) and abs(error.mean()) < 5 * expected_std / 50
 
 
-def test_a_round_with_fewer_survivors_than_planned_is_refused():
+def test_a_round_with_fewer_or_more_survivors_than_planned_is_refused():
     p = params()
     total = modular_sum([encode(u, p, run_seed=1, server_round=1).values for u in unit_vectors(2, 3000)], p)
     with pytest.raises(TooFewSurvivors, match="abandon"):
         decode(total, 2, p, run_seed=1, server_round=1)
+    with pytest.raises(TooManySurvivors, match="abandon"):
+        decode(total, 9, p, run_seed=1, server_round=1)
 
 
 def test_the_device_clips_again_and_draws_fresh_noise_from_the_csprng():
@@ -143,7 +145,7 @@ def test_the_wrap_bound_holds_in_simulation_and_a_too_small_field_wraps():
     enc = [encode(u, p, run_seed=2, server_round=1, src=RandomWords(seed=i)) for i, u in enumerate(updates)]
     good = decode(modular_sum([e.values for e in enc], p), 4, p, run_seed=2, server_round=1)
     assert np.abs(good - np.sum(updates, axis=0)).max() < 1e-3 * 200
-    small = params(modulus_bits=7, local_variance=400)
+    small = params(modulus_bits=7, local_variance=400)  # (a real server refuses it: check_server_sum)
     assert noisy_sum_wrap_bound(modulus_bits=7, clients=4, norm=small.clip / small.gamma, dim=4096,
                                 local_variance=400) == 1.0
     wrapped = decode(modular_sum([e.values & np.uint64(small.modulus - 1) for e in enc], small), 4, small,
@@ -164,6 +166,7 @@ def test_the_wrap_bound_is_a_union_of_sub_gaussian_tails():
 @pytest.mark.parametrize("change, match", [
     ({"gamma": 1e-12}, "too fine"), ({"local_variance": 0}, "local_variance"), ({"modulus_bits": 63}, "<= 62"),
     ({"clip": float("nan")}, "clip"), ({"beta": 1.0}, "beta"), ({"min_survivors": True}, "min_survivors"),
+    ({"max_survivors": 2}, "max_survivors"),
 ])
 def test_bad_parameters_are_refused(change, match):
     with pytest.raises(ValueError, match=match):

@@ -41,6 +41,9 @@ class DistributedDpEvent:
     survivors:
         Number of noise shares the release is accounted with: the fewest survivors a released
         round can have (the configured minimum), or fewer, never more than really summed.
+    max_survivors:
+        The most shares a released round can sum (≥ ``survivors``). [KLS21]'s τ grows with the
+        number of shares, so τ is taken here: the bound then holds for every count in between.
     dim:
         Padded dimension (a power of two) the rotation, rounding and noise run in.
     beta:
@@ -53,6 +56,7 @@ class DistributedDpEvent:
     gamma: float
     local_variance: int
     survivors: int
+    max_survivors: int
     dim: int
     beta: float
     sample_rate: float
@@ -67,6 +71,7 @@ class DistributedDpEvent:
         require_positive("gamma", self.gamma)
         require_int("local_variance", self.local_variance, minimum=1)
         require_int("survivors", self.survivors, minimum=1)
+        require_int("max_survivors", self.max_survivors, minimum=self.survivors)
         require_int("dim", self.dim, minimum=1)
         if self.dim & (self.dim - 1):
             raise ValueError(f"dim must be the padded dimension, a power of two; got {self.dim}.")
@@ -100,7 +105,7 @@ class DistributedDpEvent:
         q = self.sample_rate if (self.sampling is Sampling.POISSON and amplification) else 1.0
         l2 = self.l2_sensitivity
         return DdgRelease(l2=l2, l1=ddgauss.rounded_l1_bound(l2, self.dim),
-                          tau=ddgauss.tau(self.local_variance, self.survivors), dim=self.dim,
+                          tau=ddgauss.tau(self.local_variance, self.max_survivors), dim=self.dim,
                           clients=self.survivors, local_variance=float(self.local_variance),
                           sample_rate=float(q), steps=int(self.steps), relation=relation.value)
 
@@ -108,7 +113,8 @@ class DistributedDpEvent:
         """A JSON-serialisable form with ``"kind": "ddgauss"`` (the inverse of :meth:`from_dict`)."""
         return {
             "kind": KIND, "clip": float(self.clip), "gamma": float(self.gamma),
-            "local_variance": int(self.local_variance), "survivors": int(self.survivors), "dim": int(self.dim),
+            "local_variance": int(self.local_variance), "survivors": int(self.survivors),
+            "max_survivors": int(self.max_survivors), "dim": int(self.dim),
             "beta": float(self.beta), "sample_rate": float(self.sample_rate), "sampling": self.sampling.value,
             "parameters": list(self.parameters), "round": int(self.round), "steps": int(self.steps),
             "note": self.note,
@@ -121,7 +127,8 @@ class DistributedDpEvent:
             raise ValueError(f"event {dict(data)!r} is not a {KIND!r} event.")
         try:
             return cls(clip=data["clip"], gamma=data["gamma"], local_variance=data["local_variance"],
-                       survivors=data["survivors"], dim=data["dim"], beta=data["beta"],
+                       survivors=data["survivors"], max_survivors=data["max_survivors"], dim=data["dim"],
+                       beta=data["beta"],
                        sample_rate=data["sample_rate"], sampling=Sampling(data["sampling"]),
                        parameters=tuple(data["parameters"]), round=data["round"], steps=data.get("steps", 1),
                        note=data.get("note", ""))

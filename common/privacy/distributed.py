@@ -16,7 +16,10 @@ functions. On the device, after clipping to L2 ≤ C:
 
 The server unmasks the sum modulo M, maps it to [−M/2, M/2), rescales by γ and rotates back
 (:func:`decode`); it adds nothing. A round with fewer survivors than ``min_survivors`` is
-abandoned (:class:`TooFewSurvivors`): its noise would be below the plan.
+abandoned (:class:`TooFewSurvivors`): its noise would be below the plan; so is a round with more
+than ``max_survivors`` (:class:`TooManySurvivors`): the field and the accounting's τ are sized for
+at most that many. Both counts are participation metadata, the same whether or not a given user's
+data is in (the devices of the cohort send either way: the "zero-out" relation of the accounting).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class TooFewSurvivors(ValueError):
     """A round's sum holds fewer noise shares than the plan requires: it must not be released."""
 
 
+class TooManySurvivors(ValueError):
+    """A round's sum holds more devices than the field (and the accounted τ) was sized for."""
+
+
 @dataclass(frozen=True)
 class DistributedDpParams:
     """Everything a device and the server must agree on for one distributed-DP run.
@@ -66,6 +73,9 @@ class DistributedDpParams:
     min_survivors:
         Fewest devices whose noise a released round may hold (the SecAgg+ threshold or a
         configured minimum cohort); the accounting uses this many noise shares.
+    max_survivors:
+        Most devices a released round may sum: the field is sized for them, and the accounting's
+        τ (which grows with the number of shares) is taken at this count.
     beta:
         β of conditional rounding (0 ≤ β < 1).
     """
@@ -76,6 +86,7 @@ class DistributedDpParams:
     dim: int
     modulus_bits: int
     min_survivors: int
+    max_survivors: int
     beta: float = ddgauss.DEFAULT_BETA
 
     def __post_init__(self) -> None:
@@ -83,7 +94,8 @@ class DistributedDpParams:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        for name, low in (("local_variance", 1), ("dim", 1), ("modulus_bits", 2), ("min_survivors", 1)):
+        for name, low in (("local_variance", 1), ("dim", 1), ("modulus_bits", 2), ("min_survivors", 1),
+                          ("max_survivors", max(1, int(self.min_survivors)))):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -257,10 +269,15 @@ def decode(total: np.ndarray, survivors: int, params: DistributedDpParams, *, ru
     TooFewSurvivors
         When ``survivors`` < ``params.min_survivors``: the sum carries less noise than planned
         and the round must be abandoned, not released.
+    TooManySurvivors
+        When ``survivors`` > ``params.max_survivors``: the sum may have wrapped.
     """
     if survivors < params.min_survivors:
         raise TooFewSurvivors(f"{survivors} survivors hold less noise than the plan's minimum of "
                               f"{params.min_survivors}: abandon the round")
+    if survivors > params.max_survivors:
+        raise TooManySurvivors(f"{survivors} survivors exceed the {params.max_survivors} the field was sized "
+                               "for: abandon the round")
     values = np.asarray(total, dtype=np.uint64) & np.uint64(params.modulus - 1)
     half = params.modulus // 2
     centred = values.astype(np.int64) - np.where(values >= half, params.modulus, 0).astype(np.int64)

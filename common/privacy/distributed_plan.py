@@ -77,24 +77,27 @@ class DistributedPlan:
     def params(self) -> DistributedDpParams:
         """The parameters every device and the server run with."""
         return DistributedDpParams(clip=self.clip, gamma=self.gamma, local_variance=self.local_variance,
-                                   dim=self.dim, modulus_bits=self.modulus_bits,
-                                   min_survivors=self.min_survivors, beta=self.beta)
+                                   dim=self.dim, modulus_bits=self.modulus_bits, min_survivors=self.min_survivors,
+                                   max_survivors=self.max_cohort, beta=self.beta)
 
     def event(self, *, server_round: int, parameters: tuple[str, ...], survivors: int | None = None,
               sampling: Sampling = Sampling.POISSON) -> DistributedDpEvent:
         """The ledger event of one released round (accounted with ``survivors`` noise shares,
         n_min by default; never more than the round really summed)."""
+        shares = self.min_survivors if survivors is None else survivors
         return DistributedDpEvent(clip=self.clip, gamma=self.gamma, local_variance=self.local_variance,
-                                  survivors=self.min_survivors if survivors is None else survivors,
-                                  dim=self.padded_dim, beta=self.beta, sample_rate=self.sample_rate,
-                                  sampling=sampling, parameters=parameters, round=server_round)
+                                  survivors=shares, max_survivors=max(self.max_cohort, shares), dim=self.padded_dim,
+                                  beta=self.beta, sample_rate=self.sample_rate, sampling=sampling,
+                                  parameters=parameters, round=server_round)
 
 
 def ddp_epsilon(*, clip: float, gamma: float, local_variance: int, survivors: int, dim: int, beta: float,
-                sample_rate: float, rounds: int, delta: float) -> float:
+                sample_rate: float, rounds: int, delta: float, max_survivors: int | None = None) -> float:
     """ε (RDP) of ``rounds`` DDGauss releases, exactly as a ledger of their events reports it;
-    ``sample_rate`` 1.0 claims no amplification. ``dim`` is the unpadded dimension."""
+    ``sample_rate`` 1.0 claims no amplification. ``dim`` is the unpadded dimension; τ is taken at
+    ``max_survivors`` (``survivors`` when ``None``)."""
     event = DistributedDpEvent(clip=clip, gamma=gamma, local_variance=local_variance, survivors=survivors,
+                               max_survivors=survivors if max_survivors is None else max_survivors,
                                dim=padded_dim(dim), beta=beta, sample_rate=sample_rate,
                                sampling=Sampling.POISSON, parameters=("plan",), round=0, steps=rounds)
     return rdp_epsilon([event.release(Relation.ADD_OR_REMOVE_ONE)], delta)
@@ -155,7 +158,8 @@ def plan_distributed(*, target_epsilon: float, delta: float, rounds: int, sample
     min_survivors:
         n_min: the fewest devices a released round may sum; the noise is sized for them.
     max_cohort:
-        n_max: the most devices a round may sum (see :func:`cohort_bound`); the field is sized for it.
+        n_max: the most devices a round may sum (see :func:`cohort_bound`; larger rounds are
+        abandoned); the field is sized for it and τ is taken at it.
     clip, dim:
         C and the flat update's length.
     beta:
@@ -188,7 +192,8 @@ def plan_distributed(*, target_epsilon: float, delta: float, rounds: int, sample
 
     def epsilon(gamma: float, variance: int, q: float, survivors: int = min_survivors) -> float:
         return ddp_epsilon(clip=clip, gamma=gamma, local_variance=variance, survivors=survivors, dim=dim,
-                           beta=beta, sample_rate=q, rounds=rounds, delta=delta)
+                           beta=beta, sample_rate=q, rounds=rounds, delta=delta,
+                           max_survivors=max(max_cohort, survivors))
 
     def meets(gamma: float, variance: int) -> bool:
         return epsilon(gamma, variance, q_target) <= target_epsilon
@@ -226,7 +231,8 @@ def server_epsilon_with(plan: DistributedPlan, survivors: int) -> float:
     """The server's ε (no amplification) had every round summed ``survivors`` ≥ n_min devices."""
     require_int("survivors", survivors, minimum=plan.min_survivors)
     return ddp_epsilon(clip=plan.clip, gamma=plan.gamma, local_variance=plan.local_variance, survivors=survivors,
-                       dim=plan.dim, beta=plan.beta, sample_rate=1.0, rounds=plan.rounds, delta=plan.delta)
+                       dim=plan.dim, beta=plan.beta, sample_rate=1.0, rounds=plan.rounds, delta=plan.delta,
+                       max_survivors=max(plan.max_cohort, survivors))
 
 
 def format_distributed_plans(plans: list[DistributedPlan], *, expected_cohort: int | None = None) -> str:
