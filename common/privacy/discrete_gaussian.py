@@ -11,10 +11,13 @@ floating-point attacks on continuous Gaussian noise, Mironov 2012, have nothing 
 * Algorithm 3: the discrete Gaussian by rejection from the discrete Laplace of scale
   t = ⌊σ⌋ + 1, accepting Y with probability exp(−(|Y| − σ²/t)²/(2σ²)).
 
-Here σ² is an integer (the device rounds the planned variance up, never down), every loop runs
-over numpy arrays of the candidates still open, and every coin is exact: a Bernoulli(a/b) is a
-uniform integer below b (by rejection from 64-bit words) compared with a, and when b does not
-fit in 64 bits the comparison is made on the binary expansion of a/b, 64 bits at a time.
+Here σ² is an integer (the device rounds the planned variance up, never down). Each rejection
+loop draws candidates for all missing samples at once (the accepted candidates of an i.i.d.
+rejection sampler are i.i.d. draws of its target), and ⌊γ⌋ Bernoulli(exp(−1)) coins that must all
+succeed are read as one geometric run. Every coin is exact: a Bernoulli(a/b) is a uniform integer
+below b (by rejection from 32- or 64-bit words) compared with a, and when b does not fit in 63
+bits the comparison is made on the binary expansion of a/b, 64 bits at a time. The one cap, ⌊γ⌋ ≤
+2^62, changes an acceptance probability below exp(−2^62) and is never reached in practice.
 Randomness comes from ``os.urandom``; a seeded source exists for tests and says it is not secure.
 """
 

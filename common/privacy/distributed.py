@@ -132,7 +132,8 @@ class DistributedDpParams:
 @dataclass(frozen=True)
 class EncodedUpdate:
     """What a device hands to SecAgg+: ``values`` (uint64, each < M, length D), with the squared
-    norm bound its rounding was accepted under and how many draws that took."""
+    norm bound its rounding was accepted under and how many draws that took. Only ``values``
+    leaves the device: the number of draws depends on the update."""
 
     values: np.ndarray
     norm_bound_squared: int
