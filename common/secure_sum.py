@@ -21,6 +21,12 @@ protocol so that neither does:
 
 Under local DP the noise is added before quantization, so rounding is post-processing and
 needs no margin.
+
+Distributed DP (:mod:`common.privacy.distributed`) sums integer vectors that already carry
+unbounded discrete Gaussian noise, so no deterministic modulus holds their sum:
+:func:`noisy_sum_wrap_bound` bounds the probability that it wraps, and :func:`check_server_sum`
+is the same int64 limit :func:`modulus_for` enforces. A wrapped sum is post-processing of the
+noisy sum (it costs accuracy, never privacy), so a tail bound is the right tool there.
 """
 
 from __future__ import annotations
@@ -58,6 +64,43 @@ def modulus_for(max_clients: int, bits: int) -> int:
             f"(modulus 2^{modulus.bit_length() - 1} × {max_clients} clients ≥ 2^63): use at most "
             f"{max_bits_for(max_clients)} bits (secagg.quantization-bits)")
     return modulus
+
+
+def check_server_sum(max_clients: int, modulus: int) -> None:
+    """Refuse a modulus whose masked vectors (each < ``modulus``) could overflow the server's
+    int64 sum of ``max_clients`` of them."""
+    if max_clients < 1 or modulus < 2:
+        raise ValueError(f"need max_clients >= 1 and modulus >= 2, got {max_clients}, {modulus}")
+    if max_clients * modulus >= INT64_LIMIT:
+        raise ValueError(f"a modulus of 2^{modulus.bit_length() - 1} cannot be summed over {max_clients} "
+                         "clients in int64 (their product reaches 2^63): use fewer bits")
+
+
+def noisy_sum_wrap_bound(*, modulus_bits: int, clients: int, norm: float, dim: int, local_variance: float) -> float:
+    """Upper bound on the probability that the sum of ``clients`` distributed-DP vectors leaves
+    the centred range [−M/2, M/2) of M = 2^``modulus_bits`` in any of ``dim`` coordinates.
+
+    Coordinate j of the sum (grid units) is signal + rounding + noise:
+
+    * signal: the j-th coordinate of the randomized Hadamard rotation of Σᵢ xᵢ, of norm at most
+      ``clients·norm``; with random signs it is a Rademacher sum, sub-Gaussian with variance proxy
+      (clients·norm)²/dim (Hoeffding);
+    * rounding: each client moves it by less than 1, so by less than ``clients`` in all;
+    * noise: a sum of ``clients`` discrete Gaussians N_Z(0, σ²), each σ²-sub-Gaussian
+      (Canonne–Kamath–Steinke 2020), independent of the signal.
+
+    So with v = (clients·norm)²/dim + clients·σ² and slack s = M/2 − clients,
+    P(wrap) ≤ dim · 2·exp(−s²/(2v)) (sub-Gaussian tail, union bound over coordinates).
+    """
+    if modulus_bits < 2 or clients < 1 or dim < 1 or norm < 0 or local_variance < 0:
+        raise ValueError("need modulus_bits >= 2, clients >= 1, dim >= 1, norm >= 0 and local_variance >= 0")
+    slack = 2.0 ** (modulus_bits - 1) - clients
+    if slack <= 0:
+        return 1.0
+    variance = (clients * norm) ** 2 / dim + clients * local_variance
+    if variance == 0:
+        return 0.0
+    return min(1.0, 2.0 * dim * math.exp(-slack**2 / (2.0 * variance)))
 
 
 def max_bits_for(max_clients: int) -> int:

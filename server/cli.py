@@ -149,6 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--silo", action="store_true",
                       help="silos (fed.partition=silo): one user inside a sampled silo moves the silo's update by "
                            "up to 2C, so the relation is replace-one (user-level ε for silos)")
+    ddp = plan.add_argument_group(
+        "distributed DP (--distributed)",
+        "dp.mode=distributed: each device adds discrete Gaussian noise inside the SecAgg+ field (Kairouz, Liu, "
+        "Steinke 2021); the plan gives each device's noise, the grid step and both epsilons. See "
+        "docs/DISTRIBUTED_DP.md.")
+    ddp.add_argument("--distributed", action="store_true", help="plan distributed DP instead of central DP")
+    ddp.add_argument("--bits", type=positive_int, nargs="+", default=[16], metavar="B",
+                     help="SecAgg+ field bits per value, one plan each (default 16)")
+    ddp.add_argument("--min-survivors", type=positive_int, metavar="N",
+                     help="fewest devices a released round may sum (the noise is sized for them; rounds below "
+                          "are abandoned)")
+    ddp.add_argument("--max-cohort", type=positive_int, metavar="N",
+                     help="most devices a round may sum (default: the 1-1e-9 quantile of the Poisson cohort, "
+                          "from --population)")
+    ddp.add_argument("--clip", type=positive_float, default=1.0, metavar="C", help="L2 clip of an update (default 1)")
+    ddp.add_argument("--dim", type=positive_int, default=109_330, metavar="D",
+                     help="values per update (default 109,330: ML-100K's item embeddings and biases at "
+                          "model.dim=64)")
+    ddp.add_argument("--wrap-probability", type=probability, default=1e-9, metavar="P",
+                     help="bound on the probability that one round's noisy sum wraps the field (default 1e-9)")
+    ddp.add_argument("--against", choices=("released", "server"), default="released",
+                     help="which epsilon the target binds: the released models' (amplified by secret sampling, "
+                          "default) or the server's (no amplification)")
     plan.set_defaults(handler=cmd_privacy_plan)
 
     # ---- report
@@ -383,6 +406,8 @@ def cmd_privacy_plan(args: argparse.Namespace) -> int:
     from common.privacy.plan import format_plan, plan_noise_multiplier, sample_rate_from
 
     accountant = Accountant(args.accountant)
+    if args.distributed:
+        return _plan_distributed(args, accountant)
     if args.local:
         return _plan_local(args, accountant)
     if args.clients_per_round is not None:
@@ -434,6 +459,75 @@ def _plan_local(args: argparse.Namespace, accountant) -> int:
           "2C), q = 1:")
     print(format_plan(noise_multipliers=[sigma], target_epsilon=args.target_epsilon, delta=args.delta,
                       rounds=args.rounds, sample_rate=1.0, relation=Relation.REPLACE_ONE))
+    return 0
+
+
+def _plan_distributed(args: argparse.Namespace, accountant) -> int:
+    from common.privacy.distributed_plan import cohort_bound, format_distributed_plans, plan_distributed
+    from common.privacy.ledger import Accountant
+    from common.privacy.plan import plan_noise_multiplier, sample_rate_from
+
+    if args.local or args.silo:
+        raise UserError("--distributed plans one user per device (add/remove); it does not combine with "
+                        "--local or --silo")
+    if accountant is not Accountant.RDP:
+        raise UserError("--distributed is accounted by RDP only (no privacy-loss distribution exists for a sum "
+                        "of discrete Gaussians): use --accountant rdp")
+    if args.steps_per_round != 1:
+        raise UserError("--steps-per-round does not apply to --distributed (one noisy sum per round)")
+    if args.min_survivors is None:
+        raise UserError("--distributed needs --min-survivors N (the SecAgg+ threshold or a minimum cohort)")
+    try:
+        if args.clients_per_round is not None:
+            if args.population is None:
+                raise UserError("--clients-per-round needs --population (the number of clients)")
+            q = sample_rate_from(args.clients_per_round, args.population)
+        elif args.sample_rate is not None:
+            q = args.sample_rate
+        else:
+            raise UserError("give --sample-rate q or --clients-per-round K with --population N")
+        if args.max_cohort is not None:
+            max_cohort = args.max_cohort
+        elif args.population is not None:
+            max_cohort = cohort_bound(args.population, q, args.wrap_probability)
+        else:
+            raise UserError("--distributed needs --max-cohort N or --population N (the field is sized for the "
+                            "largest cohort)")
+        max_cohort = max(max_cohort, args.min_survivors)
+        common = {"target_epsilon": args.target_epsilon, "delta": args.delta, "rounds": args.rounds,
+                  "sample_rate": q, "min_survivors": args.min_survivors, "max_cohort": max_cohort,
+                  "clip": args.clip, "dim": args.dim, "wrap_probability": args.wrap_probability,
+                  "amplification": args.against == "released"}
+        central = plan_noise_multiplier(target_epsilon=args.target_epsilon, delta=args.delta, rounds=args.rounds,
+                                        sample_rate=q if args.against == "released" else 1.0)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    plans, refused = [], []
+    for bits in args.bits:
+        try:
+            plans.append(plan_distributed(modulus_bits=bits, **common))
+        except ValueError as exc:
+            refused.append(f"{bits} bits: {exc}")
+    expected = round(q * args.population) if args.population is not None else None
+    target = "released models (amplified, secret cohorts)" if args.against == "released" else "the server"
+    print(f"distributed DP: each device adds discrete Gaussian noise N_Z(0, sigma2_grid) in grid units of gamma "
+          f"(device_std = gamma*sqrt(sigma2_grid) per value) to its update clipped to C = {args.clip:g} "
+          f"({args.dim} values), sized so that {args.min_survivors} surviving devices carry the noise; "
+          f"RDP epsilon <= {args.target_epsilon:g} for {target} at delta = {args.delta:g}, q = {q:.4g}, "
+          f"{args.rounds} rounds; the field holds {max_cohort} devices with P(wrap) <= {args.wrap_probability:g} "
+          f"per round")
+    if plans:
+        print(format_distributed_plans(plans, expected_cohort=expected))
+    for line in refused:
+        print(f"refused: {line}")
+    print(f"central DP at the same target: sigma = {central:.3f}. z@n_min is what {args.min_survivors} devices' "
+          f"noise amounts to; a round with K survivors carries sqrt(K/{args.min_survivors}) times more noise "
+          f"than that" + (f" (x{math.sqrt(expected / args.min_survivors):.2f} at the expected {expected})"
+                          if expected and expected >= args.min_survivors else "") + ".")
+    print("eps_server: what the server (which knows the cohort) can learn, no amplification, n_min noise shares"
+          + (f"; eps_server@{expected}: the same if all {expected} expected devices survive." if expected else "."))
+    if not plans:
+        raise UserError("no bit width could hold the noisy sum (see the lines above)")
     return 0
 
 

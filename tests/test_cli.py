@@ -95,6 +95,42 @@ def test_privacy_plan_bad_numbers_exit_2_naming_the_argument(capsys, args, named
     assert named in one_line_error(capsys.readouterr().err)
 
 
+DDP = ["privacy", "plan", "--distributed", "--target-epsilon", "4", "--delta", "1e-5", "--rounds", "50",
+       "--sample-rate", "0.05", "--max-cohort", "40", "--min-survivors", "10", "--clip", "0.5", "--dim", "5000"]
+
+
+def test_privacy_plan_distributed_prints_each_devices_noise_per_bit_width(capsys):
+    from common.privacy.distributed_plan import plan_distributed
+
+    assert main([*DDP, "--bits", "8", "14", "18"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["14"], ["18"])}
+    assert set(rows) == {"14", "18"} and "refused: 8 bits" in out and "use at least" in out
+    header = next(line.split() for line in out.splitlines() if line.startswith("bits"))
+    for bits, row in rows.items():
+        cell = dict(zip(header, row, strict=True))
+        plan = plan_distributed(target_epsilon=4.0, delta=1e-5, rounds=50, sample_rate=0.05, modulus_bits=int(bits),
+                                min_survivors=10, max_cohort=40, clip=0.5, dim=5000)
+        assert int(cell["sigma2_grid"]) == plan.local_variance and float(cell["eps_released"]) <= 4.0
+        assert float(cell["eps_server"]) > 4.0
+    assert "central DP at the same target: sigma =" in out
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--local"], "--local"), (["--accountant", "pld"], "RDP only"), (["--bits", "6"], "no bit width"),
+])
+def test_privacy_plan_distributed_mistakes_exit_2(capsys, extra, named):
+    assert main([*DDP, *extra]) == 2
+    assert named in one_line_error(capsys.readouterr().err)
+
+
+def test_privacy_plan_distributed_needs_the_minimum_survivors_and_a_cohort_bound(capsys):
+    without = [a for a in DDP if a not in ("--min-survivors", "10")]
+    assert main(without) == 2 and "--min-survivors" in one_line_error(capsys.readouterr().err)
+    no_cohort = [a for a in DDP if a not in ("--max-cohort", "40")]
+    assert main(no_cohort) == 2 and "--max-cohort" in one_line_error(capsys.readouterr().err)
+
+
 # ---------------------------------------------------------------- data
 def test_data_info_prints_user_and_item_counts(tmp_path, capsys):
     path = write_ratings(tmp_path / "ratings.csv", n_users=12, n_items=40)

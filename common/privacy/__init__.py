@@ -3,10 +3,12 @@
 Pure and Flower-free. :class:`PrivacyLedger` records :class:`MechanismEvent` releases for one
 :class:`Unit` of privacy under one :class:`Relation` (each event says whether its
 :class:`Sampling` amplifies) and composes them with Google's ``dp_accounting`` (:class:`Accountant`
-RDP or PLD); :func:`plan_noise_multiplier` finds the σ a budget allows.
+RDP or PLD); :func:`plan_noise_multiplier` finds the σ a budget allows. Distributed DP's rounds
+are :class:`DistributedDpEvent` (RDP only); :mod:`common.privacy.distributed_plan` plans them.
 """
 
 from common.privacy.analysis import PLD_VALUE_DISCRETIZATION_INTERVAL, RDP_ORDERS
+from common.privacy.ddp_event import DistributedDpEvent
 from common.privacy.ledger import (
     STATE_VERSION,
     Accountant,
@@ -31,6 +33,7 @@ __all__ = [
     "SIGMA_RANGE",
     "STATE_VERSION",
     "Accountant",
+    "DistributedDpEvent",
     "MechanismEvent",
     "PrivacyLedger",
     "Relation",

@@ -14,6 +14,10 @@ up to 2C: dp-accounting's PLD models that pair exactly
 ((1−q)·N(0, σ²) + q·N(−1, σ²) against (1−q)·N(0, σ²) + q·N(1, σ²)); its RDP accountant has no
 Poisson ``replace-one`` support, so :func:`_replace_one_rdp` integrates the same pair's Rényi
 divergence numerically (checked against closed forms in tests/test_privacy_ledger.py).
+
+A :class:`DdgRelease` is one sum of distributed discrete Gaussians (distributed DP): its RDP curve
+is Kairouz–Liu–Steinke's bound amplified by Zhu–Wang's (:mod:`common.privacy.ddgauss`); it
+composes with Gaussian releases under RDP, and has no privacy-loss distribution (PLD refuses it).
 """
 
 from __future__ import annotations
@@ -58,19 +62,44 @@ class Release(NamedTuple):
     relation: str = ADD_OR_REMOVE
 
 
-def merge_consecutive(releases: Iterable[Release]) -> list[Release]:
-    """Merge neighbouring releases with equal ``(σ, q)`` into one with the summed steps.
+class DdgRelease(NamedTuple):
+    """``steps`` compositions of one distributed discrete Gaussian sum (:mod:`common.privacy.ddgauss`):
+    Δ₂, Δ₁ and τ in grid units, the padded dimension, the number of noise shares and their
+    variance, Poisson-sampled at ``sample_rate`` (1.0: no amplification)."""
+
+    l2: float
+    l1: float
+    tau: float
+    dim: int
+    clients: int
+    local_variance: float
+    sample_rate: float
+    steps: int
+    relation: str = ADD_OR_REMOVE
+
+
+AnyRelease = Release | DdgRelease
+
+
+def _as_release(release: Any) -> AnyRelease:
+    return release if isinstance(release, DdgRelease) else Release(*release)
+
+
+def merge_consecutive(releases: Iterable[AnyRelease]) -> list[AnyRelease]:
+    """Merge neighbouring releases equal in everything but ``steps`` into one with the summed steps.
 
     Composition is order-free, so this changes no ε; it lets a PLD self-compose a run of
     identical rounds by repeated squaring instead of convolving them one by one.
     """
-    merged: list[Release] = []
+    merged: list[AnyRelease] = []
     for release in releases:
-        release = Release(*release)
-        if merged and (merged[-1][:2], merged[-1].relation) == (release[:2], release.relation):
-            merged[-1] = merged[-1]._replace(steps=merged[-1].steps + release.steps)
+        release = _as_release(release)
+        last = merged[-1] if merged else None
+        if (last is not None and type(last) is type(release)
+                and last._replace(steps=0) == release._replace(steps=0)):
+            merged[-1] = last._replace(steps=last.steps + release.steps)
         else:
-            merged.append(Release(*release))
+            merged.append(release)
     return merged
 
 
@@ -88,7 +117,7 @@ def to_dp_event(release: Release) -> DpEvent:
     return dp_accounting.SelfComposedDpEvent(once, release.steps)
 
 
-def rdp_epsilon(releases: Sequence[Release], delta: float) -> float:
+def rdp_epsilon(releases: Sequence[AnyRelease], delta: float) -> float:
     """ε at ``delta`` of all releases composed, by ``dp_accounting.rdp.RdpAccountant``.
 
     Parameters
@@ -112,7 +141,7 @@ def rdp_epsilon(releases: Sequence[Release], delta: float) -> float:
     return composition.epsilon(delta)
 
 
-def pld_epsilon(releases: Sequence[Release], delta: float) -> float:
+def pld_epsilon(releases: Sequence[AnyRelease], delta: float) -> float:
     """ε at ``delta`` of all releases composed, by ``dp_accounting.pld.PLDAccountant``.
 
     Parameters
@@ -145,10 +174,13 @@ class RdpComposition:
 
     rdp: tuple[float, ...] = (0.0,) * len(RDP_ORDERS)
 
-    def then(self, release: Release) -> RdpComposition:
+    def then(self, release: AnyRelease) -> RdpComposition:
         """The composition followed by ``release``."""
-        release = Release(*release)
-        unit = _unit_rdp(release.noise_multiplier, release.sample_rate, release.relation)
+        release = _as_release(release)
+        if isinstance(release, DdgRelease):
+            unit = _ddg_unit_rdp(release)
+        else:
+            unit = _unit_rdp(release.noise_multiplier, release.sample_rate, release.relation)
         return RdpComposition(tuple(np.asarray(self.rdp) + release.steps * unit))
 
     def epsilon(self, delta: float) -> float:
@@ -170,8 +202,12 @@ class PldComposition:
 
     pld: Any = None  # PrivacyLossDistribution; None is the identity (nothing released).
 
-    def then(self, release: Release) -> PldComposition:
-        """The composition followed by ``release``."""
+    def then(self, release: AnyRelease) -> PldComposition:
+        """The composition followed by ``release`` (Gaussian releases only: dp-accounting has no
+        privacy-loss distribution for a sum of discrete Gaussians, so DDGauss is RDP-only)."""
+        if isinstance(release, DdgRelease):
+            raise ValueError("distributed discrete Gaussian releases are accounted by RDP only "
+                             "([KLS21] Proposition 14); ask for Accountant.RDP")
         step = _release_pld(*Release(*release))
         return PldComposition(step if self.pld is None else self.pld.compose(step))
 
@@ -190,6 +226,19 @@ def _neighbor_rel(relation: str):
     if relation == REPLACE_ONE:
         return NeighboringRelation.REPLACE_ONE
     raise ValueError(f"unknown neighbouring relation {relation!r}; expected {ADD_OR_REMOVE!r} or {REPLACE_ONE!r}.")
+
+
+def _ddg_unit_rdp(release: DdgRelease) -> np.ndarray:
+    """RDP curve of one DDGauss step on :data:`RDP_ORDERS` (add/remove "zero-out" only: the
+    Zhu–Wang amplification bound it uses is for adding or removing one unit)."""
+    from common.privacy import ddgauss
+
+    if release.relation != ADD_OR_REMOVE:
+        raise ValueError(f"distributed discrete Gaussian releases are accounted under {ADD_OR_REMOVE!r} "
+                         f"only, not {release.relation!r}")
+    return ddgauss.rdp_curve(RDP_ORDERS, l2=release.l2, l1=release.l1, tau_=release.tau, dim=release.dim,
+                             clients=release.clients, local_variance=release.local_variance,
+                             sample_rate=release.sample_rate)
 
 
 @functools.lru_cache(maxsize=256)

@@ -325,13 +325,14 @@ class PrivacyLedger:
             start = RdpComposition() if accountant is Accountant.RDP else PldComposition()
             history = self._histories[(accountant, delta)] = _History(composition=start)
         new = self._events[history.consumed :]
-        # One merged release per run of equal (round, σ, q); a round closes when the next opens.
-        runs = itertools.groupby(new, key=lambda e: (e.round, *e.release(self._relation)[:2]))
-        for (round_, sigma, q), run in runs:
+        # One merged release per run of equal (round, release but its steps); a round closes when
+        # the next opens.
+        runs = itertools.groupby(new, key=lambda e: (e.round, e.release(self._relation)._replace(steps=0)))
+        for (round_, release), run in runs:
             if history.open_round is not None and round_ != history.open_round:
                 history.closed.append((history.open_round, history.composition.epsilon(delta)))
             steps = sum(e.steps for e in run)
-            history.composition = history.composition.then(Release(sigma, q, steps, self._relation.value))
+            history.composition = history.composition.then(release._replace(steps=steps))
             history.open_round = round_
         history.consumed = len(self._events)
         if history.open_round is None:
@@ -396,7 +397,7 @@ class PrivacyLedger:
                 f"this ledger counts unit={self._unit.value!r}, relation={self._relation.value!r}: "
                 "a different unit of privacy or neighbouring relation."
             )
-        events = [MechanismEvent.from_dict(item) for item in state["events"]]
+        events = [_event_from_dict(item) for item in state["events"]]
         if events[: len(self._events)] != self._events:
             raise ValueError(
                 f"privacy ledger state does not extend the {len(self._events)} events already "
@@ -422,8 +423,10 @@ class PrivacyLedger:
         return [event.release(self._relation, amplification=amplification) for event in events]
 
     def _check_recordable(self, event: MechanismEvent) -> None:
-        if not isinstance(event, MechanismEvent):
-            raise ValueError(f"expected a MechanismEvent, got {type(event).__name__}.")
+        from common.privacy.ddp_event import DistributedDpEvent
+
+        if not isinstance(event, (MechanismEvent, DistributedDpEvent)):
+            raise ValueError(f"expected a MechanismEvent or DistributedDpEvent, got {type(event).__name__}.")
         if self._events and event.round < self._events[-1].round:
             raise ValueError(
                 f"event of round {event.round} after round {self._events[-1].round}: "
@@ -437,6 +440,19 @@ class PrivacyLedger:
             return accountant, self._delta
         require_delta("delta", delta)
         return accountant, float(delta)
+
+
+def _event_from_dict(data: Mapping[str, Any]) -> Any:
+    """A Gaussian :class:`MechanismEvent` (no ``kind``, as every ledger before distributed DP
+    wrote) or a :class:`~common.privacy.ddp_event.DistributedDpEvent` (``kind`` ``"ddgauss"``)."""
+    kind = data.get("kind") if isinstance(data, Mapping) else None
+    if kind is None:
+        return MechanismEvent.from_dict(data)
+    from common.privacy.ddp_event import KIND, DistributedDpEvent
+
+    if kind == KIND:
+        return DistributedDpEvent.from_dict(data)
+    raise ValueError(f"event {dict(data)!r} has an unknown kind {kind!r}.")
 
 
 def _compose(releases: list[Release], accountant: Accountant, delta: float) -> float:
