@@ -12,14 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.data.partition import PARTITIONS
-from common.data.readers import FORMATS
-from common.data.splits import SPLITS
-from common.mf import LOSSES
+from enum import StrEnum
 
-SERVER_OPTIMIZERS = ("adam", "sgd")
-MODEL_KINDS = ("mf", "hybrid")
-DP_MODES = ("central", "local")
+from common.choices import DataFormat, DPMode, Loss, ModelKind, Partition, ServerOptimizer, Split
 
 
 def _check(cond: bool, message: str) -> None:
@@ -27,32 +22,42 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _check_choices(section: Any, prefix: str) -> None:
+    """Every enum-typed field holds one of its enum's values (a section built directly, not
+    through :meth:`RunConfig.from_flat`, may hold a plain string)."""
+    for f in dataclasses.fields(section):
+        if isinstance(f.default, StrEnum):
+            allowed = tuple(m.value for m in type(f.default))
+            value = getattr(section, f.name)
+            _check(value in allowed, f"{prefix}.{f.name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                     f"got {value!r}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "ml-100k"  # "ml-100k" (embedded) or a path to your files
-    format: str = "auto"
+    format: DataFormat = DataFormat.AUTO
     item_file: str = ""
-    split: str = "random"
+    split: Split = Split.RANDOM
     cold_fraction: float = 0.2
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.format in FORMATS, f"data.format must be one of {FORMATS}, got {self.format!r}")
-        _check(self.split in SPLITS, f"data.split must be one of {SPLITS}, got {self.split!r}")
+        _check_choices(self, "data")
         _check(0 < self.cold_fraction < 1, f"data.cold-fraction must be in (0, 1), got {self.cold_fraction}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 64
-    loss: str = "softmax"
+    loss: Loss = Loss.SOFTMAX
     user_reg: float = 40.0  # λ of |u|² in a user's summed loss when reconstructing u (federated, eval)
     item_reg: float = 0.0005  # λ of |V|² per user (central) / server-side weight decay (federated)
     init_scale: float = 0.1
     # "mf": item embeddings + biases. "hybrid": item vector = free embedding + head(MiniLM(item text)),
     # the head (and LoRA adapters when `lora`) trained federated like the MF arrays
     # (common/hybrid_federated.py).
-    kind: str = "mf"
+    kind: ModelKind = ModelKind.MF
     lora: bool = False  # hybrid: LoRA (r=8, q/v) on MiniLM as well as the head; False: frozen base + head
     text_max_length: int = 32  # hybrid: item texts truncated to this many tokens (ML-100K: ≤ 31)
     text_lr: float = 10.0  # hybrid: SGD step of the head/LoRA (one step: sets its weight in the clipped update)
@@ -60,12 +65,11 @@ class ModelConfig:
     text_positives: int = 32  # hybrid: at most this many of a user's positives (sampled) per head/LoRA step
 
     def __post_init__(self) -> None:
+        _check_choices(self, "model")
         _check(self.dim >= 1, f"model.dim must be ≥ 1, got {self.dim}")
-        _check(self.loss in LOSSES, f"model.loss must be one of {LOSSES}, got {self.loss!r}")
         _check(self.user_reg > 0, f"model.user-reg must be > 0 (reconstruction must be strictly convex), got {self.user_reg}")
         _check(self.item_reg >= 0, f"model.item-reg must be ≥ 0, got {self.item_reg}")
         _check(self.init_scale >= 0, f"model.init-scale must be ≥ 0, got {self.init_scale}")
-        _check(self.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}")
         _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
         _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
         _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")
@@ -92,11 +96,11 @@ class FedConfig:
     sample_rate: float = 0.1  # Poisson sampling: each client joins a round with probability q
     local_epochs: int = 1
     client_lr: float = 1.0
-    server_opt: str = "adam"
+    server_opt: ServerOptimizer = ServerOptimizer.ADAM
     server_lr: float = 0.02
     eval_every: int = 20
     eval_clients: int = 200  # validation during training on this many clients (0 = all); final test on all
-    partition: str = "user"
+    partition: Partition = Partition.USER
     num_silos: int = 10
     timeout: float = 120.0  # seconds a round waits for its clients (covers Ray start-up)
     # -1: each round's cohort is drawn from the OS CSPRNG (secret: what amplification by sampling
@@ -108,14 +112,13 @@ class FedConfig:
     update_norm_bound: float = 100.0
 
     def __post_init__(self) -> None:
+        _check_choices(self, "fed")
         _check(self.rounds >= 1, f"fed.rounds must be ≥ 1, got {self.rounds}")
         _check(0 < self.sample_rate <= 1, f"fed.sample-rate must be in (0, 1], got {self.sample_rate}")
         _check(self.local_epochs >= 1, f"fed.local-epochs must be ≥ 1, got {self.local_epochs}")
         _check(self.client_lr > 0 and self.server_lr > 0, "fed.client-lr and fed.server-lr must be > 0")
-        _check(self.server_opt in SERVER_OPTIMIZERS, f"fed.server-opt must be one of {SERVER_OPTIMIZERS}")
         _check(self.eval_every >= 1, f"fed.eval-every must be ≥ 1, got {self.eval_every}")
         _check(self.eval_clients >= 0, f"fed.eval-clients must be ≥ 0, got {self.eval_clients}")
-        _check(self.partition in PARTITIONS, f"fed.partition must be one of {PARTITIONS}")
         _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
         _check(self.sampling_seed >= -1, f"fed.sampling-seed must be -1 (secret cohorts) or ≥ 0, got {self.sampling_seed}")
@@ -135,7 +138,7 @@ class DPConfig:
     # central: the server adds N(0, (σC)²) once to the sum (trusts the server with the noise;
     #   under SecAgg+ it still never sees one update). local: each device adds N(0, (σC)²) to its
     #   own clipped update before it leaves (trusts nobody; far more noise for the same ε).
-    mode: str = "central"
+    mode: DPMode = DPMode.CENTRAL
     noise_multiplier: float = 1.03  # σ: noise std is σ·clip (central: on the sum, ε ≈ 7.95 at the defaults)
     clip: float = 1.0  # C: L2 bound of one client's whole update
     bias_share: float = 0.05  # per-group clipping: biases get this share of C² (≤ 0: one flat clip)
@@ -152,7 +155,7 @@ class DPConfig:
     silo_delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        _check(self.mode in DP_MODES, f"dp.mode must be one of {DP_MODES}, got {self.mode!r}")
+        _check_choices(self, "dp")
         _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
         _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
         _check(self.bias_share < 1, f"dp.bias-share must be < 1 (≤ 0 for flat clipping), got {self.bias_share}")
@@ -208,6 +211,10 @@ class RunConfig:
 
     # ---- flat <-> nested
     def to_flat(self) -> dict[str, Any]:
+        """Flat ``section.key`` -> plain value (str, not enum: what config.json and Flower keep)."""
+        return {key: _plain(value) for key, value in self._typed_flat().items()}
+
+    def _typed_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -223,7 +230,7 @@ class RunConfig:
         """Build from flat keys; unknown keys and wrong types are refused with the key named.
         Keys renamed since (:data:`RENAMED`) are read under their new names."""
         flat = {RENAMED.get(k, k): v for k, v in flat.items()}
-        defaults = cls().to_flat()
+        defaults = cls()._typed_flat()
         unknown = sorted(set(flat) - set(defaults))
         if unknown:
             raise ValueError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(defaults))}")
@@ -256,10 +263,21 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "central": CentralConfig,
              "secagg": SecAggConfig}
 
 
+def _plain(value: Any) -> Any:
+    """A flat config value as the plain type a file or Flower's run config holds (enums as str)."""
+    return value.value if isinstance(value, StrEnum) else value
+
+
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """``value`` as the type of ``default``, or a ValueError naming ``key``. A float must be finite:
     inf and NaN would pass every ``> 0`` check of the sections (``dp.clip=inf`` gives an inf model)."""
     kind = type(default)
+    if issubclass(kind, StrEnum):
+        try:
+            return kind(str(value))
+        except ValueError:
+            allowed = ", ".join(m.value for m in kind)
+            raise ValueError(f"config key {key!r}: expected one of {allowed}, got {value!r}") from None
     try:
         out = _convert(kind, value)
     except (TypeError, ValueError, OverflowError):

@@ -15,12 +15,14 @@ deterministic Newton solve from zero: a client needs no state to train or evalua
 
 from __future__ import annotations
 
+from common.choices import Loss, values
+
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-LOSSES = ("softmax", "bpr", "mse")
+LOSSES = values(Loss)
 
 
 @dataclass

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PARTITIONS = ("user", "silo")
+from common.choices import Partition, values
+
+PARTITIONS = values(Partition)
 
 
 def partition_users(n_users: int, kind: str = "user", *, num_silos: int = 10, seed: int = 0) -> list[np.ndarray]:

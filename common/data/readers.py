@@ -22,6 +22,8 @@ definition and are read so unless an encoding is named.
 
 from __future__ import annotations
 
+from common.choices import DataFormat, values
+
 import codecs
 import logging
 import re
@@ -34,7 +36,7 @@ from common.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "ml-100k", "atomic", "grouplens-100k", "ml-1m", "ml-latest", "generic")
+FORMATS = values(DataFormat)
 DEFAULT_ENCODING = "utf-8"
 #: The largest rating kept: ratings are float32 arrays, and a larger value would become inf.
 RATING_MAX = float(np.finfo(np.float32).max)

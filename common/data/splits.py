@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.choices import Split as SplitKind, values
 from common.data.dataset import Interactions
 
-SPLITS = ("random", "leave-last-out", "cold-item")
+SPLITS = values(SplitKind)
 
 
 @dataclass(frozen=True)
