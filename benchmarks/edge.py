@@ -6,9 +6,9 @@ a. Installed size of ``fedrec[client]``: the requirement closure of ``fedrec[cli
    pick other versions/wheels (e.g. a CPU-only torch without CUDA libraries).
 b. Peak RSS (``ru_maxrss`` of a fresh subprocess, MEASURED) of one training round as a device:
    a DeviceStore holding one ML-100K user's ratings, the global model loaded, then
-   ``common.federated.client_train`` + ``clip_item_update`` (MF only); and, in another fresh
+   ``common.models.mf.model.client_train`` + ``clip_grouped`` (MF only); and, in another fresh
    subprocess, the same plus the LM side (``TextItemEncoder(dim, lora=True)`` and
-   ``common.hybrid.adapter_update`` on the user's positives + negatives).
+   ``common.models.hybrid.train.adapter_update`` on the user's positives + negatives).
 c. ``fedrec-client recommend --k 10 --timing`` on a 1,682-item model (a run dir under
    /tmp/runs with model.safetensors + items.csv, else a quick ``train_central``): the computation
    as ``--timing`` reports it, the wall time of the process and its peak RSS (``wait4``), for the
@@ -123,7 +123,7 @@ def find_model(explicit: Path | None, work: Path) -> tuple[Path, str]:
     split = split_interactions(data, cfg.data.split, seed=cfg.data.seed, cold_fraction=cfg.data.cold_fraction)
     res = train_central(split, cfg.model, cfg.central, seed=cfg.seed, progress=False)
     run = RunDir.create(work / "central", cfg)
-    run.save_model(res.params)
+    run.save_model(res.model.named(res.params), res.model.metadata(res.params))
     run.save_items(tuple(data.item_ids), [i.title for i in data.items])
     return run.path, "train_central, 4 epochs"
 
@@ -152,9 +152,9 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     from client.cli import load_model_files
     from client.store import DeviceStore
     from common.config import ModelConfig
-    from common.federated import client_train
-    from common.mf import ItemParams
-    from common.privacy.dp_fedavg import clip_item_update
+    from common.models.mf.model import client_train
+    from common.models import ItemParams
+    from common.privacy.dp_fedavg import clip_grouped
 
     out: dict[str, Any] = {}
     rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731 (KiB on Linux)
@@ -168,20 +168,20 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = ModelConfig(**({"loss": model.loss} if model.loss else {}))
     t1 = time.perf_counter()
     update, loss, vectors = client_train(params, data, model=cfg, epochs=1, lr=1.0, seed=0, server_round=1)
-    arrays = clip_item_update(update.to_arrays(), 1.0, 0.05)
+    arrays = clip_grouped(update.to_arrays(), 1.0, 0.05)
     out["mf_train_seconds"] = time.perf_counter() - t1
     out["update_norm"] = float(np.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)))
     out["positives"] = int(len(data.train[0].items))
     out["mf_rss_mb"] = rss()
     if spec.get("lora"):
         try:
-            from common.hybrid import adapter_update
-            from common.text_encoder import TextItemEncoder, tokenize
+            from common.models.hybrid.train import adapter_update
+            from common.models.hybrid.encoder import TextItemEncoder, tokenize
         except ImportError as exc:
             out["lora_error"] = f"unavailable: {exc}"
         else:
             from common.data import load_interactions
-            from common.mf import UserData
+            from common.models import UserData
 
             texts = load_interactions("ml-100k", "auto", None).item_texts()
             t2 = time.perf_counter()

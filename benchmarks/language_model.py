@@ -48,12 +48,13 @@ from common.config import RunConfig  # noqa: E402
 from common.data import load_interactions  # noqa: E402
 from common.data.splits import split_interactions  # noqa: E402
 from common.evaluation import EvalSets, items_by_user  # noqa: E402
-from common.federated import reconstruct_users  # noqa: E402
-from common.hybrid import blend_scores, genre_popularity_scores, hybrid_item_params, text_only_scores  # noqa: E402
-from common.hybrid_federated import base_embeddings, new_item_bias  # noqa: E402
-from common.inprocess import InProcessResult, run_inprocess, run_inprocess_hybrid  # noqa: E402
+from common.device import reconstruct_users
+from common.models.hybrid.blend import blend_scores, genre_popularity_scores, hybrid_item_params, text_only_scores
+from common.models.hybrid.text import base_embeddings
+from common.models.hybrid.blend import new_item_bias
+from common.inprocess import InProcessResult, run_inprocess  # noqa: E402
 from common.metrics import evaluate_scores  # noqa: E402
-from common.mf import ItemParams, UserData  # noqa: E402
+from common.models import ItemParams, UserData
 from common.privacy import Accountant, plan_noise_multiplier  # noqa: E402
 
 DELTA = 1e-4
@@ -163,17 +164,17 @@ def train_all(bench: Bench, base: RunConfig, sigma: float, rounds: int, lora_rou
                                           final_eval=False)
         hcfg = cfg.replace(**{"model.kind": "hybrid"})
         print(f"[{tag}] hybrid, frozen MiniLM + head, {rounds} rounds", flush=True)
-        first = run_inprocess_hybrid(hcfg.replace(**{"fed.rounds": rounds}), bench.sets, texts=bench.texts,
+        first = run_inprocess(hcfg.replace(**{"fed.rounds": rounds}), bench.sets, texts=bench.texts,
                                      progress=progress, final_eval=False)
         runs[f"hybrid_first_{tag}"] = first
         if lora_rounds:
             # the continuation rounds use fewer texts per client in both arms (LoRA's cost on CPU)
             cont = hcfg.replace(**{"fed.rounds": total, **CONTINUATION})
             print(f"[{tag}] + {lora_rounds} frozen rounds", flush=True)
-            runs[f"frozen_{tag}"] = run_inprocess_hybrid(cont, bench.sets, texts=bench.texts, progress=progress,
+            runs[f"frozen_{tag}"] = run_inprocess(cont, bench.sets, texts=bench.texts, progress=progress,
                                                          final_eval=False, resume=first)
             print(f"[{tag}] + {lora_rounds} LoRA rounds", flush=True)
-            runs[f"lora_{tag}"] = run_inprocess_hybrid(cont.replace(**{"model.lora": True}), bench.sets,
+            runs[f"lora_{tag}"] = run_inprocess(cont.replace(**{"model.lora": True}), bench.sets,
                                                        texts=bench.texts, progress=progress, final_eval=False,
                                                        resume=first)
         else:
@@ -198,9 +199,12 @@ def peak_rss_mb() -> float:
 def rss_child(kind: str, which: str) -> int:
     """One client's round in this (fresh) process; prints JSON with its peak RSS and seconds."""
     torch.set_num_threads(1)
-    from common.federated import ClientData, client_train
-    from common.hybrid_federated import hybrid_client_train, init_hybrid, text_side
-    from common.mf import init_items
+    from common.models import ClientData
+    from common.models.mf.model import client_train
+    from common.models.hybrid.train import hybrid_client_train
+    from common.models.hybrid.model import init_hybrid
+    from common.models.hybrid.text import text_side
+    from common.models.mf.params import init_items
 
     inter = load_interactions()
     sets = EvalSets.from_split(split_interactions(inter, "cold-item", seed=0, cold_fraction=0.2))
@@ -373,13 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     cost_rows = [["MF only", per_round(runs["mf_nodp"], total), "-", "-"],
                  ["hybrid, frozen MiniLM + head", per_round(first, rounds),
                   float(np.mean([r["client_seconds"] for r in first.rounds])),
-                  float(np.mean([r["text_vector_seconds"] for r in first.rounds]))]]
+                  float(np.mean([r["server_seconds"] for r in first.rounds]))]]
     if lora_rounds:
         for arm, name in (("frozen", "hybrid, frozen (continuation rounds)"), ("lora", "hybrid + LoRA (continuation rounds)")):
             rows_l = runs[f"{arm}_nodp"].rounds[-lora_rounds:]
             cost_rows.append([name, per_round(runs[f"{arm}_nodp"], lora_rounds),
                               float(np.mean([r["client_seconds"] for r in rows_l])),
-                              float(np.mean([r["text_vector_seconds"] for r in rows_l]))])
+                              float(np.mean([r["server_seconds"] for r in rows_l]))])
     print(table(["model", "s / round (all)", "clients s / round", "server text vectors s / round"], cost_rows))
     print(table(["client process (one round, fresh process)", "user", "train items", "round s", "peak RSS MB"],
                 [[f"{k} ({w} user)", r["user"], r["train_items"], r["seconds"], r["maxrss_mb"]]

@@ -31,9 +31,9 @@ from common.config import RunConfig  # noqa: E402
 from common.data import load_interactions  # noqa: E402
 from common.data.splits import split_interactions  # noqa: E402
 from common.evaluation import EvalSets, evaluate_ranking  # noqa: E402
-from common.federated import reconstruct_users  # noqa: E402
+from common.device import reconstruct_users
 from common.inprocess import run_inprocess  # noqa: E402
-from common.mf import UserData  # noqa: E402
+from common.models import UserData
 from common.privacy import Accountant, plan_local_noise_multiplier, plan_noise_multiplier  # noqa: E402
 
 DELTA = 1e-4

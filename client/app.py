@@ -1,4 +1,5 @@
-"""Flower ClientApp: a thin shell around :mod:`common.federated`.
+"""Flower ClientApp: a thin shell around the item model (:mod:`common.models`) and the device steps
+(:mod:`common.device`).
 
 What leaves the device each round: the dense item-side update (same shape for every client),
 protected by the device's own privacy floor (:mod:`common.privacy.device`: its clip bound, and
@@ -26,12 +27,14 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from common import keys
 from common.config import RunConfig
-from common.federated import ClientData, client_evaluate, client_train, validate_update
-from common.mf import ItemParams
+from common.data.texts import item_texts
+from common.device import client_evaluate, protect
+from common.models import ClientData, ItemModel, build_model
 from common.privacy.device import DevicePolicy, PolicyRefusal, Protection, protection_for
-from common.privacy.dp_fedavg import add_local_noise, clip_item_update, ledger_for, local_bound, local_noise_for, release_event
-from common.silo_dp import checked_history, dp_sgd_item_update
-from client.data import check_received_model, device_client_data, keep_on_device, simulated_client_data
+from common.privacy.dp_fedavg import ledger_for, local_noise_for, release_event
+from common.silo_dp import checked_history
+from client.data import (check_received_model, device_client_data, keep_on_device, simulated_client_data,
+                         simulated_item_count)
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,13 @@ FIT_METRICS_RECORD = "fitres.metrics"  # where Flower's legacy FitRes keeps a cl
 
 
 class RecClient(NumPyClient):
-    """One simulated device (or silo). ``policy`` is its owner's privacy floor: every update it
-    sends is protected by it, whatever the server's instruction says (common/privacy/device.py)."""
+    """One simulated device (or silo) training ``model``. ``policy`` is its owner's privacy floor:
+    every update it sends is protected by it, whatever the server's instruction says
+    (common/privacy/device.py)."""
 
-    def __init__(self, cfg: RunConfig, data: ClientData, context: Context, policy: DevicePolicy | None = None) -> None:
-        self.cfg, self.data, self.state = cfg, data, context.state
+    def __init__(self, cfg: RunConfig, data: ClientData, context: Context, policy: DevicePolicy | None = None, *,
+                 model: ItemModel) -> None:
+        self.cfg, self.data, self.state, self.model = cfg, data, context.state, model
         self.policy = policy or DevicePolicy.for_run(cfg)  # a simulated device: the operator's floor
 
     def get_properties(self, config):  # noqa: D102 - a pseudonymous id for sampling, and how many users
@@ -51,20 +56,20 @@ class RecClient(NumPyClient):
 
     def fit(self, parameters, config):
         protection = protection_for(self.policy, config)  # PolicyRefusal: nothing is sent
-        if self.cfg.model.kind == "hybrid":
-            return self._fit_hybrid(parameters, config, protection)
-        params = ItemParams.from_arrays(parameters)
+        params, context = self.model.receive(parameters, config)
+        rnd = int(config[keys.SERVER_ROUND])
+        epochs = int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs))
+        lr = float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr))
         if self.cfg.dp.silo_dp_sgd and self.cfg.fed.partition == "silo":
-            return self._fit_dp_sgd(params, parameters, config, protection)
-        update, loss, vectors = client_train(
-            params, self.data, model=self.cfg.model,
-            epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
-            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
-            seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
-        self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
-        arrays = self._protect(update.to_arrays(), parameters, protection, int(config[keys.SERVER_ROUND]))
+            step = self._silo_dp_sgd(params, rnd=rnd, epochs=epochs, lr=lr)
+        else:
+            step = self.model.train(params, context, self.data, epochs=epochs, lr=lr, seed=self.cfg.seed,
+                                    server_round=rnd)
+        self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(step.user_vectors)])
+        arrays = self._protect(step.update, self.model.arrays(params), protection, rnd, self.model.names(params))
         # num_examples = 1: every client weighs the same (user-level DP, SecAgg+ max_weight=1).
-        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors)}, protection)
+        metrics = {keys.M_TRAIN_LOSS: step.loss, keys.M_USERS: len(step.user_vectors), **step.metrics}
+        return arrays, 1, self._metrics(metrics, protection)
 
     @staticmethod
     def _metrics(metrics: dict, protection: Protection) -> dict:
@@ -75,28 +80,23 @@ class RecClient(NumPyClient):
             return {k: v for k, v in metrics.items() if k not in (keys.M_TRAIN_LOSS, keys.M_TEXT_LOSS)}
         return metrics
 
-    def _protect(self, arrays: list[np.ndarray], parameters, protection: Protection, rnd: int,
-                 clip=clip_item_update, names: tuple[str, ...] = keys.ITEM_PARAM_NAMES) -> list[np.ndarray]:
-        """Clip to the device's bound (its own, or the server's if tighter), add the device's own
-        noise when asked to or when its policy requires it, and refuse a bad update before
-        masking: under SecAgg+ a NaN would silently corrupt the sum."""
-        bound = protection.clip
-        if np.isfinite(bound):
-            arrays = clip(arrays, bound, protection.bias_share)
+    def _protect(self, update: list[np.ndarray], received: list[np.ndarray], protection: Protection, rnd: int,
+                 names: tuple[str, ...]) -> list[np.ndarray]:
+        """The device's protection (common/device.py): clip to its bound (its own, or the server's
+        if tighter), its own noise when asked to or when its policy requires it, a last check;
+        a local-DP release is recorded in the device's own ledger."""
+        noise = local_noise_for(self.policy.noise_seed, rnd, self.data.client_id)
+        try:
+            arrays = protect(self.model, update, [np.shape(p) for p in received], protection, noise=noise)
+        except ValueError as exc:
+            raise ValueError(f"client {self.data.client_id}: {exc}") from None
         if protection.local_noise is not None:
-            arrays = self._local_dp(arrays, protection.local_noise, bound, rnd, names)
-            bound = local_bound(protection.local_noise, bound)
-        problem = validate_update(arrays, [np.shape(p) for p in parameters[:len(arrays)]], bound)
-        if problem:
-            raise ValueError(f"client {self.data.client_id}: update refused: {problem}")
+            self._record_local_release(protection.local_noise, rnd, names)
         return arrays
 
-    def _local_dp(self, arrays: list[np.ndarray], sigma: float, clip: float, rnd: int,
-                  names: tuple[str, ...]) -> list[np.ndarray]:
-        """Local DP: noise added here, on the device, from its own source (secure unless the
-        device's owner seeded it), recorded in the device's own ledger."""
-        noise = local_noise_for(self.policy.noise_seed, rnd, self.data.client_id)
-        arrays = add_local_noise(arrays, noise_multiplier=sigma, clip=clip, noise=noise)
+    def _record_local_release(self, sigma: float, rnd: int, names: tuple[str, ...]) -> None:
+        """Local DP: what the device released, in its own ledger (secure noise unless its owner
+        seeded it)."""
         ledger = ledger_for("local", self.cfg.dp.delta)
         saved = self._saved_local_ledger()
         if saved:
@@ -106,7 +106,6 @@ class RecClient(NumPyClient):
         ledger.record(release_event("local", noise_multiplier=sigma, sample_rate=1.0, parameters=names,
                                     server_round=rnd if rnd > last else last + 1))
         self._keep_local_ledger(ledger.state_dict())
-        return arrays
 
     def _saved_local_ledger(self) -> dict | None:
         saved = self.state.config_records.get(keys.STATE_LOCAL_LEDGER)
@@ -115,56 +114,24 @@ class RecClient(NumPyClient):
     def _keep_local_ledger(self, state: dict) -> None:
         self.state.config_records[keys.STATE_LOCAL_LEDGER] = ConfigRecord({"json": json.dumps(state)})
 
-    def _fit_dp_sgd(self, params: ItemParams, parameters, config, protection: Protection):
-        """A silo: Opacus DP-SGD with one user as the unit, ε composed across rounds from the
-        accountant history kept in this node's state (never restarted); this round's history
-        entry goes to the server, which keeps every silo's history with its checkpoint."""
-        dp = self.cfg.dp
-        rnd = int(config[keys.SERVER_ROUND])
+    def _silo_dp_sgd(self, params, *, rnd: int, epochs: int, lr: float):
+        """A silo: DP-SGD with one user as the unit (a model that offers ``train_dp_sgd``), ε
+        composed across rounds from the accountant history kept in this node's state (never
+        restarted); this round's history entry goes to the server, which keeps every silo's
+        history with its checkpoint."""
+        train_dp_sgd = getattr(self.model, "train_dp_sgd", None)
+        if train_dp_sgd is None:
+            raise ValueError(f"dp.silo-dp-sgd is not available for model.kind = {self.model.kind}")
         saved = self.state.config_records.get(keys.STATE_DPSGD_HISTORY)
         history = checked_history(json.loads(str(saved["json"]))) if saved else []
-        result = dp_sgd_item_update(
-            params, list(self.data.trainable), user_reg=self.cfg.model.user_reg,
-            noise_multiplier=dp.silo_noise_multiplier, max_grad_norm=dp.silo_clip,
-            sample_rate=dp.silo_sample_rate, epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
-            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
-            seed=int(np.random.default_rng([self.cfg.seed, rnd, self.data.client_id]).integers(2**31)),
-            history=history, delta=dp.silo_delta, server_round=rnd,
-            noise_source="urandom" if self.policy.noise_seed is None else "seeded")
-        self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(result.history)})
-        arrays = self._protect(result.update.to_arrays(), parameters, protection, rnd)
-        sigma, rate, steps = result.history[-1]
-        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: result.mean_loss, keys.M_USERS: len(self.data.trainable),
-                                         keys.M_SILO_SIGMA: sigma, keys.M_SILO_RATE: rate, keys.M_SILO_STEPS: steps},
-                                        protection)
-
-    def _fit_hybrid(self, parameters, config, protection: Protection):
-        """``model.kind = hybrid``: the trainable arrays (free item part, biases, head, LoRA) are
-        followed by the item text vectors, a context array the server computed: no update is sent
-        for it. Clipped per group and validated like the MF update (common/hybrid_federated.py)."""
-        from common.hybrid_federated import client_side, clip_hybrid_update, hybrid_client_train, split_arrays
-
-        side = client_side(self.cfg)
-        n = int(config.get(keys.TRAINABLE_ARRAYS, len(parameters) - 1))
-        params, text_vectors = split_arrays(parameters, n, side.adapter_names)
-        arrays, loss, vectors, text_loss = hybrid_client_train(
-            params, text_vectors, self.data, side, model=self.cfg.model,
-            epochs=int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)),
-            lr=float(config.get(keys.CLIENT_LR, self.cfg.fed.client_lr)),
-            seed=self.cfg.seed, server_round=int(config[keys.SERVER_ROUND]))
-        self.state.array_records[keys.STATE_USER_VECTORS] = ArrayRecord([np.stack(vectors)])
-        arrays = self._protect(arrays, parameters[:n], protection, int(config[keys.SERVER_ROUND]),
-                               clip=clip_hybrid_update, names=params.names())
-        return arrays, 1, self._metrics({keys.M_TRAIN_LOSS: loss, keys.M_USERS: len(vectors),
-                                         keys.M_TEXT_LOSS: text_loss}, protection)
+        step, history = train_dp_sgd(params, self.data, dp=self.cfg.dp, epochs=epochs, lr=lr, seed=self.cfg.seed,
+                                     server_round=rnd, history=history, secure=self.policy.noise_seed is None)
+        self.state.config_records[keys.STATE_DPSGD_HISTORY] = ConfigRecord({"json": json.dumps(history)})
+        return step
 
     def evaluate(self, parameters, config):
-        if self.cfg.model.kind == "hybrid":  # item vectors = free part + the server's text vectors
-            from common.hybrid_federated import effective_from_arrays
-
-            parameters = effective_from_arrays(parameters).to_arrays()
-        params = ItemParams.from_arrays(parameters)
-        metrics = client_evaluate(params, self.data, model=self.cfg.model,
+        params, context = self.model.receive(parameters, config)
+        metrics = client_evaluate(self.model.effective(params, context), self.data, model=self.cfg.model,
                                   phase=str(config.get(keys.PHASE, "test")), seed=self.cfg.seed)
         users = int(metrics.pop("users"))
         return 0.0, users, {k: float(v) for k, v in metrics.items()}
@@ -175,8 +142,8 @@ class DeviceRecClient(RecClient):
     global model it receives and its new user vector, so ``fedrec-client recommend`` works offline."""
 
     def __init__(self, cfg: RunConfig, data: ClientData, context: Context, policy: DevicePolicy, data_path: str,
-                 n_items: int) -> None:
-        super().__init__(cfg, data, context, policy)
+                 n_items: int, *, model: ItemModel) -> None:
+        super().__init__(cfg, data, context, policy, model=model)
         self.data_path, self.n_items, self.run_id = data_path, n_items, context.run_id
 
     def _saved_local_ledger(self) -> dict | None:
@@ -248,18 +215,23 @@ def client_fn_for(cfg: RunConfig | None, policy: DevicePolicy | None = None):
             raise PolicyRefusal(f"the run asks devices for seeded noise (dp.noise-seed={run_cfg.dp.noise_seed}): a "
                                 "device draws its noise from its own secure source and takes no seed from the server")
         data_path = context.node_config.get(keys.NODE_DATA_PATH)
-        if data_path and run_cfg.model.kind == "hybrid":
-            raise ValueError("model.kind = hybrid runs in simulation only for now: a device's store keeps an MF "
-                             "model and no item texts")
         if data_path:  # a real device: its own store, indexed by the item catalogue kept there
             data, n_items = device_client_data(str(data_path))
-            return DeviceRecClient(run_cfg, data, context, floor, str(data_path), n_items).to_client()
+            model = build_model(run_cfg.model, n_items=n_items, seed=run_cfg.seed, texts=_no_texts_on_devices)
+            return DeviceRecClient(run_cfg, data, context, floor, str(data_path), n_items, model=model).to_client()
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
         data = simulated_client_data(run_cfg.data, pid, kind=run_cfg.fed.partition,
                                      num_silos=run_cfg.fed.num_silos, seed=run_cfg.seed)
-        return RecClient(run_cfg, data, context, floor).to_client()
+        model = build_model(run_cfg.model, n_items=simulated_item_count(run_cfg.data), seed=run_cfg.seed,
+                            texts=lambda: item_texts(run_cfg.data))
+        return RecClient(run_cfg, data, context, floor, model=model).to_client()
 
     return client_fn
+
+
+def _no_texts_on_devices():
+    raise ValueError("this model reads item texts, and a device's store keeps none yet: it runs in simulation only "
+                     "for now")
 
 
 def _without_plaintext_loss(call_next):

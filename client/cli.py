@@ -204,7 +204,9 @@ def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:
     import torch
 
     from common.config import ModelConfig
-    from common.mf import ItemParams, UserData, fit_user, sample_negatives
+    from common.models import ItemParams, UserData
+    from common.models.reconstruction import fit_user, sample_negatives
+    from common.streams import Stream, generator
 
     torch.set_num_threads(1)  # a d×d Newton solve: more threads only contend (as in the ClientApp)
     defaults = ModelConfig()
@@ -216,8 +218,8 @@ def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:
         raise UsageError(f"the model's run config: {exc}") from None
     params = ItemParams(model.embeddings, model.bias)
     negatives = None
-    if loss == "bpr":  # the same draw as common.federated.reconstruct_users
-        negatives = sample_negatives(rated.items, params.n_items, len(rated.items), np.random.default_rng([0, 0xE7A1]))
+    if loss == "bpr":  # the same draw as common.device.reconstruct_users
+        negatives = sample_negatives(rated.items, params.n_items, len(rated.items), generator(Stream.RECONSTRUCT, 0))
     return fit_user(params, UserData(rated.items, rated.ratings), loss=loss, reg=reg, negatives=negatives)
 
 
@@ -244,7 +246,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         cached, t_import = vector is not None, 0.0
         if vector is None:
             start = time.perf_counter()
-            import common.mf  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
+            import common.models.reconstruction  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
             t_import = time.perf_counter() - start
             vector = fit_user_vector(model, rated)
             if non_finite(vector, "user vector"):

@@ -12,7 +12,7 @@ from common.data import load_interactions
 from common.data.partition import partition_users
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
-from common.federated import ClientData
+from common.models import ClientData
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ def _eval_sets(data: DataConfig) -> EvalSets:
 @functools.lru_cache(maxsize=4)
 def _partitions(data: DataConfig, kind: str, num_silos: int, seed: int) -> tuple[np.ndarray, ...]:
     return tuple(partition_users(len(_eval_sets(data).train), kind, num_silos=num_silos, seed=seed))
+
+
+def simulated_item_count(data: DataConfig) -> int:
+    """How many items the configured data set has (the rows of the global model)."""
+    return _eval_sets(data).n_items
 
 
 def num_clients(data: DataConfig, kind: str, num_silos: int, seed: int) -> int:

@@ -47,7 +47,7 @@ from common.data.readers import decode_error, parse_number, parse_rating, text_e
 from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
-    from common.federated import ClientData
+    from common.models import ClientData
     from common.privacy.device import DevicePolicy
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,8 @@ class DeviceStore:
 
         Rated items the index lacks are left out and logged as a warning with their count.
         There are no held-out items on a device: ``valid`` and ``test`` are empty."""
-        from common.federated import ClientData
-        from common.mf import UserData
+        from common.models import ClientData
+        from common.models import UserData
 
         mapped = self.map_ratings(item_index)
         if mapped.unknown:

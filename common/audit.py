@@ -7,7 +7,7 @@ ranks a client's training items above the rest, under the observation models thi
 offers:
 
 ``plaintext``  the raw per-client update (no DP, no SecAgg): the positive control.
-``dp_only``    each update clipped (``clip_item_update``, ``dp.clip``, ``dp.bias-share``) and seen
+``dp_only``    each update clipped (``clip_grouped``, ``dp.clip``, ``dp.bias-share``) and seen
                in plaintext. Central DP-FedAvg adds noise only to the SUM, so the per-client update
                the server sees is as revealing as before: hiding it is what SecAgg is for.
 ``local_dp``   each client adds ``N(0, (σ·C)²)`` per coordinate to its own clipped update before
@@ -48,12 +48,13 @@ import numpy as np
 
 from common.config import RunConfig
 from common.evaluation import EvalSets
-from common.federated import (
-    ClientData, client_train, make_server_optimizer, server_update, sum_updates,
-)
-from common.sampling import poisson_sample
-from common.mf import ItemParams, init_items
-from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, noisy_mean
+from common.inprocess import run_inprocess
+from common.models import ClientData, ItemParams
+from common.models.mf.model import client_train
+from common.models.mf.params import init_items
+from common.privacy.dp_fedavg import GaussianNoise, clip_grouped, noisy_mean
+from common.rounds import sum_updates
+from common.streams import Stream, generator, key
 
 AUDIT_FILE = "audit.json"
 # observation model -> (who observes it, what they observe): the table's second and third columns
@@ -126,28 +127,14 @@ def attack_scores(update: list[np.ndarray], loss: str = "softmax") -> np.ndarray
 
 
 # ---------------------------------------------------------------- the audit
-def _warm_up(params: ItemParams, sets: EvalSets, cfg: RunConfig, rounds: int, noise: GaussianNoise,
-             seed: int) -> ItemParams:
-    """``rounds`` in-process rounds of the configured algorithm, one user per client (cohorts
-    seeded by ``seed``: the audit simulates rounds, it releases nothing)."""
-    if rounds <= 0:
-        return params
-    clients = [ClientData.from_sets(u, np.array([u]), sets) for u in range(len(sets.train))]
-    optimizer = make_server_optimizer(cfg.fed, cfg.model)
-    dp = cfg.dp if cfg.dp.enabled else None
-    for rnd in range(1, rounds + 1):
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=seed, server_round=rnd)
-        updates = []
-        for cid in chosen:
-            if not clients[cid].trainable:
-                continue
-            update, _, _ = client_train(params, clients[cid], model=cfg.model, epochs=cfg.fed.local_epochs,
-                                        lr=cfg.fed.client_lr, seed=cfg.seed, server_round=rnd)
-            arrays = update.to_arrays()
-            updates.append(clip_item_update(arrays, dp.clip, dp.bias_share) if dp else arrays)
-        params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer, dp=dp,
-                               expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
-    return params
+def _warm_up(sets: EvalSets, cfg: RunConfig, rounds: int, seed: int) -> ItemParams:
+    """The MF model after ``rounds`` rounds of the configured algorithm, one user per client, run
+    by the in-process runner (cohorts and noise seeded from ``seed``: the audit simulates rounds,
+    it releases nothing)."""
+    noise_seed = int(generator(Stream.AUDIT_WARMUP_NOISE, seed).integers(2**31))
+    warm = cfg.replace(**{"fed.rounds": rounds, "fed.partition": "user", "model.kind": "mf",
+                          "fed.sampling-seed": seed, "dp.noise-seed": noise_seed, "dp.target-epsilon": 0})
+    return run_inprocess(warm, sets, final_eval=False).params
 
 
 def _score_clients(per_client: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
@@ -174,27 +161,25 @@ def leakage_audit(sets: EvalSets, cfg: RunConfig, *, clients: int = 50, rounds: 
     eligible = np.array([u for u, items in enumerate(sets.train) if 0 < len(items) < sets.n_items], dtype=np.int64)
     if clients > len(eligible):
         raise ValueError(f"{clients} clients asked for, but only {len(eligible)} users have training items")
-    rng = np.random.default_rng([seed, 0xA0D1])
+    rng = generator(Stream.AUDIT_CLIENTS, seed)
     order = rng.permutation(eligible)
     targets, outsiders = np.sort(order[:clients]), np.sort(order[clients:2 * clients])
     sigma, clip, share, loss = cfg.dp.noise_multiplier, cfg.dp.clip, cfg.dp.bias_share, cfg.model.loss
-    noise = GaussianNoise([seed, 0xA0D2])  # warm-up rounds; the local and aggregate noise below are separate
-
-    params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
-    params = _warm_up(params, sets, cfg, rounds - 1, noise, seed)
+    params = (init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale) if rounds == 1
+              else _warm_up(sets, cfg, rounds - 1, seed))
     raw = []
     for u in targets:
         update, _, _ = client_train(params, ClientData.from_sets(int(u), np.array([u]), sets), model=cfg.model,
                                     epochs=cfg.fed.local_epochs, lr=cfg.fed.client_lr, seed=cfg.seed,
                                     server_round=rounds)
         raw.append(update.to_arrays())
-    clipped = [clip_item_update(a, clip, share) for a in raw]
-    local_noise = GaussianNoise([seed, 0xA0D3])
+    clipped = [clip_grouped(a, clip, share) for a in raw]
+    local_noise = GaussianNoise(key(Stream.AUDIT_LOCAL_NOISE, seed))
     noised = [[x + local_noise.normal(x.shape, sigma * clip) for x in a] for a in clipped]
     total = sum_updates(clipped)
     aggregate = [t / clients for t in total]
     noisy = noisy_mean(total, noise_multiplier=sigma, clip=clip, expected_cohort=clients,
-                       noise=GaussianNoise([seed, 0xA0D4]))
+                       noise=GaussianNoise(key(Stream.AUDIT_AGGREGATE_NOISE, seed)))
 
     truths = [sets.train[u] for u in targets]
     outsider_truths = [sets.train[u] for u in outsiders]

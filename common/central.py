@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 from common.config import CentralConfig, ModelConfig
 from common.data.splits import Split
 from common.evaluation import EvalSets, evaluate_ranking
-from common.mf import ItemParams, init_items
+from common.models import ItemParams
+from common.models.mf.params import init_items
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
 """The same federated algorithm as the Flower apps, run sequentially in one process.
 
-It calls exactly the functions the ClientApp and the strategy call (client_train, clip_update,
-poisson_sample, sum_updates, server_update, the privacy ledger), so for the same config and a
-seeded noise source it produces the same model as a Flower simulation
-(``tests/test_inprocess.py`` checks this bit for bit). Benchmarks use it for parameter sweeps
-that would take hours through Ray; headline numbers come from the Flower simulation.
+It runs the rounds through the same :class:`~common.rounds.RoundEngine` the strategy uses, and
+each device through the same steps the ClientApp takes (the model's training step, then
+:func:`common.device.protect` under the device's privacy floor), so for the same config and
+seeded noise and cohorts it produces the same model as a Flower simulation
+(``tests/test_inprocess.py`` checks this bit for bit, for every model). Benchmarks use it for
+parameter sweeps that would take hours through Ray; headline numbers come from the Flower
+simulation.
 """
 
 from __future__ import annotations
@@ -15,32 +17,39 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
-from common import keys
-from common.config import DPConfig, RunConfig
+from common.config import RunConfig
 from common.data.partition import partition_users
+from common.device import client_evaluate, protect
 from common.evaluation import EvalSets
-from common.federated import (
-    ClientData, client_evaluate, client_train, make_server_optimizer, server_update, sum_updates,
-)
-from common.sampling import poisson_sample
-from common.mf import ItemParams, init_items
-from common.privacy import Accountant, PrivacyLedger
-from common.privacy.dp_fedavg import (GaussianNoise, add_local_noise, clip_item_update, ledger_for, local_noise_for,
-                                      release_event)
+from common.models import ClientData, ItemModel, ItemParams, build_model
+from common.privacy import PrivacyLedger
+from common.privacy.device import DevicePolicy, protection_for
+from common.privacy.dp_fedavg import local_noise_for
+from common.rounds import RoundEngine, sum_updates
 
 
 @dataclass
 class InProcessResult:
-    params: ItemParams
+    params: Any  # the model's final parameters
     ledger: PrivacyLedger | None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
-    optimizer: Any = None  # the server optimizer (hybrid runs: to continue a run with `resume=`)
-    text_vectors: Any = None  # hybrid: the item text vectors of the final adapter (I, d)
+    optimizer: Any = None  # the server optimizer (to continue a run with `resume=`)
+    context: list = field(default_factory=list)  # the model's context arrays (hybrid: item text vectors)
+    model: ItemModel | None = None
+
+    @property
+    def effective(self) -> ItemParams:
+        """The released model as one vector and one bias per item."""
+        return self.model.effective(self.params, self.context)
+
+    @property
+    def text_vectors(self):
+        """The hybrid's item text vectors (its one context array), or None."""
+        return self.context[0] if self.context else None
 
 
 def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConfig, phase: str) -> dict[str, float]:
@@ -55,153 +64,83 @@ def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConf
     return {**{k: v / users for k, v in totals.items()}, "users": users} if users else {"users": 0}
 
 
-def _device_side(arrays: list[np.ndarray], dp: DPConfig | None, clip, rnd: int, cid: int) -> list[np.ndarray]:
-    """What a device does to its update before sending (as client/app.py does): clip with DP, and
-    with local DP add its own noise (seeded per round and client, as the Flower client does)."""
-    if dp is None:
-        return arrays
-    arrays = clip(arrays, dp.clip, dp.bias_share)
-    if dp.mode == "local":
-        arrays = add_local_noise(arrays, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
-                                 noise=local_noise_for(dp.seed, rnd, cid))
-    return arrays
-
-
-def run_inprocess(cfg: RunConfig, sets: EvalSets, *, eval_every: int | None = None, progress: bool = False,
+def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None = None,
+                  eval_every: int | None = None, progress: bool = False,
                   on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
-                  texts: Sequence[str] | None = None) -> InProcessResult:
-    if cfg.model.kind == "hybrid":  # `texts`: the item texts (default: those of cfg.data)
-        return run_inprocess_hybrid(cfg, sets, texts=texts, eval_every=eval_every, progress=progress,
-                                    on_round=on_round, final_eval=final_eval)
-    parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
-    clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
-    params = init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
-    optimizer = make_server_optimizer(cfg.fed, cfg.model)
-    dp = cfg.dp if cfg.dp.enabled else None
-    local = dp is not None and dp.mode == "local"  # the devices add the noise; the server only averages
-    ledger = ledger_for(cfg.dp.mode, cfg.dp.delta, cfg.fed.partition) if dp else None
-    noise = GaussianNoise(cfg.dp.seed)
-    result = InProcessResult(params=params, ledger=ledger)
-    t0 = time.perf_counter()
-    for rnd in tqdm(range(1, cfg.fed.rounds + 1), desc="in-process rounds", disable=not progress):
-        event = release_event(cfg.dp.mode, noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate,
-                              parameters=keys.ITEM_PARAM_NAMES, server_round=rnd)
-        if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
-                event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
-            break
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.fed.cohort_seed,
-                                server_round=rnd)
-        updates, failures = [], 0
-        for cid in chosen:
-            try:
-                update, _, _ = client_train(params, clients[cid], model=cfg.model, epochs=cfg.fed.local_epochs,
-                                            lr=cfg.fed.client_lr, seed=cfg.seed, server_round=rnd)
-            except ValueError:
-                failures += 1
-                continue
-            updates.append(_device_side(update.to_arrays(), dp, clip_item_update, rnd, cid))
-        params = server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
-                               dp=None if local else dp,
-                               expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
-        row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures}
-        if ledger is not None:
-            ledger.record(event)
-            row["epsilon"] = ledger.epsilon(Accountant.RDP)
-        result.rounds.append(row)
-        if eval_every and rnd % eval_every == 0 and rnd < cfg.fed.rounds:
-            result.evals.append({"round": rnd, "phase": "valid", **evaluate_clients(params, clients, cfg, "valid")})
-        if on_round:
-            on_round(row)
-    result.params = params
-    result.seconds = time.perf_counter() - t0
-    last = result.rounds[-1]["round"] if result.rounds else 0
-    if final_eval:
-        result.evals.append({"round": last, "phase": "test", **evaluate_clients(params, clients, cfg, "test")})
-    return result
+                  resume: InProcessResult | None = None) -> InProcessResult:
+    """Train ``cfg``'s model federated, in this process, on ``sets`` (one client per user, or silos).
 
-
-def run_inprocess_hybrid(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None = None,
-                         eval_every: int | None = None, progress: bool = False,
-                         on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
-                         resume: InProcessResult | None = None) -> InProcessResult:
-    """The hybrid federation (``model.kind = "hybrid"``) in one process: the functions the
-    ClientApp and the strategy call (hybrid_client_train, clip_hybrid_update, poisson_sample,
-    sum_updates, hybrid_server_update, the text side's item vectors after each release).
-
-    ``resume``: continue a previous hybrid result (its model, optimizer moments and ledger) from
-    its last round up to ``cfg.fed.rounds``; when ``cfg.model.lora`` and the previous model had
-    no LoRA arrays, they are added (B = 0) with zero optimizer moments: frozen rounds, then LoRA.
+    ``texts``: the item texts for a model that reads them (default: those of ``cfg.data``).
+    ``resume``: continue a previous result (its parameters, optimizer moments and ledger) from its
+    last round up to ``cfg.fed.rounds``; the model may extend the parameters (the hybrid adds LoRA
+    arrays when this run trains LoRA and the previous one did not).
     """
-    from common.hybrid_federated import (add_lora, clip_hybrid_update, extend_optimizer, hybrid_client_train,
-                                         hybrid_server_update, init_hybrid, item_texts, text_side)
-
-    texts = tuple(texts) if texts is not None else item_texts(cfg.data)
-    side = text_side(texts, cfg.model, cfg.seed)
+    model = build_model(cfg.model, n_items=sets.n_items, seed=cfg.seed, texts=_texts(cfg, texts))
     parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
     clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
-    dp = cfg.dp if cfg.dp.enabled else None
-    if resume is None:
-        params = init_hybrid(init_items(sets.n_items, cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale), side)
-        optimizer = make_server_optimizer(cfg.fed, cfg.model)
-        ledger = ledger_for(cfg.dp.mode, cfg.dp.delta, cfg.fed.partition) if dp else None
-        first = 1
-    else:
-        params, optimizer = resume.params.copy(), copy.deepcopy(resume.optimizer)
-        ledger = PrivacyLedger.from_state_dict(resume.ledger.state_dict()) if resume.ledger is not None else None
-        if (ledger is None) != (dp is None):
-            raise ValueError("resume: DP on/off must not change within a run")
-        if cfg.model.lora and not any(k.startswith("lora.") for k in params.adapter):
-            extended = add_lora(params, side)
-            extend_optimizer(optimizer, params, extended)
-            params = extended
-        first = (resume.rounds[-1]["round"] if resume.rounds else 0) + 1
-    text_vectors = side.vectors(params.adapter)
-    local = dp is not None and dp.mode == "local"
-    noise = GaussianNoise(cfg.dp.seed)
-    result = InProcessResult(params=params, ledger=ledger, optimizer=optimizer, text_vectors=text_vectors)
+    engine, first = _engine(cfg, model, resume)
+    # The operator owns the simulated devices; no SecAgg+ here (the runner sums in plaintext).
+    policy = DevicePolicy.for_run(cfg, secure_aggregation=False)
+    result = InProcessResult(params=engine.params, ledger=engine.ledger, optimizer=engine.optimizer, model=model)
     t0 = time.perf_counter()
-    for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process hybrid rounds", disable=not progress):
-        event = release_event(cfg.dp.mode, noise_multiplier=cfg.dp.noise_multiplier, sample_rate=cfg.fed.sample_rate,
-                              parameters=params.names(), server_round=rnd)
-        if ledger is not None and cfg.dp.target_epsilon > 0 and ledger.would_exceed(
-                event, target_epsilon=cfg.dp.target_epsilon, accountant=Accountant(cfg.dp.accountant)):
+    for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process rounds", disable=not progress):
+        if engine.over_budget(rnd):
             break
         t_round = time.perf_counter()
-        chosen = poisson_sample(list(range(len(clients))), cfg.fed.sample_rate, seed=cfg.fed.cohort_seed,
-                                server_round=rnd)
+        protection = protection_for(policy, engine.instruction(rnd, secure_aggregation=False))
+        shapes = [a.shape for a in model.arrays(engine.params)]
         updates, failures = [], 0
-        for cid in chosen:
+        for cid in engine.cohort(range(len(clients)), rnd):
             try:
-                arrays, _, _, _ = hybrid_client_train(params, text_vectors, clients[cid], side, model=cfg.model,
-                                                      epochs=cfg.fed.local_epochs, lr=cfg.fed.client_lr,
-                                                      seed=cfg.seed, server_round=rnd)
+                step = model.train(engine.params, engine.context, clients[cid], epochs=cfg.fed.local_epochs,
+                                   lr=cfg.fed.client_lr, seed=cfg.seed, server_round=rnd)
             except ValueError:
                 failures += 1
                 continue
-            updates.append(_device_side(arrays, dp, clip_hybrid_update, rnd, cid))
+            updates.append(protect(model, step.update, shapes, protection,
+                                   noise=local_noise_for(policy.noise_seed, rnd, cid)))
         t_clients = time.perf_counter() - t_round
-        params = hybrid_server_update(params, sum_updates(updates), len(updates), optimizer=optimizer,
-                                      dp=None if local else dp,
-                                      expected_cohort=cfg.fed.sample_rate * len(clients), noise=noise.for_round(rnd))
-        t_server = time.perf_counter()
-        text_vectors = side.vectors(params.adapter)
+        engine.release(sum_updates(updates), len(updates), rnd, population=len(clients))
         row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures,
-                               "client_seconds": t_clients, "text_vector_seconds": time.perf_counter() - t_server}
-        if ledger is not None:
-            ledger.record(event)
-            row["epsilon"] = ledger.epsilon(Accountant.RDP)
+                               "client_seconds": t_clients, "server_seconds": time.perf_counter() - t_round - t_clients}
+        if engine.ledger is not None:
+            row["epsilon"] = engine.epsilon()
         result.rounds.append(row)
         if eval_every and rnd % eval_every == 0 and rnd < cfg.fed.rounds:
-            result.evals.append({"round": rnd, "phase": "valid",
-                                 **evaluate_clients(params.effective(text_vectors), clients, cfg, "valid")})
+            effective = model.effective(engine.params, engine.context)
+            result.evals.append({"round": rnd, "phase": "valid", **evaluate_clients(effective, clients, cfg, "valid")})
         if on_round:
             on_round(row)
-    result.params, result.text_vectors = params, text_vectors
+    result.params, result.context = engine.params, engine.context
     result.seconds = time.perf_counter() - t0
     if resume is not None:
         result.rounds = [*resume.rounds, *result.rounds]
     last = result.rounds[-1]["round"] if result.rounds else 0
     if final_eval:
         result.evals.append({"round": last, "phase": "test",
-                             **evaluate_clients(params.effective(text_vectors), clients, cfg, "test")})
+                             **evaluate_clients(result.effective, clients, cfg, "test")})
     return result
+
+
+def _texts(cfg: RunConfig, texts: Sequence[str] | None) -> Callable[[], Sequence[str]]:
+    def provide() -> Sequence[str]:
+        if texts is not None:
+            return tuple(texts)
+        from common.data.texts import item_texts
+
+        return item_texts(cfg.data)
+
+    return provide
+
+
+def _engine(cfg: RunConfig, model: ItemModel, resume: InProcessResult | None) -> tuple[RoundEngine, int]:
+    """A fresh engine, or one continuing ``resume`` (copied: the previous result is not changed)."""
+    if resume is None:
+        return RoundEngine(cfg, model), 1
+    if (resume.ledger is None) != (not cfg.dp.enabled):
+        raise ValueError("resume: DP on/off must not change within a run")
+    optimizer = copy.deepcopy(resume.optimizer)
+    params = model.adopt(copy.deepcopy(resume.params), optimizer)
+    engine = RoundEngine(cfg, model, params=params, optimizer=optimizer,
+                         ledger_state=resume.ledger.state_dict() if resume.ledger is not None else None)
+    return engine, (resume.rounds[-1]["round"] if resume.rounds else 0) + 1

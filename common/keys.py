@@ -17,7 +17,6 @@ PROP_USERS = "users"  # how many users the client holds (1 on a device): bounds 
 # Metrics a client returns after training / evaluation (all plaintext, even under SecAgg+).
 M_TRAIN_LOSS = "train-loss"
 M_USERS = "users"
-M_FAILED = "failed"
 # Silo DP-SGD: this round's Opacus history entry (σ, q, steps), functions of public settings; the
 # server composes each silo's ε from them and keeps them with its checkpoint.
 M_SILO_SIGMA = "silo-sigma"
@@ -26,7 +25,6 @@ M_SILO_STEPS = "silo-steps"
 
 # node_config keys
 NODE_PARTITION_ID = "partition-id"
-NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_PATH = "data-path"
 
 # context.state keys (kept on the node, never sent)
@@ -37,7 +35,7 @@ STATE_LOCAL_LEDGER = "fedrec.local-ledger"  # local DP: this device's own ledger
 # Names of the global parameter arrays, in the order they travel.
 ITEM_PARAM_NAMES = ("item_embeddings", "item_bias")
 
-# Hybrid model (model.kind = "hybrid", common/hybrid_federated.py). The trainable arrays travel as
+# Hybrid model (model.kind = "hybrid", common/models/hybrid/). The trainable arrays travel as
 # ITEM_PARAM_NAMES + ("head.weight", "head.bias", sorted "lora.*"); after them the server appends
 # one NON-trainable context array, the item text vectors head(encoder(texts)) it computed from
 # the released adapter. The fit config says how many leading arrays are trainable and names the

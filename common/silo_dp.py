@@ -2,12 +2,12 @@
 
 A silo (a hospital, a shop, a region) holds the ratings of many users. What leaves it each
 round is the item-side update, so only the item parameters are privatised; the users'
-vectors are reconstructed on the silo (:func:`common.mf.fit_user`), used as fixed *inputs* and
+vectors are reconstructed on the silo (:func:`common.models.reconstruction.fit_user`), used as fixed *inputs* and
 never released.
 
 One DP-SGD sample is one **user**: their reconstructed vector ``u`` and the counts of the items
 they rated, with the loss ``Σ_i −log softmax(V u + b)_i`` over their items (exactly
-:func:`common.mf.item_loss` for the softmax loss). Why not one rating: the user vector is fitted
+:func:`common.models.reconstruction.item_loss` for the softmax loss). Why not one rating: the user vector is fitted
 on all of that user's ratings, so removing one rating moves the inputs of the user's other
 records too (≈ 0.44 per record on ML-100K): a per-rating clip does not bound one rating's
 influence, while a per-user clip does bound one user's (their vector is a function of their own
@@ -45,7 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.mf import ItemParams, UserData, fit_user
+from common.models import ItemParams, UserData
+from common.models.reconstruction import fit_user
 from common.privacy._validate import (
     require_delta,
     require_int,

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from common.config import RunConfig
 from common.data import load_interactions
-from common.federated import make_server_optimizer
-from common.mf import init_items
+from common.models import build_model
+from common.data.texts import item_texts
+from common.rounds import RoundEngine
 from common.serialization import write_json
-from server.grid import BoundedGrid
 from server.run_dir import RunDir
 from server.secagg import SecAggPlusWorkflowWithEarlyDropouts
 from server.strategy import FedRecStrategy
@@ -58,51 +58,34 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
                progress: bool, stop_after: int | None = None) -> FedRecStrategy:
     item_ids, titles = load_catalog(cfg)
     run_dir.save_items(item_ids, titles)  # devices map their item ids to model rows with it
-    params = init_items(len(item_ids), cfg.model.dim, seed=cfg.seed, scale=cfg.model.init_scale)
-    text_side = None
-    if cfg.model.kind == "hybrid":  # + head (+ LoRA); the server computes the item text vectors
-        from common.hybrid_federated import init_hybrid, item_texts, text_side as make_text_side
-
-        text_side = make_text_side(item_texts(cfg.data), cfg.model, cfg.seed)
-        params = init_hybrid(params, text_side)
-    optimizer = make_server_optimizer(cfg.fed, cfg.model)
-    start, extra = 0, {}
+    model = build_model(cfg.model, n_items=len(item_ids), seed=cfg.seed, texts=lambda: item_texts(cfg.data))
+    engine, start = RoundEngine(cfg, model), 0
     checkpoint = run_dir.load_checkpoint()
     if checkpoint is not None:
-        start, params, opt_state, extra = checkpoint
-        optimizer.load_state_dict(opt_state)
+        start, named, opt_state, extra = checkpoint
+        engine = RoundEngine.restore(cfg, model, named, opt_state, extra)  # ε spent before stays spent
         run_dir.truncate_metrics(start)
         log.info("resuming %s after round %d", run_dir.path, start)
-    bar = _Progress(cfg.fed.rounds, start, progress)
-    strategy = FedRecStrategy(cfg, run_dir, params, optimizer, start_round=start, on_round=bar)
-    if text_side is not None:
-        strategy.set_text_side(text_side)
-    if strategy.ledger is not None and "ledger" in extra:
-        strategy.ledger.load_state_dict(extra["ledger"])  # ε spent before the interruption stays spent
-    for cid, history in extra.get("silo_histories", {}).items():  # silo DP-SGD ε composes on
-        strategy.silo_histories[int(cid)] = [tuple(entry) for entry in history]
-    strategy.expected_clients = expected_clients
-    strategy.stop_after = stop_after
-    remaining = cfg.fed.rounds - start
-    t0 = time.perf_counter()
     fit_workflow = None
     if cfg.secagg.enabled:
-        strategy.secure_aggregation = True
         fit_workflow = SecAggPlusWorkflowWithEarlyDropouts(
             num_shares=cfg.secagg.num_shares, reconstruction_threshold=cfg.secagg.reconstruction_threshold,
             max_weight=1.0,  # every client weighs 1 (num_examples = 1)
-            clipping_range=strategy.clip_bound,  # = the client's bound (C, or C(1+8σ) with local DP): never clips
+            clipping_range=engine.value_bound(secure_aggregation=True),  # the client's bound: never clips
             quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
-        strategy.secagg_workflow = fit_workflow
-        strategy.device_clip  # noqa: B018 - refuses a bit width too coarse for this model before round 1
+        engine.device_clip(secure_aggregation=True)  # refuses a bit width too coarse for this model, before round 1
+    bar = _Progress(cfg.fed.rounds, start, progress)
+    strategy = FedRecStrategy(cfg, run_dir, engine, grid, start_round=start, secagg_workflow=fit_workflow,
+                              expected_clients=expected_clients, stop_after=stop_after, on_round=bar)
+    remaining = cfg.fed.rounds - start
+    t0 = time.perf_counter()
     if remaining > 0:
         legacy = LegacyContext(context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
-        strategy.grid = BoundedGrid(grid, cfg.fed.timeout, strategy.note_failure)
         DefaultWorkflow(fit_workflow=fit_workflow)(strategy.grid, legacy)
     bar.close()
     strategy.elapsed = time.perf_counter() - t0
     if stop_after is None or stop_after >= cfg.fed.rounds:
-        run_dir.save_model(strategy.params)
+        run_dir.save_model(model.named(engine.params), model.metadata(engine.params))
     try:
         from server.report import write_report
 

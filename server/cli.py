@@ -377,7 +377,9 @@ def cmd_train_central(args: argparse.Namespace) -> int:
 
     run = RunDir.create(Path(args.runs_dir), cfg)
     # The item side only: user vectors of a central model are the server's, not part of the artefact.
-    run.save_model(result.params)
+    from common.models.mf.model import model_file
+
+    run.save_model(*model_file(result.params))
     write_json(run.path / "central_metrics.json", {
         "valid": result.valid, "test": result.test, "best_epoch": result.best_epoch,
         "seconds_to_best": result.seconds_to_best, "seconds": result.seconds, "history": result.history,

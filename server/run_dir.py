@@ -26,7 +26,6 @@ import numpy as np
 
 from common import keys
 from common.config import RunConfig
-from common.mf import ItemParams
 from common.serialization import JsonlError, append_jsonl, load_arrays, read_jsonl, save_arrays, write_json
 
 
@@ -113,16 +112,12 @@ class RunDir:
         os.replace(tmp, path)
 
     # ---- checkpoints
-    def save_checkpoint(self, server_round: int, params: ItemParams, optimizer_state: dict[str, np.ndarray],
+    def save_checkpoint(self, server_round: int, named: dict[str, np.ndarray], optimizer_state: dict[str, np.ndarray],
                         extra: dict[str, Any]) -> None:
-        """One atomic, durable file: the model and optimizer arrays, and in its metadata the round
-        and ``extra`` (the ledger, ...): a crash leaves this round's checkpoint or the last one,
-        never a mix of two rounds."""
-        if hasattr(params, "named_arrays"):  # hybrid: free part, biases, head, LoRA (by name)
-            arrays = dict(params.named_arrays())
-        else:
-            arrays = {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias}
-        arrays.update({f"opt.{k}": v for k, v in optimizer_state.items()})
+        """One atomic, durable file: the model's arrays by name (:meth:`ItemModel.named`), the
+        optimizer's, and in its metadata the round and ``extra`` (the ledger, ...): a crash leaves
+        this round's checkpoint or the last one, never a mix of two rounds."""
+        arrays = {**named, **{f"opt.{k}": v for k, v in optimizer_state.items()}}
         state = {"version": CHECKPOINT_VERSION, "round": int(server_round), **extra}
         save_arrays(self.path / CHECKPOINT, arrays, metadata={CHECKPOINT_META: json.dumps(state, sort_keys=True)})
         legacy = self.path / "checkpoint.json"  # the old two-file format's half: never mixed with the new file
@@ -134,9 +129,9 @@ class RunDir:
         loaded = self.load_checkpoint()
         return None if loaded is None else loaded[0]
 
-    def load_checkpoint(self) -> tuple[int, ItemParams, dict[str, np.ndarray], dict[str, Any]] | None:
-        """(round, model, optimizer state, extra) of the last checkpoint; None when there is none.
-        Raises :class:`RunDirError` naming the file when it is damaged."""
+    def load_checkpoint(self) -> tuple[int, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]] | None:
+        """(round, the model's arrays by name, optimizer state, extra) of the last checkpoint; None
+        when there is none. Raises :class:`RunDirError` naming the file when it is damaged."""
         path = self.path / CHECKPOINT
         if not path.is_file():
             return None
@@ -152,16 +147,14 @@ class RunDir:
                 info = json.loads((self.path / "checkpoint.json").read_text())
             server_round = int(info.pop("round"))
             info.pop("version", None)
-            params: ItemParams = ItemParams(arrays[keys.ITEM_PARAM_NAMES[0]], arrays[keys.ITEM_PARAM_NAMES[1]])
+            for name in keys.ITEM_PARAM_NAMES:  # every item model has them
+                arrays[name]
         except Exception as exc:  # safetensors, JSON and missing keys each raise their own types
             raise RunDirError(f"{path}: damaged checkpoint ({type(exc).__name__}: {exc}); restore it from a backup, "
                               "or delete it to start the run again from round 0") from None
-        if "head.weight" in arrays:  # a hybrid run's checkpoint
-            from common.hybrid_federated import HybridParams
-
-            params = HybridParams.from_named({k: v for k, v in arrays.items() if not k.startswith("opt.")})
+        named = {k: v for k, v in arrays.items() if not k.startswith("opt.")}
         opt = {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}
-        return server_round, params, opt, info
+        return server_round, named, opt, info
 
     def save_ledger(self, state: dict[str, Any], *, secure_noise: bool, population: int,
                     secret_cohorts: bool = True) -> None:
@@ -199,13 +192,7 @@ class RunDir:
 
         write_items_file(self.path / "items.csv", item_ids, titles)
 
-    def save_model(self, params: ItemParams) -> None:
-        if hasattr(params, "named_arrays"):  # hybrid: the released arrays by name (the base model is public)
-            save_arrays(self.path / "model.safetensors", dict(params.named_arrays()),
-                        metadata={"format": "fedrec-hybrid-items", "dim": str(params.dim),
-                                  "text_encoder": "all-MiniLM-L6-v2 (frozen) + head"
-                                  + (" + LoRA" if any(k.startswith("lora.") for k in params.adapter) else "")})
-            return
-        save_arrays(self.path / "model.safetensors",
-                    {keys.ITEM_PARAM_NAMES[0]: params.embeddings, keys.ITEM_PARAM_NAMES[1]: params.bias},
-                    metadata={"format": "fedrec-mf-items", "dim": str(params.dim)})
+    def save_model(self, named: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+        """``model.safetensors``: the released model's arrays by name (:meth:`ItemModel.named`;
+        a hybrid's base encoder is public and never saved) and what it says about itself."""
+        save_arrays(self.path / "model.safetensors", named, metadata=metadata)

@@ -11,7 +11,8 @@ from common.config import CentralConfig, ModelConfig
 from common.data.dataset import build_interactions
 from common.data.splits import Split, split_interactions
 from common.evaluation import EvalSets, evaluate_ranking
-from common.mf import init_items, score_users
+from common.models.mf.params import init_items
+from common.models.reconstruction import score_users
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,9 @@ from flwr.app import Context, RecordDict
 from client.cli import main
 from client.store import DeviceStore, write_items_file
 from common import keys
+from common.models.mf.model import model_file
 from common.config import RunConfig
-from common.mf import ItemParams
+from common.models import ItemParams
 from common.privacy.dp_fedavg import ledger_for
 from common.privacy.ledger import MechanismEvent, Sampling
 from server.run_dir import RunDir
@@ -40,7 +41,7 @@ def catalogue_params() -> ItemParams:
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
     run = RunDir.create(tmp_path / "runs", RunConfig())  # config.json: the run's model.loss / user-reg
-    run.save_model(catalogue_params())
+    run.save_model(*model_file(catalogue_params()))
     write_items_file(run.path / "items.csv", IDS, TITLES)
     ratings = tmp_path / "ratings.csv"
     # liked: Star Wars and Return of the Jedi (rating ≥ the mean); disliked: Emma

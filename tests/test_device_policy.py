@@ -13,12 +13,13 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from common import keys
+from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
-from common.federated import ClientData
-from common.mf import init_items
+from common.models import ClientData
+from common.models.mf.params import init_items
 from common.privacy.device import DEFAULT_POLICY, DevicePolicy, PolicyRefusal, protection_for
 
 LOCAL = DevicePolicy(clip=1.0, local_noise=2.0)
@@ -68,7 +69,8 @@ def _client(block_csv, policy, **flat):
     sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     params = init_items(sets.n_items, 8, seed=0, scale=2.0).to_arrays()  # large: the raw update is far above C
-    return RecClient(cfg, ClientData.from_sets(0, np.array([0]), sets), context, policy), params
+    return RecClient(cfg, ClientData.from_sets(0, np.array([0]), sets), context, policy,
+                     model=MFModel(cfg.model, sets.n_items)), params
 
 
 def test_the_client_clips_to_its_own_bound_whatever_the_server_says(block_csv):

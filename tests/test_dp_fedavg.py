@@ -7,16 +7,17 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from common import keys
+from common.models.mf.model import MFModel
 from common.config import DPConfig, RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
-from common.federated import ClientData, ServerOptimizer, server_update
 from common.inprocess import run_inprocess
-from common.mf import ItemParams, init_items
+from common.models import ClientData, ItemParams
+from common.models.mf.params import init_items
 from common.privacy import MechanismEvent, Sampling
-from common.privacy.dp_fedavg import ledger_for
-from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, clip_update, global_norm
+from common.privacy.dp_fedavg import GaussianNoise, clip_grouped, clip_update, global_norm, ledger_for
+from common.rounds import ServerOptimizer, server_update_arrays
 
 
 def test_clip_update_bounds_the_joint_norm_and_keeps_small_updates():
@@ -35,7 +36,7 @@ def test_clip_update_bounds_the_joint_norm_and_keeps_small_updates():
 def test_per_group_clipping_keeps_the_joint_norm_within_c(share):
     rng = np.random.default_rng(1)
     arrays = [rng.normal(size=(40, 4)) * 10, rng.normal(size=40) * 10]
-    out = clip_item_update(arrays, 2.0, share)
+    out = clip_grouped(arrays, 2.0, share)
     assert global_norm(out) <= 2.0 + 1e-6
     if share > 0:
         assert np.linalg.norm(out[1]) <= 2.0 * np.sqrt(share) + 1e-6
@@ -47,9 +48,10 @@ def test_noise_std_matches_sigma_c_over_expected_cohort(secure):
     # Zero updates: what changes the model is the noise alone, divided by q·N.
     dp = DPConfig(noise_multiplier=1.3, clip=0.8)
     params = ItemParams(np.zeros((300, 2), np.float32), np.zeros(300, np.float32))  # 900 draws
-    new = server_update(params, [np.zeros((300, 2)), np.zeros(300)], 0, optimizer=ServerOptimizer("sgd", 1.0),
-                        dp=dp, expected_cohort=0.1 * 500, noise=GaussianNoise(None if secure else 3))
-    draws = np.concatenate([new.embeddings.ravel(), new.bias]).astype(np.float64)
+    new = server_update_arrays(params.to_arrays(), [np.zeros((300, 2)), np.zeros(300)], 0,
+                               optimizer=ServerOptimizer("sgd", 1.0), dp=dp, expected_cohort=0.1 * 500,
+                               noise=GaussianNoise(None if secure else 3))
+    draws = np.concatenate([new[0].ravel(), new[1]]).astype(np.float64)
     expected = 1.3 * 0.8 / 50
     assert abs(draws.std() - expected) / expected < 0.15
     assert abs(draws.mean()) < 4 * expected / np.sqrt(len(draws))
@@ -69,7 +71,7 @@ def test_an_update_above_c_is_clipped_on_the_client_before_sending(block_csv):
     sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
     data = ClientData.from_sets(0, np.array([0]), sets)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = RecClient(cfg, data, ctx)
+    client = RecClient(cfg, data, ctx, model=MFModel(cfg.model, sets.n_items))
     params = init_items(sets.n_items, 8, seed=0, scale=1.0)
     config = {keys.SERVER_ROUND: 1, keys.LOCAL_EPOCHS: 1, keys.CLIENT_LR: 1.0}
     raw, _, _ = client.fit(params.to_arrays(), config)

@@ -10,8 +10,11 @@ from common.config import ModelConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets, evaluate_ranking
-from common.federated import ClientData, client_evaluate, reconstruct_users, ServerOptimizer
-from common.mf import UserData, init_items
+from common.models import ClientData
+from common.device import client_evaluate, reconstruct_users
+from common.rounds import ServerOptimizer
+from common.models import UserData
+from common.models.mf.params import init_items
 
 
 @pytest.mark.parametrize("phase", ["valid", "test"])

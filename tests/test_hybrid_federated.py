@@ -1,5 +1,5 @@
-"""The hybrid model, federated (common/hybrid_federated.py): what travels, per-group clipping,
-the client's round, the server's release and text vectors, the ledger, checkpoints; a tiny Ray
+"""The hybrid model, federated (common/models/hybrid/): what travels, per-group clipping, the
+client's round, the server's release and text vectors, the ledger, checkpoints; a tiny Ray
 federation with SecAgg+ and DP (slow)."""
 
 from __future__ import annotations
@@ -10,15 +10,17 @@ import torch
 
 from common import keys
 from common.config import RunConfig
-from common.federated import ClientData, ServerOptimizer, client_train
-from common.hybrid_federated import (
-    HybridParams, PrecomputedBaseEncoder, TextSide, add_lora, adapter_order, base_embeddings, clip_hybrid_update,
-    effective_from_arrays, extend_optimizer, hybrid_client_train, hybrid_server_update, init_hybrid, index_tokens,
-    new_item_bias, split_arrays,
-)
-from common.mf import ItemParams, UserData, init_items
-from common.privacy.dp_fedavg import GaussianNoise, clip_item_update, global_norm
-from common.text_encoder import TextItemEncoder, encode_base, item_vectors
+from common.models import ClientData, ItemParams, UserData
+from common.models.hybrid.blend import new_item_bias
+from common.models.hybrid.encoder import TextItemEncoder, encode_base, item_vectors
+from common.models.hybrid.model import HybridModel, add_lora, extend_optimizer, init_hybrid, split_arrays
+from common.models.hybrid.params import HybridParams, adapter_order
+from common.models.hybrid.text import PrecomputedBaseEncoder, TextSide, base_embeddings, index_tokens
+from common.models.hybrid.train import hybrid_client_train
+from common.models.mf.model import client_train
+from common.models.mf.params import init_items
+from common.privacy.dp_fedavg import GaussianNoise, clip_grouped, global_norm
+from common.rounds import RoundEngine, ServerOptimizer, server_update_arrays
 from tests.conftest import ITEM_TEXTS as TEXTS
 
 torch.set_num_threads(1)
@@ -80,7 +82,7 @@ def test_hybrid_params_travel_order_names_and_round_trips():
     text = rng.standard_normal((5, DIM)).astype(np.float32)
     got, vectors = split_arrays([*arrays, text], len(arrays), adapter_order(adapter))
     assert got.names() == params.names() and np.array_equal(vectors, text)
-    eff = effective_from_arrays([*arrays, text])
+    eff = got.effective(vectors)
     np.testing.assert_allclose(eff.embeddings, params.free.embeddings + text)
     assert np.array_equal(eff.bias, params.free.bias)
     with pytest.raises(ValueError):
@@ -94,7 +96,7 @@ def test_clipping_keeps_the_bias_share_and_puts_embeddings_and_adapter_together(
     arrays = [rng.standard_normal((6, 4)) * 3, rng.standard_normal(6) * 5, rng.standard_normal((4, 7)) * 2,
               rng.standard_normal(4)]
     clip, share = 1.0, 0.05
-    out = clip_hybrid_update([a.astype(np.float32) for a in arrays], clip, share)
+    out = clip_grouped([a.astype(np.float32) for a in arrays], clip, share)
     assert global_norm(out) <= clip * (1 + 1e-6)
     assert global_norm([out[1]]) <= clip * np.sqrt(share) * (1 + 1e-6)
     assert global_norm([out[0], *out[2:]]) <= clip * np.sqrt(1 - share) * (1 + 1e-6)
@@ -102,9 +104,9 @@ def test_clipping_keeps_the_bias_share_and_puts_embeddings_and_adapter_together(
     assert np.allclose(out[0] / arrays[0], (out[2] / arrays[2]).flat[0], rtol=1e-5)
     # with no adapter arrays it is exactly MF's clipping; flat clipping when share ≤ 0
     mf = [arrays[0].astype(np.float32), arrays[1].astype(np.float32)]
-    for a, b in zip(clip_hybrid_update(mf, clip, share), clip_item_update(mf, clip, share)):
+    for a, b in zip(clip_grouped(mf, clip, share), clip_grouped(mf, clip, share)):
         assert np.array_equal(a, b)
-    flat = clip_hybrid_update([a.astype(np.float32) for a in arrays], clip, 0.0)
+    flat = clip_grouped([a.astype(np.float32) for a in arrays], clip, 0.0)
     assert global_norm(flat) == pytest.approx(clip, rel=1e-5)
 
 
@@ -173,14 +175,15 @@ def test_server_release_noises_every_trainable_array_and_recomputes_text_vectors
     params = init_hybrid(init_items(len(TEXTS), DIM, seed=0), frozen_side)
     opt = ServerOptimizer("sgd", 1.0)
     zero = [np.zeros(a.shape) for a in params.to_arrays()]
-    new = hybrid_server_update(params, zero, 0, optimizer=opt, dp=cfg.dp, expected_cohort=2.0,
-                               noise=GaussianNoise(0))
+    new = params.with_arrays(server_update_arrays(params.to_arrays(), zero, 0, optimizer=opt, dp=cfg.dp,
+                                                  expected_cohort=2.0, noise=GaussianNoise(0)))
     assert new.names() == params.names()
     for name in params.names():  # a noise-only release moves every array
         assert not np.array_equal(new.named_arrays()[name], params.named_arrays()[name]), name
     assert not np.allclose(frozen_side.vectors(new.adapter), frozen_side.vectors(params.adapter))
-    same = hybrid_server_update(params, None, 0, optimizer=opt, dp=None, expected_cohort=2.0, noise=GaussianNoise(0))
-    assert same is params  # no DP, nobody reported: unchanged
+    same = server_update_arrays(params.to_arrays(), None, 0, optimizer=opt, dp=None, expected_cohort=2.0,
+                                noise=GaussianNoise(0))
+    assert same is None  # no DP, nobody reported: unchanged
 
 
 def test_strategy_sends_text_vectors_as_context_and_names_the_adapter_in_the_ledger(frozen_side, tmp_path):
@@ -188,42 +191,45 @@ def test_strategy_sends_text_vectors_as_context_and_names_the_adapter_in_the_led
     from server.strategy import FedRecStrategy
 
     cfg = hybrid_cfg(**{"dp.noise-seed": 0})
-    params = init_hybrid(init_items(len(TEXTS), DIM, seed=0), frozen_side)
+    model = HybridModel(cfg.model, len(TEXTS), lambda: TEXTS, 0, side=frozen_side)
+    engine = RoundEngine(cfg, model)
+    params = engine.params
     run_dir = RunDir.create(tmp_path, cfg)
-    strategy = FedRecStrategy(cfg, run_dir, params, ServerOptimizer("adam", 0.02))
-    strategy.set_text_side(frozen_side)
-    out = strategy._outgoing()
+    strategy = FedRecStrategy(cfg, run_dir, engine, grid=None)
+    out = engine.outgoing()
     assert len(out) == len(params.to_arrays()) + 1
     np.testing.assert_array_equal(out[-1], frozen_side.vectors(params.adapter))
-    event = strategy._event(1)
+    instruction = engine.instruction(1, secure_aggregation=False)
+    assert instruction[keys.TRAINABLE_ARRAYS] == 4 and instruction[keys.CONTEXT_ARRAYS] == keys.TEXT_VECTORS_NAME
+    event = engine.event(1)
     assert event.parameters == params.names() and {"head.weight", "head.bias"} <= set(event.parameters)
     strategy.current_round = 1
     strategy._release(None, 0)  # a noise-only release (DP on)
-    assert not np.array_equal(strategy.params.adapter["head.weight"], params.adapter["head.weight"])
-    np.testing.assert_array_equal(strategy._outgoing()[-1], frozen_side.vectors(strategy.params.adapter))
-    assert strategy.ledger.events[0].parameters == params.names()
+    assert not np.array_equal(engine.params.adapter["head.weight"], params.adapter["head.weight"])
+    np.testing.assert_array_equal(engine.outgoing()[-1], frozen_side.vectors(engine.params.adapter))
+    assert engine.ledger.events[0].parameters == params.names()
     # checkpoints and the final model keep every released array by name
-    run_dir.save_checkpoint(1, strategy.params, strategy.optimizer.state_dict(), {})
-    rnd, loaded, opt_state, _ = run_dir.load_checkpoint()
-    assert rnd == 1 and isinstance(loaded, HybridParams) and loaded.names() == params.names()
-    for name, array in strategy.params.named_arrays().items():
-        np.testing.assert_array_equal(loaded.named_arrays()[name], array)
-    run_dir.save_model(strategy.params)
+    run_dir.save_checkpoint(1, *engine.state())
+    rnd, named, opt_state, extra = run_dir.load_checkpoint()
+    restored = RoundEngine.restore(cfg, model, named, opt_state, extra)
+    assert rnd == 1 and isinstance(restored.params, HybridParams) and restored.params.names() == params.names()
+    for name, array in engine.params.named_arrays().items():
+        np.testing.assert_array_equal(restored.params.named_arrays()[name], array)
+    run_dir.save_model(model.named(engine.params), model.metadata(engine.params))
     from common.serialization import load_arrays
 
     assert set(load_arrays(run_dir.path / "model.safetensors")) == set(params.names())
 
 
 def test_mf_strategy_sends_exactly_the_mf_arrays(tmp_path):
-    from server.run_dir import RunDir
-    from server.strategy import FedRecStrategy
+    from common.models.mf.model import MFModel
 
     cfg = RunConfig.from_flat({"model.dim": DIM})
-    params = init_items(7, DIM, seed=0)
-    strategy = FedRecStrategy(cfg, RunDir.create(tmp_path, cfg), params, ServerOptimizer("adam", 0.02))
-    out = strategy._outgoing()
-    assert len(out) == 2 and out[0] is params.embeddings and out[1] is params.bias
-    assert strategy._event(1).parameters == keys.ITEM_PARAM_NAMES
+    engine = RoundEngine(cfg, MFModel(cfg.model, 7))
+    out = engine.outgoing()
+    assert len(out) == 2 and out[0] is engine.params.embeddings and out[1] is engine.params.bias
+    assert engine.event(1).parameters == keys.ITEM_PARAM_NAMES
+    assert keys.TRAINABLE_ARRAYS not in engine.instruction(1, secure_aggregation=False)
 
 
 # ---------------------------------------------------------------- frozen rounds, then LoRA rounds

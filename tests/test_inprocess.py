@@ -46,7 +46,7 @@ def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, mode):
     vectors, ledger and final metrics through Flower as in one process."""
     import torch
 
-    from common.hybrid_federated import item_texts
+    from common.data.texts import item_texts
 
     torch.set_num_threads(1)  # as in every simulated client
     cfg = RunConfig.from_flat({"data.source": str(block_csv), "fed.rounds": 2, "fed.sample-rate": 0.7,

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 
 from common import keys
+from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
 from common.privacy import Accountant, Relation, Sampling, epsilon_for, plan_local_noise_multiplier
-from common.privacy.dp_fedavg import (
-    LOCAL_TAIL, GaussianNoise, add_local_noise, ledger_for, local_bound, local_noise_for, release_event,
-)
+from common.privacy.dp_fedavg import (LOCAL_TAIL, GaussianNoise, add_local_noise, ledger_for, local_bound, local_noise_for, release_event)
 from tests.conftest import write_block_csv
 
 
@@ -117,14 +116,14 @@ def test_client_sends_a_noised_update_and_keeps_its_own_ledger(small_sets):
     from flwr.app import Context, RecordDict
 
     from client.app import RecClient
-    from common.federated import ClientData
-    from common.mf import init_items
+    from common.models import ClientData
+    from common.models.mf.params import init_items
     from common.privacy.device import DevicePolicy
 
     cfg = _cfg(**{"dp.noise-seed": -1})
     data = ClientData.from_sets(0, np.array([0, 1, 2]), small_sets)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = RecClient(cfg, data, context, DevicePolicy.for_run(cfg))
+    client = RecClient(cfg, data, context, DevicePolicy.for_run(cfg), model=MFModel(cfg.model, small_sets.n_items))
     params = init_items(small_sets.n_items, 8, seed=0).to_arrays()
     config = {keys.SERVER_ROUND: 1, keys.CLIP_NORM: 1.0, keys.BIAS_SHARE: 0.05, keys.LOCAL_NOISE: 4.0}
     arrays, weight, metrics = client.fit(params, config)

@@ -1,4 +1,4 @@
-"""Reconstructable matrix factorisation (common.mf): user solves, item gradients, a known answer."""
+"""Reconstructable matrix factorisation (common.models): user solves, item gradients, a known answer."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from common.central import train_central
 from common.data.dataset import Interactions, build_interactions
 from common.data.splits import Split
 from common.evaluation import items_by_user
-from common.mf import (LOSSES, ItemParams, UserData, fit_user, init_items, item_loss, local_item_update,
-                       sample_negatives, score_users)
+from common.models.reconstruction import LOSSES, fit_user, item_loss, sample_negatives, score_users
+from common.models import ItemParams, UserData
+from common.models.mf.params import init_items
+from common.models.mf.train import local_item_update
 
 torch.set_num_threads(1)
 

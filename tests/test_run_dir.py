@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from common.config import RunConfig
-from common.mf import init_items
+from common.models.mf.model import model_file
+from common.models.mf.params import init_items
 from common.privacy.dp_fedavg import ledger_for, release_event
 from server.run_dir import RunDir, RunDirError
 
@@ -27,7 +28,7 @@ def _round_state(rnd: int):
     for r in range(1, rnd + 1):
         ledger.record(release_event("central", noise_multiplier=1.0, sample_rate=0.1,
                                     parameters=("item_embeddings", "item_bias"), server_round=r))
-    return params, {"step": np.array([rnd], dtype=np.int64)}, {"ledger": ledger.state_dict()}
+    return model_file(params)[0], {"step": np.array([rnd], dtype=np.int64)}, {"ledger": ledger.state_dict()}
 
 
 @pytest.mark.parametrize("fail_at", [1, 2])
@@ -52,9 +53,9 @@ def test_a_crash_while_checkpointing_never_mixes_two_rounds(tmp_path, monkeypatc
     except KeyboardInterrupt:
         pass
     monkeypatch.setattr(os, "replace", real_replace)
-    rnd, params, opt, extra = run.load_checkpoint()
+    rnd, named, opt, extra = run.load_checkpoint()
     expected, _, _ = _round_state(rnd)
-    np.testing.assert_array_equal(params.embeddings, expected.embeddings)
+    np.testing.assert_array_equal(named["item_embeddings"], expected["item_embeddings"])
     assert int(opt["step"][0]) == rnd
     assert [e["round"] for e in extra["ledger"]["events"]] == list(range(1, rnd + 1))
 

@@ -9,13 +9,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 import simulate
 from common import keys
+from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
-from common.federated import ClientData, client_train
-from common.mf import init_items
-from common.privacy.dp_fedavg import clip_item_update
+from common.models import ClientData
+from common.models.mf.model import client_train
+from common.models.mf.params import init_items
+from common.privacy.dp_fedavg import clip_grouped
 from common.secure_sum import clip_before_rounding
 from common.serialization import load_arrays
 from server.run_dir import RunDir
@@ -44,7 +46,7 @@ def expected_mean(csv, cfg: RunConfig, clients: list[int]) -> list[np.ndarray]:
     for c in clients:
         update, _, _ = client_train(params, ClientData.from_sets(c, np.array([c]), sets), model=cfg.model,
                                     epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
-        ups.append(clip_item_update(update.to_arrays(), clip, cfg.dp.bias_share))
+        ups.append(clip_grouped(update.to_arrays(), clip, cfg.dp.bias_share))
     return [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)], params
 
 
@@ -153,7 +155,7 @@ def test_a_nan_update_is_refused_on_the_device_before_masking(block_csv):
     cfg = RunConfig.from_flat({"data.source": str(block_csv), "model.dim": 4})
     sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    client = RecClient(cfg, ClientData.from_sets(0, np.array([0]), sets), ctx)
+    client = RecClient(cfg, ClientData.from_sets(0, np.array([0]), sets), ctx, model=MFModel(cfg.model, sets.n_items))
     params = init_items(sets.n_items, 4, seed=0)
     params.embeddings[5, 0] = np.nan  # e.g. a corrupted download
     with pytest.raises(ValueError, match="update refused: .*NaN"):
@@ -179,7 +181,7 @@ def test_a_round_of_1100_clients_releases_the_right_sum(tmp_path):
     for c in range(n):
         update, _, _ = client_train(params, ClientData.from_sets(c, np.array([c]), sets), model=cfg.model,
                                     epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
-        ups.append(clip_item_update(update.to_arrays(), clip, cfg.dp.bias_share))
+        ups.append(clip_grouped(update.to_arrays(), clip, cfg.dp.bias_share))
     mean = [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)]
     _, model, _, _ = run_dir.load_checkpoint()
     got = [model.embeddings.astype(np.float64) - params.embeddings, model.bias.astype(np.float64) - params.bias]

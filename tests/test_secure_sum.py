@@ -75,20 +75,19 @@ def test_bit_widths_too_coarse_for_the_model_are_refused():
 
 def _strategy(tmp_path, **flat):
     from common.config import RunConfig
-    from common.federated import make_server_optimizer
-    from common.mf import init_items
+    from common.models.mf.model import MFModel
+    from common.rounds import RoundEngine
     from server.run_dir import RunDir
     from server.secagg import SecAggPlusWorkflowWithEarlyDropouts
     from server.strategy import FedRecStrategy
 
     cfg = RunConfig.from_flat({"fed.rounds": 3, "model.dim": 4, "dp.noise-seed": 1, "fed.server-opt": "sgd",
                                "fed.server-lr": 1.0, "dp.target-epsilon": 0, **flat})
-    params = init_items(20, 4, seed=0)
-    strategy = FedRecStrategy(cfg, RunDir.create(tmp_path, cfg), params, make_server_optimizer(cfg.fed, cfg.model))
-    strategy.secure_aggregation = True
-    strategy.secagg_workflow = SecAggPlusWorkflowWithEarlyDropouts(num_shares=3, reconstruction_threshold=2)
+    engine = RoundEngine(cfg, MFModel(cfg.model, 20))
+    workflow = SecAggPlusWorkflowWithEarlyDropouts(num_shares=3, reconstruction_threshold=2)
+    strategy = FedRecStrategy(cfg, RunDir.create(tmp_path, cfg), engine, grid=None, secagg_workflow=workflow)
     strategy.client_ids = {str(i): i for i in range(10)}
-    return strategy, params
+    return strategy, engine.params
 
 
 class _Proxy:
@@ -113,8 +112,8 @@ def test_an_aggregate_whose_weight_factor_is_not_n_times_two_to_the_bits_is_refu
     parameters, _ = strategy.aggregate_fit(1, _results(mean, 5), [])
     assert parameters is None and "weight factor" in strategy._row["refused"]
     strategy.evaluate(1, None)  # the workflow's per-round bookkeeping
-    assert strategy._row.get("abandoned") and len(strategy.ledger.events) == 1  # charged
-    noise = strategy.params.bias - params.bias  # noise only: σC/(qN) per coordinate, no 0.01 drift
+    assert strategy._row.get("abandoned") and len(strategy.engine.ledger.events) == 1  # charged
+    noise = strategy.engine.params.bias - params.bias  # noise only: σC/(qN) per coordinate, no 0.01 drift
     assert abs(float(np.mean(noise))) < 3 * 1.03 / (0.1 * 10) / np.sqrt(20)
 
     strategy.current_round, strategy._row, strategy._released = 2, {"round": 2, "sampled": 5}, False

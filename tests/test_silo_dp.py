@@ -12,8 +12,12 @@ from common.config import ModelConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
-from common.federated import ClientData, client_evaluate
-from common.mf import ItemParams, UserData, fit_user, init_items, local_item_update
+from common.models import ClientData
+from common.device import client_evaluate
+from common.models import ItemParams, UserData
+from common.models.reconstruction import fit_user
+from common.models.mf.params import init_items
+from common.models.mf.train import local_item_update
 from common.privacy import Sampling
 from common.silo_dp import (GRAD_SAMPLE_MODES, RELEASED_PARAMETERS, ItemScorer, SiloDPResult, dp_sgd_item_update,
                             ledger_from_history, silo_ledger, user_samples)
@@ -74,8 +78,8 @@ def per_example_grads(scorer: ItemScorer, x: torch.Tensor, y: torch.Tensor) -> t
 
 
 def user_gradients(params: ItemParams, users: list[UserData]) -> list[np.ndarray]:
-    """Each user's own gradient of their softmax loss (common.mf.item_loss) at their vector."""
-    from common.mf import item_loss
+    """Each user's own gradient of their softmax loss (common.models.reconstruction.item_loss) at their vector."""
+    from common.models.reconstruction import item_loss
 
     out = []
     for user in users:

@@ -12,9 +12,9 @@ from flwr.compat.common import recorddict_compat
 
 from common import keys
 from common.config import RunConfig
-from common.federated import make_server_optimizer
-from common.mf import init_items
-from common.privacy.dp_fedavg import clip_item_update
+from common.models.mf.model import MFModel
+from common.rounds import RoundEngine
+from common.privacy.dp_fedavg import clip_grouped
 from server.run_dir import RunDir
 from server.strategy import FedRecStrategy
 
@@ -55,8 +55,8 @@ class Grid:
 def strategy(tmp_path, **flat) -> FedRecStrategy:
     cfg = RunConfig.from_flat({"model.dim": DIM, "dp.noise-seed": 1, "dp.target-epsilon": 0,
                                "secagg.enabled": False, **flat})
-    params = init_items(N_ITEMS, DIM, seed=0)
-    s = FedRecStrategy(cfg, RunDir.create(tmp_path, cfg), params, make_server_optimizer(cfg.fed, cfg.model))
+    engine = RoundEngine(cfg, MFModel(cfg.model, N_ITEMS))
+    s = FedRecStrategy(cfg, RunDir.create(tmp_path, cfg), engine, grid=None)
     s.client_ids = {str(i): i for i in range(10)}
     s.node_to_client = {i: i for i in range(10)}
     s.current_round, s._row = 1, {"round": 1, "sampled": 3, "failures": 0}
@@ -70,7 +70,7 @@ def fit_results(updates: list[list[np.ndarray]]):
 def honest(seed: int, clip: float = 1.0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     raw = [rng.standard_normal((N_ITEMS, DIM)), rng.standard_normal(N_ITEMS)]
-    return clip_item_update(raw, clip, 0.05)
+    return clip_grouped(raw, clip, 0.05)
 
 
 @pytest.mark.parametrize("attack", ["every value at C", "bias group at C", "joint norm 2C"])
@@ -88,10 +88,10 @@ def test_plaintext_updates_above_the_per_group_l2_bound_are_refused(tmp_path, at
 def test_without_dp_one_huge_update_is_still_refused(tmp_path):
     """--no-dp --no-secagg: one update of −1e30 used to move the model for 30 rounds."""
     s = strategy(tmp_path, **{"dp.enabled": False})
-    before = s.params.bias.copy()
+    before = s.engine.params.bias.copy()
     s.aggregate_fit(1, fit_results([honest(1), [np.full((N_ITEMS, DIM), -1e30), np.full(N_ITEMS, -1e30)]]), [])
     assert s._row["participants"] == 1 and "L2 norm" in s.failures[-1][2]
-    assert np.max(np.abs(s.params.bias - before)) < 1.0
+    assert np.max(np.abs(s.engine.params.bias - before)) < 1.0
 
 
 def test_a_string_training_loss_or_silo_history_is_ignored_not_fatal(tmp_path):
@@ -117,7 +117,7 @@ def task_identity(monkeypatch):
 def test_identity_replies_are_parsed_and_a_copied_id_cannot_displace_its_owner(tmp_path, task_identity):
     s = strategy(tmp_path)
     s.client_ids, s.node_to_client = {}, {}
-    s.grid = Grid({10: {"client-id": 7, "users": 1}, 11: {}, 12: {"client-id": "abc"},
+    s.grid._grid = Grid({10: {"client-id": 7, "users": 1}, 11: {}, 12: {"client-id": "abc"},
                    13: {"client-id": 7, "users": 1}, 14: {"client-id": 8, "users": -1}})
     proxies = s._resolve_ids(Manager([Proxy(n) for n in (10, 11, 12, 13, 14)]))
     assert [p.node_id for p in proxies] == [10]  # only the first claim of id 7 stands

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.data.dataset import Interactions
+from common.streams import Stream, generator
 
 SYNTHETIC_PREFIX = "synthetic:"
 SWAP_FRACTION = 0.2
@@ -49,7 +50,7 @@ def synthetic_like(base: Interactions, n_users: int, *, seed: int,
         raise ValueError(f"swap_fraction must be in [0, 1], got {swap_fraction}")
     if len(base) == 0:
         raise ValueError("cannot resample users from an empty data set")
-    rng = np.random.default_rng([seed, 0x5E7D])
+    rng = generator(Stream.SYNTHETIC, seed)
 
     # Base rows grouped by user.
     order = np.lexsort((base.item, base.user))

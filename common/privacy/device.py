@@ -66,12 +66,14 @@ class DevicePolicy:
             raise ValueError("a device that adds its own noise needs a finite clip")
 
     @classmethod
-    def for_run(cls, cfg: Any) -> "DevicePolicy":
+    def for_run(cls, cfg: Any, *, secure_aggregation: bool | None = None) -> "DevicePolicy":
         """The policy of a simulated device whose owner is the operator running ``cfg``
         (a :class:`common.config.RunConfig`): clip C when DP or SecAgg+ is on, local noise σ
-        under local DP, and the operator's noise seed."""
+        under local DP, and the operator's noise seed. ``secure_aggregation`` overrides the
+        config's (the in-process runner sums in plaintext)."""
         dp = cfg.dp
-        bounded = dp.enabled or cfg.secagg.enabled
+        secagg = cfg.secagg.enabled if secure_aggregation is None else secure_aggregation
+        bounded = dp.enabled or secagg
         return cls(clip=dp.clip if bounded else math.inf,
                    local_noise=dp.noise_multiplier if dp.enabled and dp.mode == "local" else 0.0,
                    noise_seed=dp.seed)

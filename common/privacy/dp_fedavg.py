@@ -54,22 +54,23 @@ def clip_update(arrays: list[np.ndarray], clip: float) -> tuple[list[np.ndarray]
     return [(np.asarray(a, dtype=np.float64) * scale).astype(np.float32) for a in arrays], True
 
 
-def clip_item_update(arrays: list[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
-    """Clip an item-side update ``[embeddings, biases]`` so its joint L2 norm is at most ``clip``.
+def clip_grouped(arrays: list[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
+    """Clip an item-side update ``[embeddings, biases, *more]`` to joint L2 norm ≤ ``clip``.
 
     ``bias_share`` ≤ 0: one flat clip over everything. Otherwise per-group clipping (as in
-    McMahan et al. 2018): the biases are clipped to ``clip·√share`` and the embeddings to
-    ``clip·√(1−share)``, so the joint norm is still ≤ ``clip`` and the sensitivity (hence the
-    noise and ε) is unchanged, but the biases, whose gradient is large and simple, no longer
-    crowd the embeddings out of the clipped update.
+    McMahan et al. 2018): the biases (array 1) are clipped to ``clip·√share`` and every other array
+    together to ``clip·√(1−share)``, so the joint norm is still ≤ ``clip`` and the sensitivity
+    (hence the noise and ε) is unchanged, but the biases, whose gradient is large and simple, no
+    longer crowd the rest out of the clipped update. Every item model's update has this layout
+    (MF: embeddings, biases; the hybrid adds its adapter after them).
     """
     if bias_share <= 0:
         return clip_update(arrays, clip)[0]
     if not 0 < bias_share < 1:
         raise ValueError(f"bias_share must be in (0, 1), got {bias_share}")
-    emb, bias = arrays
-    return [clip_update([emb], clip * np.sqrt(1.0 - bias_share))[0][0],
-            clip_update([bias], clip * np.sqrt(bias_share))[0][0]]
+    rest = clip_update([arrays[0], *arrays[2:]], clip * np.sqrt(1.0 - bias_share))[0]
+    bias = clip_update([arrays[1]], clip * np.sqrt(bias_share))[0][0]
+    return [rest[0], bias, *rest[1:]]
 
 
 #: Secure noise: each coordinate is the sum of this many independent draws of std/2 (Opacus'
@@ -142,7 +143,9 @@ def add_local_noise(arrays: list[np.ndarray], *, noise_multiplier: float, clip: 
 def local_noise_for(seed: int | None, server_round: int, client_id: int) -> GaussianNoise:
     """A device's noise source for one round: secure (``seed`` None), or seeded per
     (seed, round, client) for tests, so a Flower run and the in-process runner draw the same."""
-    return GaussianNoise(None if seed is None else [seed, server_round, client_id, 0x10CA1])
+    from common.streams import Stream, key
+
+    return GaussianNoise(None if seed is None else key(Stream.LOCAL_NOISE, seed, server_round, client_id))
 
 
 def ledger_for(mode: str, delta: float, partition: str = "user") -> PrivacyLedger:

@@ -1,11 +1,9 @@
-"""Hybrid recommendation: collaborative filtering (MF) + item text (MiniLM vectors).
-
-Three ways to use the text, from simplest to learned:
+"""Ways to use item text beside collaborative filtering, and baselines for new items.
 
 ``blend_scores``         α·z(r_cf) + (1−α)·z(r_cb), a fixed mix of MF scores and content scores
 ``hybrid_item_params``   item vector = free embedding + projected text vector, scored by the
                          unchanged MF code; cold items (never interacted) are scored from text
-``adapter_update``       one client's local step on the text side (LoRA + head) of that model
+``new_item_bias``        biases of new items predicted from their text (ridge on released biases)
 
 plus the cold-start scorers ``text_only_scores`` and the ``genre_popularity_scores`` baseline.
 Content scores ``r_cb`` are cosines between a user's profile (mean text vector of their
@@ -17,10 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
-from common.mf import ItemParams, UserData, sample_negatives
-from common.text_encoder import TextItemEncoder, trainable_parameters, trainable_state
+from common.models.contract import ItemParams
 
 
 def zscore_rows(scores: np.ndarray) -> np.ndarray:
@@ -135,48 +131,41 @@ def hybrid_item_params(free: ItemParams, text_vectors: np.ndarray, *, cold_items
     return ItemParams(embeddings.astype(np.float32), bias.astype(np.float32))
 
 
-def adapter_update(encoder: TextItemEncoder, free: ItemParams, user: UserData, item_tokens: dict[str, torch.Tensor],
-                   *, user_vector: np.ndarray, negatives_rng: np.random.Generator, n_neg: int, lr: float,
-                   epochs: int) -> tuple[dict[str, np.ndarray], float]:
-    """One client's local training of the text side (LoRA + head) for one user.
 
-    Each epoch samples ``n_neg`` negatives (uniform over the items the user has not seen),
-    encodes only the user's positives and those negatives (from the pre-tokenised
-    ``item_tokens``: ``input_ids``/``attention_mask`` rows for all items), scores them as
-    ``s_i = u·(free_i + head(text_i)) + b_i`` and takes one SGD step on the sampled softmax
-    loss ``logsumexp(s over positives ∪ negatives) − mean(s over positives)``. The free
-    embeddings, biases and user vector stay fixed; the base model is frozen.
+def new_item_bias(bias: np.ndarray, text_embeddings: np.ndarray, new_items: np.ndarray, *,
+                  lambdas: Sequence[float] = (0.1, 1.0, 10.0, 100.0), folds: int = 5, seed: int = 0
+                  ) -> tuple[np.ndarray, float]:
+    """Biases for items nobody has interacted with yet, predicted from their text.
 
-    Returns the update ``new − received`` of :func:`trainable_state` (same keys) and the loss
-    before the last step. The encoder is left holding the trained weights (its training mode is
-    restored); load the received state to undo. Cost: one forward/backward over
-    ``len(user.items) + n_neg`` texts per epoch.
-    """
-    if len(user.items) == 0:
-        raise ValueError("adapter_update needs a user with at least one training item")
-    if epochs < 1 or n_neg < 1 or lr <= 0:
-        raise ValueError(f"need epochs ≥ 1, n_neg ≥ 1 and lr > 0, got {epochs}, {n_neg}, {lr}")
-    received = trainable_state(encoder)
-    u = torch.as_tensor(np.asarray(user_vector, dtype=np.float32))
-    V = torch.from_numpy(np.asarray(free.embeddings, dtype=np.float32))
-    b = torch.from_numpy(np.asarray(free.bias, dtype=np.float32))
-    pos = np.asarray(user.items, dtype=np.int64)
-    optimizer = torch.optim.SGD(trainable_parameters(encoder), lr=lr)
-    was_training = encoder.training
-    encoder.train()
-    loss_value = float("nan")
-    try:
-        for _ in range(epochs):
-            neg = sample_negatives(pos, free.n_items, n_neg, negatives_rng)
-            idx = torch.from_numpy(np.concatenate([pos, neg]))
-            text = encoder(item_tokens["input_ids"][idx], item_tokens["attention_mask"][idx])
-            scores = (V[idx] + text) @ u + b[idx]
-            loss = torch.logsumexp(scores, 0) - scores[: len(pos)].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_value = float(loss.detach())
-    finally:
-        encoder.train(was_training)
-    new = trainable_state(encoder)
-    return {k: new[k] - received[k] for k in received}, loss_value
+    A ridge regression (intercept unpenalised) of the released biases of the other items on
+    their sentence embeddings, λ chosen by ``folds``-fold cross-validation (mean squared error)
+    among ``lambdas``. It reads only released parameters and public texts: post-processing,
+    no privacy cost. Returns (predicted biases of the new items in increasing index order,
+    chosen λ)."""
+    X = np.asarray(text_embeddings, dtype=np.float64)
+    y = np.asarray(bias, dtype=np.float64)
+    new = np.zeros(len(y), dtype=bool)
+    new[np.asarray(new_items, dtype=np.int64)] = True
+    known = np.flatnonzero(~new)
+    if len(known) < folds:
+        raise ValueError(f"need at least {folds} items with a trained bias, got {len(known)}")
+
+    def fit(rows: np.ndarray, lam: float) -> np.ndarray:
+        Xa = np.c_[X[rows], np.ones(len(rows))]
+        reg = lam * np.eye(Xa.shape[1])
+        reg[-1, -1] = 0.0
+        return np.linalg.solve(Xa.T @ Xa + reg, Xa.T @ y[rows])
+
+    def predict(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return np.c_[X[rows], np.ones(len(rows))] @ w
+
+    fold = np.random.default_rng(seed).permutation(len(known)) % folds
+    errors = []
+    for lam in lambdas:
+        err = 0.0
+        for f in range(folds):
+            train, test = known[fold != f], known[fold == f]
+            err += float(np.sum((predict(fit(train, lam), test) - y[test]) ** 2))
+        errors.append(err)
+    lam = float(lambdas[int(np.argmin(errors))])
+    return predict(fit(known, lam), np.flatnonzero(new)).astype(np.float32), lam

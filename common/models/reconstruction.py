@@ -1,8 +1,6 @@
-"""Matrix factorisation whose user side can stay on a device.
-
-Score ``s_ui = u·v_i + b_i``. The global (item-side) parameters are the item embeddings ``V``
-and biases ``b``; a user's vector ``u`` is never sent anywhere: given ``V, b`` and the user's own
-items it is *reconstructed* by solving a small convex problem (as ``implicit``'s
+"""User reconstruction, shared by every item model: a user's vector is never sent anywhere;
+given the item side (any model's effective :class:`~common.models.contract.ItemParams`) and
+the user's own items it is *reconstructed* by solving a small convex problem (as ``implicit``'s
 ``recalculate_user`` and TFF's Federated Reconstruction do). Losses:
 
 ``softmax``  full softmax over all items (multinomial likelihood of the user's positives)
@@ -15,57 +13,13 @@ deterministic Newton solve from zero: a client needs no state to train or evalua
 
 from __future__ import annotations
 
-from common.choices import Loss, values
-
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
+from common.choices import Loss, values
+from common.models.contract import ItemParams, UserData
+
 LOSSES = values(Loss)
-
-
-@dataclass
-class ItemParams:
-    """The global model: item embeddings (I, d) and item biases (I,), float32."""
-
-    embeddings: np.ndarray
-    bias: np.ndarray
-
-    @property
-    def n_items(self) -> int:
-        return self.embeddings.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.embeddings.shape[1]
-
-    def to_arrays(self) -> list[np.ndarray]:
-        return [self.embeddings, self.bias]
-
-    @classmethod
-    def from_arrays(cls, arrays: list[np.ndarray]) -> "ItemParams":
-        emb, bias = arrays
-        return cls(np.asarray(emb, dtype=np.float32), np.asarray(bias, dtype=np.float32))
-
-    def copy(self) -> "ItemParams":
-        return ItemParams(self.embeddings.copy(), self.bias.copy())
-
-
-def init_items(n_items: int, dim: int, *, seed: int, scale: float = 0.1, bias: float = 0.0) -> ItemParams:
-    rng = np.random.default_rng(seed)
-    return ItemParams(
-        (rng.standard_normal((n_items, dim)) * scale).astype(np.float32),
-        np.full(n_items, bias, dtype=np.float32),
-    )
-
-
-@dataclass(frozen=True)
-class UserData:
-    """One user's training interactions as the device holds them."""
-
-    items: np.ndarray  # item indices, int64
-    ratings: np.ndarray  # float32, 1.0 for implicit data
 
 
 def sample_negatives(positives: np.ndarray, n_items: int, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -75,8 +29,6 @@ def sample_negatives(positives: np.ndarray, n_items: int, n: int, rng: np.random
     candidates = np.flatnonzero(mask)
     return candidates[rng.integers(0, len(candidates), size=n)]
 
-
-# ---------------------------------------------------------------- user reconstruction
 
 def _newton(grad_hess, dim: int, *, iters: int, tol: float) -> torch.Tensor:
     """Minimise a smooth convex function of ``u`` from zero with damped Newton steps."""
@@ -145,8 +97,6 @@ def fit_user(params: ItemParams, user: UserData, *, loss: str, reg: float,
     return _newton(grad_hess, V.shape[1], iters=iters, tol=tol).numpy().astype(np.float32)
 
 
-# ---------------------------------------------------------------- item-side gradients
-
 def item_loss(V: torch.Tensor, b: torch.Tensor, u: torch.Tensor, user: UserData, *, loss: str,
               negatives: np.ndarray | None = None) -> torch.Tensor:
     """One user's data loss as a differentiable function of the item parameters."""
@@ -162,32 +112,6 @@ def item_loss(V: torch.Tensor, b: torch.Tensor, u: torch.Tensor, user: UserData,
         pred = V[pos] @ u + b[pos]
         return ((pred - torch.from_numpy(user.ratings)) ** 2).sum()
     raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(LOSSES)}")
-
-
-def local_item_update(params: ItemParams, users: list[UserData], *, loss: str, user_reg: float,
-                      epochs: int, lr: float, rng: np.random.Generator) -> tuple[ItemParams, float, list[np.ndarray]]:
-    """Client training: ``epochs`` rounds of (reconstruct each user, one gradient step on the
-    item parameters). Returns the update (new − received, dense, same shapes), the mean data
-    loss per interaction before the last step, and the users' final vectors (kept on device)."""
-    V = torch.from_numpy(params.embeddings.copy()).requires_grad_(True)
-    b = torch.from_numpy(params.bias.copy()).requires_grad_(True)
-    n_inter = max(sum(len(u.items) for u in users), 1)
-    last_loss = float("nan")
-    vectors: list[np.ndarray] = []
-    for _ in range(epochs):
-        current = ItemParams(V.detach().numpy(), b.detach().numpy())
-        negs = [sample_negatives(u.items, params.n_items, len(u.items), rng) if loss == "bpr" else None for u in users]
-        vectors = [fit_user(current, u, loss=loss, reg=user_reg, negatives=n) for u, n in zip(users, negs)]
-        total = sum(item_loss(V, b, torch.from_numpy(vec), u, loss=loss, negatives=n)
-                    for vec, u, n in zip(vectors, users, negs))
-        V.grad = b.grad = None
-        total.backward()
-        with torch.no_grad():
-            V -= lr * V.grad
-            b -= lr * b.grad
-        last_loss = float(total.detach()) / n_inter
-    update = ItemParams(V.detach().numpy() - params.embeddings, b.detach().numpy() - params.bias)
-    return update, last_loss, vectors
 
 
 def score_users(params: ItemParams, user_vectors: np.ndarray) -> np.ndarray:
