@@ -191,8 +191,11 @@ class SecAggConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_shares >= 3, f"secagg.num-shares must be ≥ 3, got {self.num_shares}")
-        _check(2 <= self.reconstruction_threshold <= self.num_shares,
-               f"secagg.reconstruction-threshold must be in [2, num-shares], got {self.reconstruction_threshold}")
+        # Above half the shares: a server that lies about dropouts cannot collect both kinds of shares
+        # (mask seed and mask key) of one client and unmask it (Bell et al. 2020; docs/SECURITY.md).
+        _check(self.num_shares / 2 < self.reconstruction_threshold <= self.num_shares,
+               f"secagg.reconstruction-threshold must be above half of num-shares ({self.num_shares}) and at most "
+               f"num-shares, got {self.reconstruction_threshold}")
         _check(8 <= self.quantization_bits <= 30, f"secagg.quantization-bits must be in [8, 30], got {self.quantization_bits}")
 
 

@@ -124,3 +124,12 @@ def test_init_scale_must_be_a_non_negative_number():
     with pytest.raises(ValueError, match="model.init-scale"):
         RunConfig.from_flat({"model.init-scale": -0.1})
     assert RunConfig.from_flat({"model.init-scale": "0"}).model.init_scale == 0.0
+
+
+def test_secagg_threshold_must_exceed_half_the_shares():
+    """A threshold at or below half the shares would let a server that lies about dropouts collect
+    both the mask-seed and the mask-key shares of one client (docs/SECURITY.md)."""
+    with pytest.raises(ValueError, match="above half of num-shares"):
+        RunConfig.from_flat({"secagg.num-shares": 7, "secagg.reconstruction-threshold": 3})
+    RunConfig.from_flat({"secagg.num-shares": 7, "secagg.reconstruction-threshold": 4})
+    RunConfig.from_flat({"secagg.num-shares": 3, "secagg.reconstruction-threshold": 2})
