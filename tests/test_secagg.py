@@ -183,8 +183,9 @@ def test_a_round_of_1100_clients_releases_the_right_sum(tmp_path):
                                     epochs=1, lr=cfg.fed.client_lr, seed=cfg.seed, server_round=1)
         ups.append(clip_grouped(update.to_arrays(), clip, cfg.dp.bias_share))
     mean = [np.mean([u[i].astype(np.float64) for u in ups], axis=0) for i in range(2)]
-    _, model, _, _ = run_dir.load_checkpoint()
-    got = [model.embeddings.astype(np.float64) - params.embeddings, model.bias.astype(np.float64) - params.bias]
+    _, named, _, _ = run_dir.load_checkpoint()
+    got = [named["item_embeddings"].astype(np.float64) - params.embeddings,
+           named["item_bias"].astype(np.float64) - params.bias]
     step = 2 * CLIP / 2 ** cfg.secagg.quantization_bits
     for g, m in zip(got, mean):
         assert np.max(np.abs(g - m)) <= step + 1e-7
