@@ -45,12 +45,12 @@ from client.store import (
     MappedRatings,
     StoreError,
     non_finite,
-    read_items_file,
     read_ratings_file,
     user_vector_fingerprint,
 )
 from common.cli import UsageError, report_error
 from common.data.errors import DataError
+from common.data.items_file import read_items_file
 from common.keys import ITEM_PARAM_NAMES, NODE_DATA_PATH
 from common.serialization import load_arrays
 
