@@ -56,6 +56,12 @@ SWITCHES = {"lora": ("model.lora", True), "no_dp": ("dp.enabled", False), "no_se
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """simulate.py's options: the flags of :data:`FLAGS` and :data:`SWITCHES`, ``--set``, and what
+    is not a config key (resume, CPUs per client, logging)."""
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = RunConfig().to_flat()
@@ -100,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per simulated client (Ray)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
-    return p.parse_args(argv)
+    return p
 
 
 def _local_dp(cfg: RunConfig, *, planned: bool) -> RunConfig:
