@@ -288,7 +288,3 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no client succeeded in any round", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
