@@ -21,6 +21,12 @@ c. ``fedrec-client recommend --k 10 --timing`` on a 1,682-item model (a run dir 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python benchmarks/X.py` puts benchmarks/ on sys.path, not the checkout, and opacus installs a
+# top-level package `benchmarks` of its own: the checkout goes first, so `benchmarks.*` is ours.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -34,10 +40,8 @@ import math  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from benchmarks.harness import table, target, targets_table, write_json  # noqa: E402

@@ -47,11 +47,11 @@ from typing import Any  # noqa: E402
 
 import psutil  # noqa: E402
 
-import simulate  # noqa: E402
 from common.central import train_central  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.data import load_interactions  # noqa: E402
 from common.data.splits import split_interactions  # noqa: E402
+from server import simulation  # noqa: E402
 from server.run_dir import RunDir  # noqa: E402
 
 log = logging.getLogger("benchmarks.federated")
@@ -237,7 +237,7 @@ def _sim_child(spec_path: Path) -> int:
     cfg = run_dir.config()
     sampler = TreeSampler(run_dir.path / "metrics.jsonl", dump=run_dir.path / "bench-samples.json")
     with sampler:
-        result = simulate.run(cfg, run_dir, num_cpus=spec["num_cpus"], progress=spec["progress"],
+        result = simulation.run(cfg, run_dir, num_cpus=spec["num_cpus"], progress=spec["progress"],
                               stop_after=spec["stop_after"])
     sampler.write(run_dir.path / "bench-samples.json")
     result = {k: v for k, v in result.items() if k in ("num_clients", "wall_seconds")}
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sim-child", type=Path, help=argparse.SUPPRESS)  # one simulation, in its own process
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    simulate.quiet_logs(False)
+    simulation.quiet_logs(False)
     logging.getLogger("benchmarks.federated").setLevel(logging.INFO)
     if args.sim_child:
         return _sim_child(args.sim_child)

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# `python benchmarks/X.py` puts benchmarks/ on sys.path, not the checkout, and opacus installs a
+# top-level package `benchmarks` of its own: the checkout goes first, so `benchmarks.*` is ours.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+# `python benchmarks/X.py` puts benchmarks/ on sys.path, not the checkout, and opacus installs a
+# top-level package `benchmarks` of its own: the checkout goes first, so `benchmarks.*` is ours.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import table, target, targets_table, write_json  # noqa: E402

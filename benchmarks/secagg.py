@@ -25,6 +25,12 @@ Each simulation runs in its own Python process through ``benchmarks.federated.ru
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python benchmarks/X.py` puts benchmarks/ on sys.path, not the checkout, and opacus installs a
+# top-level package `benchmarks` of its own: the checkout goes first, so `benchmarks.*` is ours.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -34,19 +40,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import simulate  # noqa: E402
 from benchmarks.federated import NEVER, run_sim  # noqa: E402
 from benchmarks.harness import table, target, targets_table, write_json  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.serialization import load_arrays  # noqa: E402
+from server import simulation  # noqa: E402
 
 log = logging.getLogger("benchmarks.secagg")
 
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per simulation at most")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    simulate.quiet_logs(False)
+    simulation.quiet_logs(False)
     logging.getLogger("benchmarks.federated").setLevel(logging.INFO)
     tmp = None
     if args.runs_dir is None:

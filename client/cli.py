@@ -45,19 +45,17 @@ from client.store import (
     MappedRatings,
     StoreError,
     non_finite,
-    read_items_file,
     read_ratings_file,
     user_vector_fingerprint,
 )
+from common.cli import UsageError, report_error
 from common.data.errors import DataError
+from common.data.items_file import read_items_file
 from common.keys import ITEM_PARAM_NAMES, NODE_DATA_PATH
 from common.serialization import load_arrays
 
+PROG = "fedrec-client"
 RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API (the ClientApp talks to it) stays on this device
-
-
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported in one line, exit status 2."""
 
 
 def _db(args: argparse.Namespace) -> Path:
@@ -474,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=argparse.SUPPRESS,
                         help=f"the device store, an SQLite file (default {DEFAULT_DB})")
-    parser = argparse.ArgumentParser(prog="fedrec-client", parents=[common],
+    parser = argparse.ArgumentParser(prog=PROG, parents=[common],
                                      description="Your ratings, your recommendations, on this device.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -535,11 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (UsageError, DataError, StoreError, sqlite3.Error, OSError) as exc:
-        message = " ".join(str(exc).split())
         if isinstance(exc, sqlite3.Error):  # e.g. "database is locked": say which database
-            message = f"{_db(args)}: {message}"
-        print(f"fedrec-client: error: {message}", file=sys.stderr)
-        return 2
+            exc = UsageError(f"{_db(args)}: {exc}")
+        return report_error(PROG, exc)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Schema (version :data:`SCHEMA_VERSION`)::
                                                   (safetensors bytes, never pickle), privacy-ledger (JSON)
 
 The catalogue is the server's published items file (``item_id,title``, one row per row of the
-model, in order; :func:`read_items_file`). It arrives with ``fedrec-client import --items`` or
+model, in order; :func:`common.data.items_file.read_items_file`). It arrives with ``fedrec-client import --items`` or
 with a global model, and it is how a device turns its item ids into the model's indices.
 
 Opened in WAL mode with foreign keys on and ``secure_delete`` (deleted rows are zeroed).
@@ -22,7 +22,6 @@ it, never a traceback and never a silent NaN recommendation.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -42,8 +41,7 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from common.data.errors import DataError
-from common.data.formats import csv_rows
-from common.data.readers import decode_error, parse_number, parse_rating, text_encoding
+from common.data.parsing import csv_fields, csv_header, csv_records, parse_number, parse_rating
 from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
@@ -550,44 +548,7 @@ def _metadata(blob: bytes) -> dict[str, str]:
     return json.loads(blob[8:8 + size]).get("__metadata__") or {}
 
 
-# ---------------------------------------------------------------- files a device reads
-
-def _csv_records(path: Path, encoding: str | None = None) -> Iterator[tuple[int, list[str]]]:
-    """(line, stripped fields) of each non-blank CSV record (``.tsv``: tab-separated), BOM stripped.
-    UTF-8 unless ``encoding`` names another; a byte that does not decode is a DataError naming its line."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    name = text_encoding(encoding, path)
-    with path.open(encoding="utf-8-sig" if name == "utf-8" else name, newline="") as fh:
-        reader = csv.reader(fh, delimiter=delimiter, strict=True)
-        try:
-            for line, fields in csv_rows(path, reader):
-                if any(f.strip() for f in fields):
-                    yield line, [f.strip() for f in fields]
-        except UnicodeDecodeError:  # raised a read-ahead buffer early: find the real line
-            raise decode_error(path, name) from None
-
-
-def _header(path: Path, records: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
-    first = next(records, None)
-    if first is None:
-        raise DataError(path, f"expected a header line {expected}, found an empty file", 1)
-    line, header = first
-    names = [h.lower() for h in header]
-    for k, name in enumerate(names):
-        if name in names[:k]:
-            raise DataError(path, f"column '{name}' appears twice in the header", line)
-    return line, names
-
-
-def _fields(path: Path, line: int, fields: list[str], header: list[str], sep: str) -> dict[str, str]:
-    if fields and [f.lower() for f in fields] == header:
-        raise DataError(path, f"expected a data row, found the header {sep.join(header)!r} again", line)
-    if len(fields) != len(header):
-        raise DataError(path, f"expected {len(header)} fields ({sep.join(header)}), found {len(fields)}", line)
-    return dict(zip(header, fields))
-
+# ---------------------------------------------------------------- the device's ratings file
 
 def read_ratings_file(path: str | Path,
                       encoding: str | None = None) -> tuple[list[tuple[int, str, float, float | None]], str | None]:
@@ -596,8 +557,8 @@ def read_ratings_file(path: str | Path,
     must be finite and fit a float32, a timestamp must be finite."""
     path = Path(path)
     expected = "item,rating[,timestamp] or user,item,rating,timestamp"
-    records = _csv_records(path, encoding)
-    header_line, header = _header(path, records, expected)
+    records = csv_records(path, encoding)
+    header_line, header = csv_header(path, records, expected)
     for name in header:
         if name not in ("user", "item", "rating", "timestamp"):
             raise DataError(path, f"unexpected column '{name}': expected the header {expected}", header_line)
@@ -609,7 +570,7 @@ def read_ratings_file(path: str | Path,
     out: list[tuple[int, str, float, float | None]] = []
     user: tuple[str, int] | None = None
     for line, fields in records:
-        row = _fields(path, line, fields, header, sep)
+        row = csv_fields(path, line, fields, header, sep)
         if not row["item"]:
             raise DataError(path, "column 'item': expected a non-empty item id, found ''", line)
         if "user" in row:
@@ -626,42 +587,3 @@ def read_ratings_file(path: str | Path,
     if not out:
         raise DataError(path, "expected rating rows after the header, found none", header_line + 1)
     return out, None if user is None else user[0]
-
-
-def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list[str], list[str]]:
-    """The item ids and titles of an items file, in row order (= the model's row order).
-
-    Format: CSV with a header naming ``item_id`` (or ``item``) and ``title``; other columns are
-    ignored. The server publishes one beside its ``model.safetensors``."""
-    path = Path(path)
-    records = _csv_records(path, encoding)
-    header_line, header = _header(path, records, "item_id,title")
-    id_col = "item_id" if "item_id" in header else "item" if "item" in header else None
-    if id_col is None or "title" not in header:
-        raise DataError(path, f"expected the header item_id,title, found {','.join(header)}", header_line)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    ids: list[str] = []
-    titles: list[str] = []
-    first: dict[str, int] = {}
-    for line, fields in records:
-        row = _fields(path, line, fields, header, sep)
-        item = row[id_col]
-        if not item:
-            raise DataError(path, f"column '{id_col}': expected a non-empty item id, found ''", line)
-        if item in first:
-            raise DataError(path, f"expected each item id once, found {item!r} again (first on line {first[item]})",
-                            line)
-        first[item] = line
-        ids.append(item)
-        titles.append(row["title"] or item)
-    if not ids:
-        raise DataError(path, "expected item rows after the header, found none", header_line + 1)
-    return ids, titles
-
-
-def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str]) -> None:
-    """Write an items file :func:`read_items_file` reads (what a server publishes with a model)."""
-    with Path(path).open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["item_id", "title"])
-        writer.writerows(zip(item_ids, titles))

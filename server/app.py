@@ -16,9 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from common.config import RunConfig
-from common.data import load_interactions
-from common.models import build_model
+from common.data.catalog import load_catalog
 from common.data.texts import item_texts
+from common.models import build_model
 from common.rounds import RoundEngine
 from common.serialization import write_json
 from server.run_dir import RunDir
@@ -26,13 +26,6 @@ from server.secagg import SecAggPlusWorkflowWithEarlyDropouts
 from server.strategy import FedRecStrategy
 
 log = logging.getLogger(__name__)
-
-
-def load_catalog(cfg: RunConfig) -> tuple[tuple[str, ...], list[str]]:
-    """The item catalogue (public: ids and titles, in model-row order), not who rated what."""
-    data = load_interactions(cfg.data.source, cfg.data.format, cfg.data.item_file or None)
-    titles = [info.title + (f" ({info.year})" if info.year else "") for info in data.items]
-    return data.item_ids, titles
 
 
 class _Progress:
@@ -56,7 +49,7 @@ class _Progress:
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *, expected_clients: int | None,
                progress: bool, stop_after: int | None = None) -> FedRecStrategy:
-    item_ids, titles = load_catalog(cfg)
+    item_ids, titles = load_catalog(cfg.data)
     run_dir.save_items(item_ids, titles)  # devices map their item ids to model rows with it
     model = build_model(cfg.model, n_items=len(item_ids), seed=cfg.seed, texts=lambda: item_texts(cfg.data))
     engine, start = RoundEngine(cfg, model), 0

@@ -187,8 +187,8 @@ class RunDir:
 
     def save_items(self, item_ids: tuple[str, ...], titles: list[str]) -> None:
         """``items.csv`` (item_id,title, one row per model row): published beside the model, in
-        the format the device reads (client.store.read_items_file)."""
-        from client.store import write_items_file
+        the format the device reads (common.data.items_file.read_items_file)."""
+        from common.data.items_file import write_items_file
 
         write_items_file(self.path / "items.csv", item_ids, titles)
 

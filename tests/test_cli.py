@@ -1,4 +1,4 @@
-"""The ``fedrec`` command line (server/cli.py), called in-process on tiny files written here."""
+"""The ``fedrec`` command line (server/cli/), called in-process on tiny files written here."""
 
 from __future__ import annotations
 

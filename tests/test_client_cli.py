@@ -15,10 +15,11 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from client.cli import main
-from client.store import DeviceStore, write_items_file
+from client.store import DeviceStore
 from common import keys
 from common.models.mf.model import model_file
 from common.config import RunConfig
+from common.data.items_file import write_items_file
 from common.models import ItemParams
 from common.privacy.dp_fedavg import ledger_for
 from common.privacy.ledger import MechanismEvent, Sampling

@@ -17,11 +17,10 @@ from client.store import (
     StoreBusyError,
     StoreError,
     StoreNotFoundError,
-    read_items_file,
     user_vector_fingerprint,
-    write_items_file,
 )
 from common.data.errors import DataError
+from common.data.items_file import read_items_file, write_items_file
 from common.privacy.dp_fedavg import ledger_for
 from common.privacy.ledger import MechanismEvent, PrivacyLedger, Sampling
 

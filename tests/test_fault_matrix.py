@@ -20,7 +20,7 @@ import pytest
 from flwr.app import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-import simulate
+from server import simulation
 from common.config import RunConfig
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
@@ -65,7 +65,7 @@ def matrix_run(mode: str, tmp_path_factory, monkeypatch_module) -> RunDir:
         original = client_app.build_client_app
         monkeypatch_module.setattr(client_app, "build_client_app", lambda c: original(c, mods=[fault]))
         run_dir = RunDir.create(tmp_path_factory.mktemp("runs"), cfg)
-        simulate.run(cfg, run_dir, progress=False)
+        simulation.run(cfg, run_dir, progress=False)
         monkeypatch_module.setattr(client_app, "build_client_app", original)
         _RUNS[mode] = run_dir
     return _RUNS[mode]

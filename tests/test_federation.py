@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-import simulate
+from server import simulation
 from common.config import RunConfig
 from common.serialization import load_arrays
 from server.run_dir import ConfigMismatchError, RunDir
@@ -26,7 +26,7 @@ def tiny_config(csv, **flat) -> RunConfig:
 
 def run(cfg: RunConfig, root, **kw):
     run_dir = RunDir.create(root, cfg)
-    result = simulate.run(cfg, run_dir, progress=False, **kw)
+    result = simulation.run(cfg, run_dir, progress=False, **kw)
     return run_dir, result
 
 
@@ -44,7 +44,7 @@ def test_tiny_federation_writes_a_complete_run_directory(block_csv, tmp_path):
     model = load_arrays(run_dir.path / "model.safetensors")
     assert model["item_embeddings"].shape == (48, 8) and model["item_bias"].shape == (48,)
     assert RunDir(run_dir.path).config() == cfg
-    assert "ndcg@10" in simulate.summarize(run_dir, result)
+    assert "ndcg@10" in simulation.summarize(run_dir, result)
 
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(block_csv, tmp_path):
@@ -55,7 +55,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(block_csv, tmp_path
     assert not (interrupted.path / "model.safetensors").exists()
     assert max(r["round"] for r in interrupted.rounds()) == 2
     RunDir(interrupted.path).check_resume(cfg)
-    simulate.run(cfg, interrupted, progress=False)
+    simulation.run(cfg, interrupted, progress=False)
     a = load_arrays(full.path / "model.safetensors")
     b = load_arrays(interrupted.path / "model.safetensors")
     for key in a:
@@ -82,7 +82,6 @@ def test_a_failing_client_is_counted_and_the_round_goes_on(block_csv, tmp_path, 
 
     # The plain path; SecAgg+ dropouts are covered in tests/test_secagg.py.
     cfg = tiny_config(block_csv, **{"fed.rounds": 2, "fed.sample-rate": 1.0, "secagg.enabled": False})
-    monkeypatch.setattr(simulate, "build_client_app", None, raising=False)
     original = client_app.build_client_app
     monkeypatch.setattr(client_app, "build_client_app", lambda c: original(c, mods=[_fail_client_3]))
     with caplog.at_level("WARNING", logger="server.strategy"):
@@ -106,9 +105,9 @@ def test_silo_dp_sgd_composes_epsilon_across_rounds_and_across_a_resume(tmp_path
     run_dir, _ = run(cfg, tmp_path / "runs", stop_after=1)
     one = json.loads((run_dir.path / "client_epsilons.json").read_text())
     assert set(one) == {"0", "1", "2"}
-    simulate.run(cfg, run_dir, progress=False, stop_after=2)  # a resume: every client starts without state
+    simulation.run(cfg, run_dir, progress=False, stop_after=2)  # a resume: every client starts without state
     two = json.loads((run_dir.path / "client_epsilons.json").read_text())
-    simulate.run(cfg, run_dir, progress=False)
+    simulation.run(cfg, run_dir, progress=False)
     three = json.loads((run_dir.path / "client_epsilons.json").read_text())
     # two rounds cost more than one, three more than two, although each resume restarted the clients
     assert all(one[k] * 1.1 < two[k] < three[k] for k in one)

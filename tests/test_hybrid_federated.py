@@ -289,7 +289,7 @@ def test_new_item_bias_is_predicted_from_text():
 
 @pytest.mark.slow
 def test_tiny_hybrid_federation_with_secagg_and_dp(block_csv, tmp_path):
-    import simulate
+    from server import simulation
     from common.privacy import PrivacyLedger
     from common.serialization import load_arrays
     from server.report import build_report
@@ -300,7 +300,7 @@ def test_tiny_hybrid_federation_with_secagg_and_dp(block_csv, tmp_path):
                         "fed.server-lr": 0.05, "dp.target-epsilon": 0.0})
     assert cfg.secagg.enabled and cfg.dp.enabled
     run_dir = RunDir.create(tmp_path, cfg)
-    result = simulate.run(cfg, run_dir, progress=False)
+    result = simulation.run(cfg, run_dir, progress=False)
     assert result["num_clients"] == 12
     fits = [r for r in run_dir.rounds() if r["kind"] == "fit"]
     assert [r["round"] for r in fits] == [1, 2]
@@ -320,7 +320,7 @@ def test_tiny_hybrid_federation_with_secagg_and_dp(block_csv, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_lora_federation_releases_the_adapter_under_secagg_and_dp(block_csv, tmp_path):
-    import simulate
+    from server import simulation
     from common.privacy import PrivacyLedger
     from common.serialization import load_arrays
     from server.run_dir import RunDir
@@ -329,7 +329,7 @@ def test_tiny_lora_federation_releases_the_adapter_under_secagg_and_dp(block_csv
                         "fed.eval-every": 1, "fed.eval-clients": 0, "fed.timeout": 300.0, "model.lora": True,
                         "dp.target-epsilon": 0.0})
     run_dir = RunDir.create(tmp_path, cfg)
-    simulate.run(cfg, run_dir, progress=False)
+    simulation.run(cfg, run_dir, progress=False)
     fits = [r for r in run_dir.rounds() if r["kind"] == "fit"]
     assert fits and fits[0]["participants"] > 0 and fits[0]["failures"] == 0
     (event,) = PrivacyLedger.from_state_dict(run_dir.load_ledger()["ledger"]).events

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import simulate
+from server import simulation
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
@@ -27,7 +27,7 @@ def test_inprocess_equals_flower_simulation(block_csv, tmp_path, mode):
                                "dp.noise-seed": 7, "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0,
                                "fed.sampling-seed": 0, "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
-    simulate.run(cfg, run_dir, progress=False)
+    simulation.run(cfg, run_dir, progress=False)
     flower = load_arrays(run_dir.path / "model.safetensors")
     sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
     local = run_inprocess(cfg, sets)
@@ -56,7 +56,7 @@ def test_inprocess_hybrid_equals_flower_simulation(block_csv, tmp_path, mode):
                                "dp.noise-multiplier": 0.5, "dp.target-epsilon": 0, "fed.sampling-seed": 0,
                                "secagg.enabled": False})
     run_dir = RunDir.create(tmp_path, cfg)
-    simulate.run(cfg, run_dir, progress=False)
+    simulation.run(cfg, run_dir, progress=False)
     flower = load_arrays(run_dir.path / "model.safetensors")
     sets = EvalSets.from_split(split_interactions(load_interactions(str(block_csv)), "random", seed=0))
     local = run_inprocess(cfg, sets, texts=item_texts(cfg.data))

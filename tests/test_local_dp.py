@@ -155,12 +155,13 @@ def test_privacy_plan_cli_local(capsys):
 
 
 def test_simulate_flags_plan_local_dp_and_turn_secagg_off():
-    import simulate
+    from common.cli import UsageError
+    from server import simulation
 
-    cfg = simulate.build_config(simulate.parse_args(["--local-dp", "--rounds", "150", "--no-secagg"]))
+    cfg = simulation.build_config(simulation.parse_args(["--local-dp", "--rounds", "150", "--no-secagg"]))
     assert cfg.dp.mode == "local" and not cfg.secagg.enabled
     assert cfg.dp.noise_multiplier == plan_local_noise_multiplier(target_epsilon=8.0, delta=1e-4, rounds=150)
-    given = simulate.build_config(simulate.parse_args(["--local-dp", "--noise-multiplier", "20"]))
+    given = simulation.build_config(simulation.parse_args(["--local-dp", "--noise-multiplier", "20"]))
     assert (given.dp.mode, given.dp.noise_multiplier, given.secagg.enabled) == ("local", 20.0, True)
-    with pytest.raises(SystemExit, match="contradict"):
-        simulate.build_config(simulate.parse_args(["--local-dp", "--no-dp"]))
+    with pytest.raises(UsageError, match="contradict"):
+        simulation.build_config(simulation.parse_args(["--local-dp", "--no-dp"]))

@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.cli import main as client_main
-from client.store import DeviceStore, read_items_file, read_ratings_file
+from client.store import DeviceStore, read_ratings_file
 from common.data import formats
 from common.data.errors import DataError
+from common.data.items_file import read_items_file
 from common.data.readers import read_atomic
 
 RATING_MAX = float(np.finfo(np.float32).max)  # ratings are float32 arrays

@@ -13,7 +13,7 @@ from flwr.app import Context, Message
 from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-import simulate
+from server import simulation
 from common.config import RunConfig
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
@@ -68,7 +68,7 @@ def test_malicious_replies_cost_only_their_senders(tmp_path, monkeypatch, caplog
     monkeypatch.setattr(client_app, "build_client_app", lambda c: original(c, mods=[malicious]))
     run_dir = RunDir.create(tmp_path / "runs", cfg)
     with caplog.at_level("WARNING", logger="server.strategy"):
-        simulate.run(cfg, run_dir, progress=False)
+        simulation.run(cfg, run_dir, progress=False)
     fits = [r for r in run_dir.rounds() if r["kind"] == "fit"]
     test = [r for r in run_dir.rounds() if r["kind"] == "eval"][-1]
     # three nodes without a usable identity are never sampled; the bad upload is refused (SecAgg+)

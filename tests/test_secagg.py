@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-import simulate
+from server import simulation
 from common import keys
 from common.models.mf.model import MFModel
 from common.config import RunConfig
@@ -62,7 +62,7 @@ def run(cfg, root, mods=None, monkeypatch=None):
         original = client_app.build_client_app
         monkeypatch.setattr(client_app, "build_client_app", lambda c: original(c, mods=mods))
     run_dir = RunDir.create(root, cfg)
-    simulate.run(cfg, run_dir, progress=False)
+    simulation.run(cfg, run_dir, progress=False)
     return run_dir
 
 
@@ -171,7 +171,7 @@ def test_a_round_of_1100_clients_releases_the_right_sum(tmp_path):
     cfg = config("unused", **{"data.source": f"synthetic:{n}", "fed.rounds": 2, "model.dim": 2,
                               "fed.timeout": 1200.0})
     run_dir = RunDir.create(tmp_path / "runs", cfg)
-    simulate.run(cfg, run_dir, progress=False, stop_after=1)  # round 1 only, no evaluation of 1,100 clients
+    simulation.run(cfg, run_dir, progress=False, stop_after=1)  # round 1 only, no evaluation of 1,100 clients
     fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
     assert fit["participants"] == n and not fit.get("abandoned") and "refused" not in fit
     sets = EvalSets.from_split(split_interactions(load_interactions(cfg.data.source), "random", seed=0))

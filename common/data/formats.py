@@ -3,7 +3,7 @@
 Every reader raises :class:`DataError` naming the file, the 1-based line (Parquet: the 1-based
 row) and what was expected vs found. With pyarrow installed, plain (unquoted) CSV and Parquet
 files are first read column-wise; on any doubt the row-by-row path runs and reports precisely.
-Text is UTF-8 unless an ``encoding`` is named (see :mod:`common.data.readers`); ratings must be
+Text is UTF-8 unless an ``encoding`` is named (see :mod:`common.data.parsing`); ratings must be
 finite and fit a float32.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 
 from common.data.dataset import Interactions, ItemInfo, build_interactions
 from common.data.errors import DataError
-from common.data.readers import RATING_MAX, _read_lines, decode_error, parse_year, text_encoding
+from common.data.parsing import RATING_MAX, csv_rows, decode_error, parse_year, read_lines, text_encoding
 
 GROUPLENS_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -113,25 +113,9 @@ def _collect(path: Path, header: list[str], rows: Iterable[tuple[int, list[str]]
 
 
 def _read_headerless(path: Path, sep: str, header: list[str], spec: Spec, encoding: str | None) -> Columns:
-    lines = _read_lines(path, encoding, f"rows of {', '.join(header)}")
+    lines = read_lines(path, encoding, f"rows of {', '.join(header)}")
     rows = ((n, line.split(sep)) for n, line in enumerate(lines, start=1) if line.strip())
     return _collect(path, header, rows, spec, (), sep)
-
-
-def csv_rows(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the record, fields) for each non-empty CSV record; a malformed record is a
-    DataError naming the file and line (shared by the data readers and the device store)."""
-    line = 0
-    while True:
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise DataError(path, f"expected well-formed CSV, found: {exc}", line + 1) from None
-        start, line = line + 1, reader.line_num
-        if fields:
-            yield start, fields
 
 
 def _read_csv(path: Path, delimiter: str, spec: Spec, required: Iterable[str], fast: bool = True,

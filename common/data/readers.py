@@ -22,119 +22,17 @@ definition and are read so unless an encoding is named.
 
 from __future__ import annotations
 
-from common.choices import DataFormat, values
-
-import codecs
-import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
+from common.choices import DataFormat, values
+from common.data import formats
 from common.data.dataset import Interactions, ItemInfo, build_interactions
 from common.data.errors import DataError
-
-log = logging.getLogger(__name__)
+from common.data.parsing import parse_number, parse_rating, parse_year, read_lines
 
 FORMATS = values(DataFormat)
-DEFAULT_ENCODING = "utf-8"
-#: The largest rating kept: ratings are float32 arrays, and a larger value would become inf.
-RATING_MAX = float(np.finfo(np.float32).max)
-_YEAR = re.compile(r"^(\d{4})$")
-
-
-def parse_year(value: str) -> str:
-    """A four-digit year or "" (ML-100K has 'unkonwn' for item 267)."""
-    value = value.strip()
-    match = _YEAR.match(value) or re.search(r"(\d{4})", value)
-    return match.group(1) if match else ""
-
-
-def text_encoding(encoding: str | None, path: Path | None = None) -> str:
-    """The codec to read text with: UTF-8 unless ``encoding`` names another, which is logged as a
-    warning (a wrong guess turns text into mojibake, so it is never made silently)."""
-    if encoding is None:
-        return DEFAULT_ENCODING
-    try:
-        name = codecs.lookup(encoding).name
-    except LookupError:
-        raise ValueError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
-    if name not in ("utf-8", "utf-8-sig"):
-        log.warning("%s: reading as %s, not UTF-8, as asked", path if path is not None else "data", name)
-    return name
-
-
-def decode_error(path: Path, encoding: str) -> DataError:
-    """The DataError for a file that does not decode as ``encoding``: it names the first line with
-    a byte that does not decode (lines counted as the csv module counts them: ``\\n``, ``\\r\\n``
-    or a lone ``\\r`` ends one) and says how to read the file instead."""
-    name = codecs.lookup(encoding).name
-    hint = ("convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or name its encoding explicitly "
-            "(e.g. --encoding latin-1)" if name.startswith("utf-8") else "name the file's real encoding")
-    decoder = codecs.getincrementaldecoder("utf-8" if name == "utf-8-sig" else name)()
-    line = 1
-    with path.open("rb") as fh:
-        for raw in fh:  # split at b"\n", which is never inside a UTF-8 or single-byte character
-            try:
-                decoder.decode(raw)
-            except UnicodeDecodeError as exc:
-                line += _lone_crs(raw[:exc.start])
-                return DataError(path, f"expected {name} text, found byte 0x{raw[exc.start:exc.start + 1].hex()} "
-                                       f"that is not {name}; {hint}", line)
-            line += 1 + _lone_crs(raw)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            return DataError(path, f"expected {name} text, found a truncated character at the end; {hint}",
-                             max(line - 1, 1))
-    return DataError(path, f"expected {name} text, found bytes that are not; {hint}")
-
-
-def _lone_crs(raw: bytes) -> int:
-    return raw.replace(b"\r\n", b"").count(b"\r")
-
-
-def split_lines(text: str) -> list[str]:
-    """Lines as the csv module and editors count them (``\\n``, ``\\r\\n``, lone ``\\r``), not
-    ``str.splitlines`` (which also breaks at form feeds, ``\\x1c``-``\\x1e``, ``\\x85``, U+2028...)."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
-
-
-def _read_lines(path: Path, encoding: str | None = None, expected: str = "rows") -> list[str]:
-    """The lines of a text file (see :func:`split_lines`); an empty file is a DataError."""
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    name = text_encoding(encoding, path)
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig" if name == "utf-8" else name)
-    except UnicodeDecodeError:
-        raise decode_error(path, name) from None
-    lines = split_lines(text)
-    if not any(line.strip() for line in lines):
-        raise DataError(path, f"expected {expected}, found an empty file", 1)
-    return lines
-
-
-def parse_number(path: Path, lineno: int, column: str, value: str) -> float:
-    """``value`` as a finite float, or a DataError naming file, line and column."""
-    try:
-        out = float(value)
-    except ValueError:
-        raise DataError(path, f"column '{column}': expected a number, found {value!r}", lineno) from None
-    if not np.isfinite(out):
-        raise DataError(path, f"column '{column}': expected a finite number, found {value!r}", lineno)
-    return out
-
-
-def parse_rating(path: Path, lineno: int, column: str, value: str) -> float:
-    """:func:`parse_number` that also fits a float32 rating (|r| ≤ 3.4e38): 1e308 would become inf."""
-    out = parse_number(path, lineno, column, value)
-    if abs(out) > RATING_MAX:
-        raise DataError(path, f"column '{column}': expected a rating within ±{RATING_MAX:.3g} (stored as a 32-bit "
-                              f"float), found {value!r}", lineno)
-    return out
 
 
 def read_atomic(directory: Path, name: str | None = None, encoding: str | None = None) -> Interactions:
@@ -146,7 +44,7 @@ def read_atomic(directory: Path, name: str | None = None, encoding: str | None =
             raise DataError(directory, "no *.inter file found (RecBole atomic format expected)")
         name = inters[0].stem
     inter = directory / f"{name}.inter"
-    lines = _read_lines(inter, encoding, "a header line user_id:token, item_id:token ... and interaction rows")
+    lines = read_lines(inter, encoding, "a header line user_id:token, item_id:token ... and interaction rows")
     header = [h.split(":")[0] for h in lines[0].split("\t")]
     for col in ("user_id", "item_id"):
         if col not in header:
@@ -175,7 +73,7 @@ def read_atomic(directory: Path, name: str | None = None, encoding: str | None =
     info: dict[str, ItemInfo] = {}
     item_file = directory / f"{name}.item"
     if item_file.is_file():
-        item_lines = _read_lines(item_file, encoding, "a header line item_id:token ... and item rows")
+        item_lines = read_lines(item_file, encoding, "a header line item_id:token ... and item rows")
         ih = [h.split(":")[0] for h in item_lines[0].split("\t")]
         if "item_id" not in ih:
             raise DataError(item_file, f"header must name 'item_id:token', got {item_lines[0]!r}", 1)
@@ -259,8 +157,6 @@ def load_interactions(source: str = "ml-100k", fmt: str = "auto", item_file: str
         fmt = detect_format(path)
     if fmt == "atomic":
         return read_atomic(path.parent if path.is_file() else path, path.stem if path.is_file() else None, encoding)
-    from common.data import formats  # the other readers
-
     if fmt == "grouplens-100k":
         return formats.read_grouplens_100k(path, encoding)
     if fmt == "ml-1m":

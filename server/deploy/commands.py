@@ -88,7 +88,8 @@ def supernode_command(*, superlink: str, root_certificates: str | Path, db: str 
                       auth_key: str | Path | None = None, trusted_entities: str | Path | None = None) -> list[str]:
     """``flower-supernode`` for one device store: exactly what ``fedrec-client join`` runs
     (:func:`client.cli.supernode_command`), its mistakes raised as ValueError."""
-    from client.cli import UsageError, supernode_command as join_command
+    from client.cli import supernode_command as join_command
+    from common.cli import UsageError
 
     try:
         return join_command(superlink=superlink, root_certificates=root_certificates, db=db, port=port,

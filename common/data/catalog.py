@@ -1,0 +1,18 @@
+"""The item catalogue of a data config: what the items file publishes and the model's rows are."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from common.data.readers import load_interactions
+
+if TYPE_CHECKING:
+    from common.config import DataConfig
+
+
+def load_catalog(data: DataConfig) -> tuple[tuple[str, ...], list[str]]:
+    """The item catalogue of ``data`` (public: ids and titles, in model-row order), not who rated
+    what. A title carries its year when the data set has one: ``Toy Story (1995)``."""
+    interactions = load_interactions(data.source, data.format, data.item_file or None)
+    titles = [info.title + (f" ({info.year})" if info.year else "") for info in interactions.items]
+    return interactions.item_ids, titles

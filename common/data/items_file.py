@@ -1,0 +1,52 @@
+"""The items file: the item list a model indexes, ``item_id,title`` with one row per model row,
+in order. A server publishes it beside every ``model.safetensors`` (``server/run_dir.py``) and
+before the first run (``fedrec deploy items``); a device imports it (``fedrec-client import
+--items``) to turn its own item ids into the model's rows."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.data.errors import DataError
+from common.data.parsing import csv_fields, csv_header, csv_records
+
+
+def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list[str], list[str]]:
+    """The item ids and titles of an items file, in row order (= the model's row order).
+
+    Format: CSV with a header naming ``item_id`` (or ``item``) and ``title``; other columns are
+    ignored. The server publishes one beside its ``model.safetensors``."""
+    path = Path(path)
+    records = csv_records(path, encoding)
+    header_line, header = csv_header(path, records, "item_id,title")
+    id_col = "item_id" if "item_id" in header else "item" if "item" in header else None
+    if id_col is None or "title" not in header:
+        raise DataError(path, f"expected the header item_id,title, found {','.join(header)}", header_line)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    ids: list[str] = []
+    titles: list[str] = []
+    first: dict[str, int] = {}
+    for line, fields in records:
+        row = csv_fields(path, line, fields, header, sep)
+        item = row[id_col]
+        if not item:
+            raise DataError(path, f"column '{id_col}': expected a non-empty item id, found ''", line)
+        if item in first:
+            raise DataError(path, f"expected each item id once, found {item!r} again (first on line {first[item]})",
+                            line)
+        first[item] = line
+        ids.append(item)
+        titles.append(row["title"] or item)
+    if not ids:
+        raise DataError(path, "expected item rows after the header, found none", header_line + 1)
+    return ids, titles
+
+
+def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str]) -> None:
+    """Write an items file :func:`read_items_file` reads (what a server publishes with a model)."""
+    with Path(path).open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["item_id", "title"])
+        writer.writerows(zip(item_ids, titles))

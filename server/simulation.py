@@ -1,0 +1,289 @@
+"""The main job: a federated simulation on one machine with Flower's simulation engine (Ray).
+
+``simulate.py`` at the repository root is its entry point (``python simulate.py --help``);
+benchmarks and tests import :func:`parse_args`, :func:`build_config`, :func:`run` and
+:func:`summarize` from here. Flags become config keys through :func:`common.cli.config_from_flags`,
+as ``fedrec train-central``'s do, and a mistake in them ends as one line
+``simulate.py: error: ...``, exit status 2 (:class:`common.cli.UsageError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from common.choices import DataFormat, DPMode, Loss, ModelKind, Partition, ServerOptimizer, Split, values  # noqa: E402
+from common.cli import UsageError, config_from_flags, report_error  # noqa: E402
+from common.config import RunConfig  # noqa: E402
+
+PROG = "simulate.py"
+DESCRIPTION = """\
+Federated simulation on one machine with Flower's simulation engine (Ray).
+
+    python simulate.py                      # ML-100K, one client per user, defaults from RunConfig
+    python simulate.py --rounds 50 --sample-rate 0.2
+    python simulate.py --resume runs/20261127-220000
+    python simulate.py --model hybrid       # + MiniLM text part (frozen + head; --lora adds LoRA)
+
+Writes runs/<timestamp>/ (see server/run_dir.py) and prints a summary table.
+"""
+
+# flag -> flat config key
+FLAGS = {
+    "data": "data.source", "format": "data.format", "item_file": "data.item-file", "split": "data.split",
+    "rounds": "fed.rounds", "sample_rate": "fed.sample-rate", "local_epochs": "fed.local-epochs",
+    "client_lr": "fed.client-lr", "server_lr": "fed.server-lr", "server_opt": "fed.server-opt",
+    "eval_every": "fed.eval-every", "eval_clients": "fed.eval-clients", "partition": "fed.partition",
+    "num_silos": "fed.num-silos",
+    "timeout": "fed.timeout", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
+    "noise_multiplier": "dp.noise-multiplier", "clip": "dp.clip", "target_epsilon": "dp.target-epsilon",
+    "delta": "dp.delta", "model": "model.kind",
+}
+# store_true flag -> (flat config key, the value it sets)
+SWITCHES = {"lora": ("model.lora", True), "no_dp": ("dp.enabled", False), "no_secagg": ("secagg.enabled", False)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """simulate.py's options: the flags of :data:`FLAGS` and :data:`SWITCHES`, ``--set``, and what
+    is not a config key (resume, CPUs per client, logging)."""
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = RunConfig().to_flat()
+    p.add_argument("--data",
+                   help=f"'ml-100k' (embedded) or a path to MovieLens/CSV/Parquet data (default {d['data.source']})")
+    p.add_argument("--format", choices=values(DataFormat), help="file format of --data (default: auto-detect)")
+    p.add_argument("--item-file", help="item file (item,title[,text]) for generic data")
+    p.add_argument("--split", choices=values(Split),
+                   help=f"{Split.RANDOM} (RecBole 80/10/10), {Split.LEAVE_LAST_OUT}, {Split.COLD_ITEM}")
+    p.add_argument("--rounds", type=int, help=f"federated rounds (default {d['fed.rounds']})")
+    p.add_argument("--sample-rate", type=float, help=f"Poisson sampling rate q (default {d['fed.sample-rate']})")
+    p.add_argument("--clients-per-round", type=int, help="expected clients per round (sets q = this / clients)")
+    p.add_argument("--local-epochs", type=int)
+    p.add_argument("--client-lr", type=float)
+    p.add_argument("--server-lr", type=float)
+    p.add_argument("--server-opt", choices=values(ServerOptimizer))
+    p.add_argument("--eval-every", type=int, help="validate every N rounds")
+    p.add_argument("--eval-clients", type=int, help="clients used for validation during training (0 = all)")
+    p.add_argument("--partition", choices=values(Partition), help="one user per client, or K silos")
+    p.add_argument("--num-silos", type=int)
+    p.add_argument("--timeout", type=float, help="seconds a round waits for clients")
+    p.add_argument("--dim", type=int)
+    p.add_argument("--loss", choices=values(Loss))
+    p.add_argument("--model", choices=values(ModelKind),
+                   help="mf, or hybrid: item vector = free embedding + head(MiniLM(item text)), trained federated")
+    p.add_argument("--lora", action="store_true", help="hybrid: train LoRA adapters of MiniLM too (costly on CPU)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-dp", action="store_true", help="train WITHOUT differential privacy (the report then says so)")
+    p.add_argument("--no-secagg", action="store_true", help="send updates WITHOUT secure aggregation (to compare)")
+    p.add_argument("--local-dp", action="store_true",
+                   help="local DP: each device noises its own update (σ planned for --target-epsilon unless given)")
+    p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
+    p.add_argument("--clip", type=float, help="DP clipping norm C of one client's update")
+    p.add_argument("--target-epsilon", type=float, help="stop before a round whose release would exceed this ε")
+    p.add_argument("--delta", type=float, help="DP δ")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key, e.g. fed.rounds=10")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
+    p.add_argument("--stop-after", type=int, metavar="ROUND",
+                   help="stop cleanly after this round; continue later with --resume")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per simulated client (Ray)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
+    return p
+
+
+def _local_dp(cfg: RunConfig, *, planned: bool) -> RunConfig:
+    """``dp.mode = local``; σ planned so the run's rounds fit the target ε (local DP needs ~14×
+    the central σ: no amplification by sampling, sensitivity 2C)."""
+    if not cfg.dp.enabled:
+        raise UsageError("--local-dp and --no-dp contradict each other")
+    sigma = cfg.dp.noise_multiplier
+    if planned:
+        if cfg.dp.target_epsilon <= 0:
+            raise UsageError("--local-dp without --target-epsilon needs --noise-multiplier")
+        from common.privacy import Accountant, plan_local_noise_multiplier
+
+        sigma = plan_local_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta,
+                                            rounds=cfg.fed.rounds, accountant=Accountant(cfg.dp.accountant))
+    return cfg.replace(**{"dp.mode": DPMode.LOCAL, "dp.noise-multiplier": sigma})
+
+
+def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """The run's config: ``base`` (a resumed run's own, else the defaults), the flags, ``--set``;
+    then local DP or silos planned, ``--clients-per-round`` turned into q. Mistakes raise
+    :class:`UsageError` (a bad data file: its DataError)."""
+    cfg = config_from_flags(args, FLAGS, switches=SWITCHES, base=base)
+    if getattr(args, "local_dp", False):
+        cfg = _local_dp(cfg, planned=args.noise_multiplier is None)
+    if args.clients_per_round is not None:
+        from client.data import num_clients
+
+        n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+        cfg = cfg.replace(**{"fed.sample-rate": min(1.0, args.clients_per_round / n)})
+    if (base is None and getattr(args, "partition", None) == Partition.SILO and args.noise_multiplier is None
+            and cfg.dp.enabled and cfg.dp.mode == DPMode.CENTRAL and cfg.dp.target_epsilon > 0):
+        cfg = _silo_dp(cfg)
+    return cfg
+
+
+def _silo_dp(cfg: RunConfig) -> RunConfig:
+    """σ planned for silos: one user inside a sampled silo moves its silo's update by up to 2C
+    (replace-one), which needs more noise than the user-level default for the same ε."""
+    from common.privacy import Accountant, Relation, plan_noise_multiplier
+
+    sigma = plan_noise_multiplier(target_epsilon=cfg.dp.target_epsilon, delta=cfg.dp.delta, rounds=cfg.fed.rounds,
+                                  sample_rate=cfg.fed.sample_rate, accountant=Accountant(cfg.dp.accountant),
+                                  relation=Relation.REPLACE_ONE)
+    print(f"silos: noise multiplier planned for a user inside a silo (replace-one): sigma = {sigma:.3f}", flush=True)
+    return cfg.replace(**{"dp.noise-multiplier": sigma})
+
+
+class _WarningsOnly(logging.Filter):
+    """Flower resets its logger's level when a simulation starts; a filter survives that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_logs(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
+    if not verbose:
+        flwr_logger.addFilter(_WarningsOnly())
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+
+
+def run(cfg: RunConfig, run_dir, *, num_cpus: float = 0.5, progress: bool = True, verbose: bool = False,
+        stop_after: int | None = None) -> dict:
+    """Run a simulation into ``run_dir``; returns the strategy's summary."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app
+    from client.data import num_clients
+    from server.app import build_server_app
+
+    n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+    result: dict = {}
+    backend = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+               "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose,
+                             "include_dashboard": False}}
+    t0 = time.perf_counter()
+    run_simulation(server_app=build_server_app(cfg, run_dir, expected_clients=n, progress=progress, result=result,
+                                                     stop_after=stop_after),
+                   client_app=build_client_app(cfg), num_supernodes=n, backend_config=backend,
+                   verbose_logging=verbose)
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["num_clients"] = n
+    return result
+
+
+def summarize(run_dir, result: dict) -> str:
+    rows = run_dir.rounds()
+    fits = [r for r in rows if r.get("kind") == "fit"]
+    evals = [r for r in rows if r.get("kind") == "eval" and "ndcg@10" in r]
+    final = evals[-1] if evals else {}
+    secs = sum(r.get("seconds", 0.0) for r in fits)
+    updates = sum(r.get("participants", 0) for r in fits)
+    lines = [
+        f"run directory      {run_dir.path}",
+        f"clients            {result.get('num_clients')}",
+        f"rounds             {len(fits)} ({len(fits) / secs if secs else 0:.2f} rounds/s, "
+        f"{updates / secs if secs else 0:.1f} client-updates/s)",
+        f"client updates     {updates} ok, {sum(r.get('failures', 0) for r in fits)} failed",
+        f"wall time          {result.get('wall_seconds', 0):.1f} s",
+    ]
+    if final:
+        lines.append(f"final {final['phase']:<5} ({final['users']} users, full ranking)")
+        for k in ("ndcg@10", "recall@10", "hr@10", "mrr@10", "ndcg@20", "recall@20"):
+            lines.append(f"  {k:<16} {final[k]:.4f}")
+    ledger = run_dir.load_ledger()
+    if ledger is not None:
+        from common.privacy import Accountant, PrivacyLedger
+
+        led = PrivacyLedger.from_state_dict(ledger["ledger"])
+        mode = "local DP" if run_dir.config().dp.mode == DPMode.LOCAL else "user-level"
+        lines.append(f"privacy            {mode} ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
+                     f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released"
+                     f" ({led.unit.value}, {led.relation.value})")
+        if not ledger.get("secret_cohorts", True):
+            lines.append(f"                   cohorts were SEEDED (fed.sampling-seed): without amplification "
+                         f"ε = {led.epsilon(Accountant.RDP, amplification=False):.3f} (RDP)")
+    elif run_dir.config().dp.enabled:
+        lines.append("privacy            no round was released (the privacy budget allowed none)")
+    else:
+        lines.append("privacy            NO DP GUARANTEE for users (run with user-level DP disabled)")
+    if (run_dir.path / "client_epsilons.json").exists():
+        eps = list(json.loads((run_dir.path / "client_epsilons.json").read_text()).values())
+        lines.append(f"silo DP-SGD        user-level ε inside each silo (δ = {run_dir.config().dp.silo_delta:g}): "
+                     f"min {min(eps):.3f}, max {max(eps):.3f} over {len(eps)} silos")
+    if (run_dir.path / "privacy_report.html").exists():
+        lines.append(f"privacy report     {run_dir.path / 'privacy_report.html'}")
+    text = "\n".join(lines)
+    (run_dir.path / "summary.md").write_text("```\n" + text + "\n```\n")
+    return text
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flags that are not config keys: a UsageError naming the flag (inf, NaN, negatives...)."""
+    cpus = os.cpu_count() or 1
+    if not (math.isfinite(args.num_cpus) and 0 < args.num_cpus <= cpus):
+        raise UsageError(f"--num-cpus {args.num_cpus}: expected CPUs per simulated client in (0, {cpus}]")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after {args.stop_after}: expected a round ≥ 1")
+    if args.clients_per_round is not None and args.clients_per_round < 1:
+        raise UsageError(f"--clients-per-round {args.clients_per_round}: expected a number ≥ 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logs(args.verbose)
+    from common.data import DataUnavailableError
+    from server.run_dir import RunDir
+
+    try:
+        check_args(args)
+        if args.resume:
+            run_dir = RunDir(args.resume)
+            cfg = build_config(args, run_dir.config())
+            run_dir.check_resume(cfg)
+            run_dir.load_checkpoint()  # a damaged checkpoint stops here, named, before any simulation starts
+            run_dir.rounds()
+        else:
+            cfg = build_config(args)
+        from client.data import num_clients  # reads the data once (cached for the run): a bad file is one line
+
+        num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+    except (UsageError, ValueError, OSError, DataUnavailableError) as exc:
+        # A mistake in the flags, the config or the data (DataError, RunDirError and
+        # ConfigMismatchError are ValueErrors): one line on stderr, exit status 2.
+        return report_error(PROG, exc)
+    if not args.resume:
+        run_dir = RunDir.create(Path(args.runs_dir), cfg)
+    print(f"fedrec simulation -> {run_dir.path}", flush=True)
+    result = run(cfg, run_dir, num_cpus=args.num_cpus, progress=not args.no_progress, verbose=args.verbose,
+                 stop_after=args.stop_after)
+    print(summarize(run_dir, result))
+    fits = [r for r in run_dir.rounds() if r.get("kind") == "fit"]
+    if fits and not any(r.get("participants", 0) for r in fits):
+        print("error: no client succeeded in any round", file=sys.stderr)
+        return 1
+    return 0
