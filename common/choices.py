@@ -58,6 +58,15 @@ class DataFormat(StrEnum):
     GENERIC = "generic"
 
 
+class Accountant(StrEnum):
+    """How releases are composed into ε."""
+
+    #: Rényi DP over Opacus' orders: the standard, slightly loose bound.
+    RDP = "rdp"
+    #: Privacy-loss distributions (pessimistic discretisation): tighter, slower.
+    PLD = "pld"
+
+
 class Phase(StrEnum):
     """Which held-out set an evaluation uses."""
 

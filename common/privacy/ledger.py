@@ -23,6 +23,7 @@ from common.privacy._validate import (
     require_positive,
     require_sample_rate,
 )
+from common.choices import Accountant
 from common.privacy import analysis
 from common.privacy.analysis import (
     PldComposition,
@@ -69,15 +70,6 @@ class Sampling(str, Enum):
     #: No amplification is claimed (q is kept for the report only): every release is charged to
     #: every unit as if it took part.
     NONE = "no-amplification"
-
-
-class Accountant(str, Enum):
-    """How releases are composed into ε."""
-
-    #: Rényi DP over Opacus' orders: the standard, slightly loose bound.
-    RDP = "rdp"
-    #: Privacy-loss distributions (pessimistic discretisation): tighter, slower.
-    PLD = "pld"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from common.choices import Accountant, values
 from common.cli import UsageError
 from server.cli._args import positive_float, positive_int, probability, sample_rate
 
@@ -30,7 +31,7 @@ def add_privacy_commands(commands: argparse._SubParsersAction) -> None:
                       help="number of clients (with --clients-per-round)")
     plan.add_argument("--steps-per-round", type=positive_int, default=1, metavar="S",
                       help="noisy steps per round (local DP-SGD steps; 1 for DP-FedAvg, default)")
-    plan.add_argument("--accountant", choices=("rdp", "pld"), default="rdp",
+    plan.add_argument("--accountant", choices=values(Accountant), default=Accountant.RDP.value,
                       help="accountant the plan must satisfy (default rdp, the conservative one)")
     plan.add_argument("--local", action="store_true",
                       help="local DP (dp.mode=local): the sigma each device adds to its own update; sampling "
