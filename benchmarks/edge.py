@@ -153,11 +153,11 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     import numpy as np
 
-    from client.cli import load_model_files
+    from client.recommend import load_model_files
     from client.store import DeviceStore
     from common.config import ModelConfig
-    from common.models.mf.model import client_train
     from common.models import ItemParams
+    from common.models.mf.model import client_train
     from common.privacy.dp_fedavg import clip_grouped
 
     out: dict[str, Any] = {}
@@ -179,8 +179,8 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     out["mf_rss_mb"] = rss()
     if spec.get("lora"):
         try:
-            from common.models.hybrid.train import adapter_update
             from common.models.hybrid.encoder import TextItemEncoder, tokenize
+            from common.models.hybrid.train import adapter_update
         except ImportError as exc:
             out["lora_error"] = f"unavailable: {exc}"
         else:

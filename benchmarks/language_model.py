@@ -49,14 +49,19 @@ from benchmarks.harness import table, target, targets_table, write_json  # noqa:
 from common.config import RunConfig  # noqa: E402
 from common.data import load_interactions  # noqa: E402
 from common.data.splits import split_interactions  # noqa: E402
-from common.evaluation import EvalSets, items_by_user  # noqa: E402
 from common.device import reconstruct_users
-from common.models.hybrid.blend import blend_scores, genre_popularity_scores, hybrid_item_params, text_only_scores
-from common.models.hybrid.text import base_embeddings
-from common.models.hybrid.blend import new_item_bias
+from common.evaluation import EvalSets, items_by_user  # noqa: E402
 from common.inprocess import InProcessResult, run_inprocess  # noqa: E402
 from common.metrics import evaluate_scores  # noqa: E402
 from common.models import ItemParams, UserData
+from common.models.hybrid.blend import (
+    blend_scores,
+    genre_popularity_scores,
+    hybrid_item_params,
+    new_item_bias,
+    text_only_scores,
+)
+from common.models.hybrid.text import base_embeddings
 from common.privacy import Accountant, plan_noise_multiplier  # noqa: E402
 
 DELTA = 1e-4
@@ -202,10 +207,10 @@ def rss_child(kind: str, which: str) -> int:
     """One client's round in this (fresh) process; prints JSON with its peak RSS and seconds."""
     torch.set_num_threads(1)
     from common.models import ClientData
-    from common.models.mf.model import client_train
-    from common.models.hybrid.train import hybrid_client_train
     from common.models.hybrid.model import init_hybrid
     from common.models.hybrid.text import text_side
+    from common.models.hybrid.train import hybrid_client_train
+    from common.models.mf.model import client_train
     from common.models.mf.params import init_items
 
     inter = load_interactions()

@@ -32,8 +32,8 @@ from benchmarks.harness import table, target, targets_table, write_json  # noqa:
 from common.config import RunConfig  # noqa: E402
 from common.data import load_interactions  # noqa: E402
 from common.data.splits import split_interactions  # noqa: E402
-from common.evaluation import EvalSets, evaluate_ranking  # noqa: E402
 from common.device import reconstruct_users
+from common.evaluation import EvalSets, evaluate_ranking  # noqa: E402
 from common.inprocess import run_inprocess  # noqa: E402
 from common.models import UserData
 from common.privacy import Accountant, plan_local_noise_multiplier, plan_noise_multiplier  # noqa: E402
@@ -130,7 +130,7 @@ def tuning(base: RunConfig, sets: EvalSets, json_path: Path | None) -> int:
     print(table(heads, [["∞" if eps is None else eps, reg, r["valid_ndcg@10"], r["ndcg@10"],
                          "yes" if picked[eps] == reg else ""] for (eps, reg), r in rows.items()]))
     dp, nodp = rows[(8.0, picked[8.0])], rows[(None, picked[None])]
-    figures = {f"tuned_eps8_user_reg": picked[8.0], "tuned_nodp_user_reg": picked[None],
+    figures = {"tuned_eps8_user_reg": picked[8.0], "tuned_nodp_user_reg": picked[None],
                "tuned_eps8_ndcg10": dp["ndcg@10"], "tuned_nodp_ndcg10": nodp["ndcg@10"]}
     figures.update({f"valid[eps={'inf' if e is None else f'{e:g}'},reg={reg:g}]_ndcg10": r["valid_ndcg@10"]
                     for (e, reg), r in rows.items()})

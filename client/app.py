@@ -19,12 +19,19 @@ import logging
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.app.message_type import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from client.data import (
+    check_received_model,
+    device_client_data,
+    keep_on_device,
+    simulated_client_data,
+    simulated_item_count,
+)
 from common import keys
 from common.config import RunConfig
 from common.data.texts import item_texts
@@ -33,8 +40,6 @@ from common.models import ClientData, ItemModel, build_model
 from common.privacy.device import DevicePolicy, PolicyRefusal, Protection, protection_for
 from common.privacy.dp_fedavg import ledger_for, local_noise_for, release_event
 from common.silo_dp import checked_history
-from client.data import (check_received_model, device_client_data, keep_on_device, simulated_client_data,
-                         simulated_item_count)
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from common.data.errors import DataError
-from common.data.parsing import csv_fields, csv_header, csv_records, parse_number, parse_rating
+from client.ratings_file import read_ratings_file
 from common.keys import ITEM_PARAM_NAMES
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
@@ -265,7 +264,7 @@ class DeviceStore:
 
         Header ``item,rating[,timestamp]`` or ``user,item,rating[,timestamp]`` (every row one
         user). An item twice in the file counts once: its latest row (ties: the last). A row
-        older than the rating already stored is not applied. Raises :class:`DataError` naming
+        older than the rating already stored is not applied. Raises :class:`~common.data.errors.DataError` naming
         the file and line of the first bad row; nothing is stored then. ``encoding``: UTF-8
         unless named (another is logged as a warning).
         """
@@ -312,8 +311,7 @@ class DeviceStore:
 
         Rated items the index lacks are left out and logged as a warning with their count.
         There are no held-out items on a device: ``valid`` and ``test`` are empty."""
-        from common.models import ClientData
-        from common.models import UserData
+        from common.models import ClientData, UserData
 
         mapped = self.map_ratings(item_index)
         if mapped.unknown:
@@ -546,44 +544,3 @@ def _metadata(blob: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (8-byte little-endian header size, JSON header)."""
     size = int.from_bytes(blob[:8], "little")
     return json.loads(blob[8:8 + size]).get("__metadata__") or {}
-
-
-# ---------------------------------------------------------------- the device's ratings file
-
-def read_ratings_file(path: str | Path,
-                      encoding: str | None = None) -> tuple[list[tuple[int, str, float, float | None]], str | None]:
-    """Validated rows ``(line, item, rating, timestamp)`` of one user's ratings file, and the
-    user id when the file names one. Raises :class:`DataError` naming file and line; a rating
-    must be finite and fit a float32, a timestamp must be finite."""
-    path = Path(path)
-    expected = "item,rating[,timestamp] or user,item,rating,timestamp"
-    records = csv_records(path, encoding)
-    header_line, header = csv_header(path, records, expected)
-    for name in header:
-        if name not in ("user", "item", "rating", "timestamp"):
-            raise DataError(path, f"unexpected column '{name}': expected the header {expected}", header_line)
-    for name in ("item", "rating"):
-        if name not in header:
-            raise DataError(path, f"missing column '{name}': expected the header {expected}, found "
-                                  f"{','.join(header)}", header_line)
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    out: list[tuple[int, str, float, float | None]] = []
-    user: tuple[str, int] | None = None
-    for line, fields in records:
-        row = csv_fields(path, line, fields, header, sep)
-        if not row["item"]:
-            raise DataError(path, "column 'item': expected a non-empty item id, found ''", line)
-        if "user" in row:
-            if not row["user"]:
-                raise DataError(path, "column 'user': expected a non-empty user id, found ''", line)
-            if user is None:
-                user = (row["user"], line)
-            elif row["user"] != user[0]:
-                raise DataError(path, f"expected the ratings of one user (this device's), found user {row['user']!r} "
-                                      f"here and {user[0]!r} on line {user[1]}: export only your own ratings "
-                                      "(a data set of many users is for the server: fedrec data info)", line)
-        stamp = parse_number(path, line, "timestamp", row["timestamp"]) if "timestamp" in row else None
-        out.append((line, row["item"], parse_rating(path, line, "rating", row["rating"]), stamp))
-    if not out:
-        raise DataError(path, "expected rating rows after the header, found none", header_line + 1)
-    return out, None if user is None else user[0]

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
 from enum import StrEnum
+from typing import Any
 
 from common.choices import Accountant, DataFormat, DPMode, Loss, ModelKind, Partition, ServerOptimizer, Split
 

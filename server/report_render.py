@@ -10,7 +10,6 @@ import re
 from typing import Any
 
 
-
 def _eps(x: float) -> str:
     """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
     import math

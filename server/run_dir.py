@@ -28,7 +28,6 @@ from common import keys
 from common.config import RunConfig
 from common.serialization import JsonlError, append_jsonl, load_arrays, read_jsonl, save_arrays, write_json
 
-
 # Keys that say where the run lives, not what it computes: never compared on resume.
 NOT_COMPARED = ("run-dir",)
 CHECKPOINT = "checkpoint.safetensors"

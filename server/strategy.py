@@ -14,8 +14,16 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
-from flwr.common import (EvaluateIns, EvaluateRes, FitIns, FitRes, GetPropertiesIns, Parameters,
-                         ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.constant import MessageTypeLegacy
 from flwr.compat.common import recorddict_compat
 from flwr.server.client_manager import ClientManager

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from common.canary_audit import (
-    canary_cosines, canary_direction, canary_update, estimate_epsilon, gaussian_mechanism_epsilon,
-    gaussian_pair_delta, gaussian_pair_epsilon,
+    canary_cosines,
+    canary_direction,
+    canary_update,
+    estimate_epsilon,
+    gaussian_mechanism_epsilon,
+    gaussian_pair_delta,
+    gaussian_pair_epsilon,
 )
 
 DIM, K, SEED, DELTA = 20_000, 400, 11, 1e-5

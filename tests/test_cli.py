@@ -200,9 +200,9 @@ def test_train_central_writes_a_run_dir(tmp_path, capsys):
     assert 1 <= metrics["best_epoch"] <= 3 and len(metrics["history"]) == 3
     assert 0 <= metrics["test"]["ndcg@10"] <= 1
 
-    from server.run_dir import RunDir
-    from common.serialization import load_arrays
     from common import keys
+    from common.serialization import load_arrays
+    from server.run_dir import RunDir
 
     arrays = load_arrays(run / "model.safetensors")
     assert arrays[keys.ITEM_PARAM_NAMES[0]].shape == (40, 8)

@@ -17,10 +17,10 @@ from flwr.app import Context, RecordDict
 from client.cli import main
 from client.store import DeviceStore
 from common import keys
-from common.models.mf.model import model_file
 from common.config import RunConfig
 from common.data.items_file import write_items_file
 from common.models import ItemParams
+from common.models.mf.model import model_file
 from common.privacy.dp_fedavg import ledger_for
 from common.privacy.ledger import MechanismEvent, Sampling
 from server.run_dir import RunDir
@@ -379,7 +379,7 @@ def test_recommend_with_a_nan_model_is_an_error_not_an_empty_top_list(files, cap
 
 
 def test_a_nan_user_vector_or_score_is_an_error_not_an_empty_top_list(files):
-    from client.cli import rank_items
+    from client.recommend import rank_items
     from client.store import GlobalModel, MappedRatings
 
     params = catalogue_params()

@@ -13,7 +13,13 @@ import pytest
 from common.privacy import Accountant, MechanismEvent, PrivacyLedger, Relation, Sampling, Unit, epsilon_for
 from common.privacy.analysis import RDP_ORDERS, DdgRelease, rdp_epsilon
 from common.privacy.ddgauss import (
-    DEFAULT_BETA, ddgauss_rdp, poisson_subsampled_rdp, rdp_curve, rounded_l1_bound, rounded_l2_bound, tau,
+    DEFAULT_BETA,
+    ddgauss_rdp,
+    poisson_subsampled_rdp,
+    rdp_curve,
+    rounded_l1_bound,
+    rounded_l2_bound,
+    tau,
 )
 from common.privacy.ddp_event import DistributedDpEvent
 from common.privacy.distributed_plan import ddp_epsilon

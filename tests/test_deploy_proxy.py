@@ -47,8 +47,8 @@ def _flower_accepts(app_fab: bytes, verifications: list[dict], trusted_yaml: Pat
     import hashlib
 
     import yaml
-    from flwr.superlink.servicer.control.control_handlers import _format_verification
     from flwr.supercore.fab import Fab
+    from flwr.superlink.servicer.control.control_handlers import _format_verification
     from flwr.supernode.start_client_internal import _verify_fab
 
     fab = Fab(hashlib.sha256(app_fab).hexdigest(), app_fab, _format_verification(verifications))

@@ -13,12 +13,12 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from common import keys
-from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.models import ClientData
+from common.models.mf.model import MFModel
 from common.models.mf.params import init_items
 from common.privacy.device import DEFAULT_POLICY, DevicePolicy, PolicyRefusal, protection_for
 
@@ -107,8 +107,8 @@ def test_a_malicious_serverapp_gets_four_refusals_from_a_local_dp_device(block_c
     device's floor gets an error reply each time, never an update; the honest instruction gets an
     update whose norm is the device's noise."""
     from flwr.app import Message
-    from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.app.message_type import MessageType
+    from flwr.common import FitIns, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation

@@ -12,8 +12,18 @@ import pytest
 from common.privacy import distributed
 from common.privacy.discrete_gaussian import RandomWords
 from common.privacy.distributed import (
-    DistributedDpParams, TooFewSurvivors, TooManySurvivors, conditional_round, decode, encode, hadamard, modular_sum,
-    padded_dim, rotate, rotation_signs, unrotate,
+    DistributedDpParams,
+    TooFewSurvivors,
+    TooManySurvivors,
+    conditional_round,
+    decode,
+    encode,
+    hadamard,
+    modular_sum,
+    padded_dim,
+    rotate,
+    rotation_signs,
+    unrotate,
 )
 from common.secure_sum import check_server_sum, noisy_sum_wrap_bound
 

@@ -11,7 +11,11 @@ from scipy.stats import binom
 
 from common.privacy.ddgauss import DEFAULT_BETA
 from common.privacy.distributed_plan import (
-    cohort_bound, ddp_epsilon, format_distributed_plans, plan_distributed, server_epsilon_with,
+    cohort_bound,
+    ddp_epsilon,
+    format_distributed_plans,
+    plan_distributed,
+    server_epsilon_with,
 )
 from common.privacy.ledger import Accountant, PrivacyLedger, Relation, Unit
 from common.secure_sum import noisy_sum_wrap_bound

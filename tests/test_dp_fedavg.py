@@ -7,13 +7,13 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from common import keys
-from common.models.mf.model import MFModel
 from common.config import DPConfig, RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
 from common.models import ClientData, ItemParams
+from common.models.mf.model import MFModel
 from common.models.mf.params import init_items
 from common.privacy import MechanismEvent, Sampling
 from common.privacy.dp_fedavg import GaussianNoise, clip_grouped, clip_update, global_norm, ledger_for

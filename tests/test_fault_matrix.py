@@ -20,8 +20,8 @@ import pytest
 from flwr.app import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from server import simulation
 from common.config import RunConfig
+from server import simulation
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
 

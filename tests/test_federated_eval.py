@@ -9,12 +9,11 @@ import pytest
 from common.config import ModelConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
-from common.evaluation import EvalSets, evaluate_ranking
-from common.models import ClientData
 from common.device import client_evaluate, reconstruct_users
-from common.rounds import ServerOptimizer
-from common.models import UserData
+from common.evaluation import EvalSets, evaluate_ranking
+from common.models import ClientData, UserData
 from common.models.mf.params import init_items
+from common.rounds import ServerOptimizer
 
 
 @pytest.mark.parametrize("phase", ["valid", "test"])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from server import simulation
 from common.config import RunConfig
 from common.serialization import load_arrays
+from server import simulation
 from server.run_dir import ConfigMismatchError, RunDir
 
 pytestmark = pytest.mark.slow

@@ -6,12 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from common.models.hybrid.train import adapter_update
-from common.models.hybrid.blend import (blend_scores, genre_popularity_scores, hybrid_item_params, text_only_scores, user_profiles, zscore_rows)
 from common.models import ItemParams, UserData
+from common.models.hybrid.blend import (
+    blend_scores,
+    genre_popularity_scores,
+    hybrid_item_params,
+    text_only_scores,
+    user_profiles,
+    zscore_rows,
+)
+from common.models.hybrid.encoder import TextItemEncoder, item_vectors, tokenize, trainable_names, trainable_state
+from common.models.hybrid.train import adapter_update
 from common.models.mf.params import init_items
 from common.models.reconstruction import sample_negatives, score_users
-from common.models.hybrid.encoder import TextItemEncoder, item_vectors, tokenize, trainable_names, trainable_state
 from tests.conftest import ITEM_TEXTS
 
 torch.set_num_threads(1)

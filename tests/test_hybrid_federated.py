@@ -10,7 +10,7 @@ import torch
 
 from common import keys
 from common.config import RunConfig
-from common.models import ClientData, ItemParams, UserData
+from common.models import ClientData, UserData
 from common.models.hybrid.blend import new_item_bias
 from common.models.hybrid.encoder import TextItemEncoder, encode_base, item_vectors
 from common.models.hybrid.model import HybridModel, add_lora, extend_optimizer, init_hybrid, split_arrays
@@ -289,9 +289,9 @@ def test_new_item_bias_is_predicted_from_text():
 
 @pytest.mark.slow
 def test_tiny_hybrid_federation_with_secagg_and_dp(block_csv, tmp_path):
-    from server import simulation
     from common.privacy import PrivacyLedger
     from common.serialization import load_arrays
+    from server import simulation
     from server.report import build_report
     from server.run_dir import RunDir
 
@@ -320,9 +320,9 @@ def test_tiny_hybrid_federation_with_secagg_and_dp(block_csv, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_lora_federation_releases_the_adapter_under_secagg_and_dp(block_csv, tmp_path):
-    from server import simulation
     from common.privacy import PrivacyLedger
     from common.serialization import load_arrays
+    from server import simulation
     from server.run_dir import RunDir
 
     cfg = hybrid_cfg(**{"data.source": str(block_csv), "fed.rounds": 1, "fed.sample-rate": 0.8,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server import simulation
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
 from common.serialization import load_arrays
+from server import simulation
 from server.run_dir import RunDir
 
 

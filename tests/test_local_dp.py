@@ -8,14 +8,22 @@ import numpy as np
 import pytest
 
 from common import keys
-from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
+from common.models.mf.model import MFModel
 from common.privacy import Accountant, Relation, Sampling, epsilon_for, plan_local_noise_multiplier
-from common.privacy.dp_fedavg import (LOCAL_TAIL, GaussianNoise, add_local_noise, ledger_for, local_bound, local_noise_for, release_event)
+from common.privacy.dp_fedavg import (
+    LOCAL_TAIL,
+    GaussianNoise,
+    add_local_noise,
+    ledger_for,
+    local_bound,
+    local_noise_for,
+    release_event,
+)
 from tests.conftest import write_block_csv
 
 

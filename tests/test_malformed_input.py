@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client.cli import main as client_main
-from client.store import DeviceStore, read_ratings_file
+from client.ratings_file import read_ratings_file
+from client.store import DeviceStore
 from common.data import formats
 from common.data.errors import DataError
 from common.data.items_file import read_items_file

@@ -13,8 +13,8 @@ from flwr.app import Context, Message
 from flwr.common import ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from server import simulation
 from common.config import RunConfig
+from server import simulation
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
 

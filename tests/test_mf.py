@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import CentralConfig, ModelConfig
 from common.central import train_central
+from common.config import CentralConfig, ModelConfig
 from common.data.dataset import Interactions, build_interactions
 from common.data.splits import Split
 from common.evaluation import items_by_user
-from common.models.reconstruction import LOSSES, fit_user, item_loss, sample_negatives, score_users
 from common.models import ItemParams, UserData
 from common.models.mf.params import init_items
 from common.models.mf.train import local_item_update
+from common.models.reconstruction import LOSSES, fit_user, item_loss, sample_negatives, score_users
 
 torch.set_num_threads(1)
 

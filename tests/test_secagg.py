@@ -7,19 +7,18 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from server import simulation
 from common import keys
-from common.models.mf.model import MFModel
 from common.config import RunConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
 from common.evaluation import EvalSets
 from common.models import ClientData
-from common.models.mf.model import client_train
+from common.models.mf.model import MFModel, client_train
 from common.models.mf.params import init_items
 from common.privacy.dp_fedavg import clip_grouped
 from common.secure_sum import clip_before_rounding
 from common.serialization import load_arrays
+from server import simulation
 from server.run_dir import RunDir
 from tests.conftest import write_block_csv
 

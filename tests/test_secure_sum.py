@@ -11,7 +11,12 @@ import pytest
 
 from common.privacy.dp_fedavg import clip_update, global_norm
 from common.secure_sum import (
-    MAX_ROUNDING_MARGIN, clip_before_rounding, expected_weight_factor, max_bits_for, modulus_for, rounding_margin,
+    MAX_ROUNDING_MARGIN,
+    clip_before_rounding,
+    expected_weight_factor,
+    max_bits_for,
+    modulus_for,
+    rounding_margin,
 )
 
 ML100K_DIM = 1682 * 65  # item embeddings (64) + biases

@@ -11,16 +11,23 @@ import torch
 from common.config import ModelConfig
 from common.data import load_interactions
 from common.data.splits import split_interactions
-from common.evaluation import EvalSets
-from common.models import ClientData
 from common.device import client_evaluate
-from common.models import ItemParams, UserData
-from common.models.reconstruction import fit_user
+from common.evaluation import EvalSets
+from common.models import ClientData, ItemParams, UserData
 from common.models.mf.params import init_items
 from common.models.mf.train import local_item_update
+from common.models.reconstruction import fit_user
 from common.privacy import Sampling
-from common.silo_dp import (GRAD_SAMPLE_MODES, RELEASED_PARAMETERS, ItemScorer, SiloDPResult, dp_sgd_item_update,
-                            ledger_from_history, silo_ledger, user_samples)
+from common.silo_dp import (
+    GRAD_SAMPLE_MODES,
+    RELEASED_PARAMETERS,
+    ItemScorer,
+    SiloDPResult,
+    dp_sgd_item_update,
+    ledger_from_history,
+    silo_ledger,
+    user_samples,
+)
 from tests.conftest import write_block_csv
 
 torch.set_num_threads(1)

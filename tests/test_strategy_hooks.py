@@ -6,15 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.common import (EvaluateRes, FitRes, GetPropertiesRes, Status, ndarrays_to_parameters)
+from flwr.common import EvaluateRes, FitRes, GetPropertiesRes, Status, ndarrays_to_parameters
 from flwr.common.typing import Code
 from flwr.compat.common import recorddict_compat
 
 from common import keys
 from common.config import RunConfig
 from common.models.mf.model import MFModel
-from common.rounds import RoundEngine
 from common.privacy.dp_fedavg import clip_grouped
+from common.rounds import RoundEngine
 from server.run_dir import RunDir
 from server.strategy import FedRecStrategy
 

@@ -12,7 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from common.models.hybrid.encoder import BASE_DIM, TextItemEncoder, encode_base, item_vectors, load_minilm, load_trainable_state, quantize_int8, size_bytes, tokenize, trainable_names, trainable_parameters, trainable_state
+from common.models.hybrid.encoder import (
+    BASE_DIM,
+    TextItemEncoder,
+    encode_base,
+    item_vectors,
+    load_minilm,
+    load_trainable_state,
+    quantize_int8,
+    size_bytes,
+    tokenize,
+    trainable_names,
+    trainable_parameters,
+    trainable_state,
+)
 
 torch.set_num_threads(1)
 

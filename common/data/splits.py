@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.choices import Split as SplitKind, values
+from common.choices import Split as SplitKind
+from common.choices import values
 from common.data.dataset import Interactions
 
 SPLITS = values(SplitKind)

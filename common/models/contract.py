@@ -20,7 +20,6 @@ import numpy as np
 from common.choices import ModelKind
 
 if TYPE_CHECKING:  # pragma: no cover
-    from common.config import ModelConfig
     from common.evaluation import EvalSets
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from common.choices import Accountant
+from common.privacy import analysis
 from common.privacy._validate import (
     require_delta,
     require_int,
     require_positive,
     require_sample_rate,
 )
-from common.choices import Accountant
-from common.privacy import analysis
 from common.privacy.analysis import (
     PldComposition,
     RdpComposition,

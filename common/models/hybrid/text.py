@@ -14,8 +14,15 @@ import torch
 from torch import nn
 
 from common.config import ModelConfig
-from common.models.hybrid.encoder import (BASE_DIM, TextItemEncoder, encode_base, item_vectors, load_trainable_state,
-                                          tokenize, trainable_state)
+from common.models.hybrid.encoder import (
+    BASE_DIM,
+    TextItemEncoder,
+    encode_base,
+    item_vectors,
+    load_trainable_state,
+    tokenize,
+    trainable_state,
+)
 from common.models.hybrid.params import adapter_order
 
 log = logging.getLogger(__name__)
