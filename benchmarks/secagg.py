@@ -17,7 +17,7 @@ c. Quality: ML-100K, DP on in both with the same seeded noise, the same short ru
    NDCG@10 and the difference. Both runs clip to C and add the same seeded noise, so SecAgg+'s
    quantization is the only difference (with DP off only the SecAgg+ path would clip).
 
-Each simulation runs in its own Python process through ``benchmarks.federated.run_sim``.
+Each simulation runs in its own Python process through ``benchmarks.simulation_runs.run_sim``.
 
     python benchmarks/secagg.py [--json runs/secagg.json] [--rounds 3] [--quality-rounds 6]
 """
@@ -46,8 +46,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.federated import NEVER, run_sim  # noqa: E402
 from benchmarks.harness import table, target, targets_table, write_json  # noqa: E402
+from benchmarks.simulation_runs import NEVER, run_sim  # noqa: E402
 from common.config import RunConfig  # noqa: E402
 from common.serialization import load_arrays  # noqa: E402
 from server import simulation  # noqa: E402

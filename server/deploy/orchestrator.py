@@ -15,7 +15,7 @@ from server.deploy.commands import supernode_command
 from server.deploy.errors import DeployError
 from server.deploy.flwr_cli import RunStatus, list_nodes, register_node, run_log, start_run, stop_run, wait_for_run
 from server.deploy.pki import DEFAULT_HOSTS, NodeKey, TLSFiles, make_ca_and_certs, make_node_keys
-from server.deploy.processes import Proc, free_port, start_process, stop_processes, tail
+from server.deploy.processes import Proc, Started, free_port, start_process, stop_processes, tail
 from server.deploy.serverhost import ServerHost
 from server.deploy.signing import PublisherKey, SignedApp, build_fab, make_publisher_key, sign_fab
 
@@ -29,7 +29,7 @@ class Node:
     node_id: int | None = None  # what `flwr supernode register` answered
 
 
-class Deployment:
+class Deployment(Started):
     """A server host (:class:`ServerHost`: nginx, SuperLink, SuperExec) and one SuperNode per
     device store on this machine (``with`` block).
 
@@ -106,17 +106,6 @@ class Deployment:
         return self.server
 
     # ---- lifecycle
-    def __enter__(self) -> "Deployment":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def start(self) -> None:
         if self.tls is None:
             self.tls = make_ca_and_certs(self.workdir / "tls", hosts=list(dict.fromkeys([self.host, *DEFAULT_HOSTS])))

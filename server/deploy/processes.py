@@ -37,6 +37,28 @@ def tail(path: str | Path, n: int = 30) -> str:
     return "\n".join(lines[-n:])
 
 
+class Started:
+    """``with X(...) as x:`` for what starts processes: ``start()`` on entry (a failed start stops
+    what it had started), ``stop()`` on exit."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class Proc:
     """A process this module started: its command, its log file and the Popen handle."""

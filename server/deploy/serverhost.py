@@ -28,7 +28,7 @@ from server.deploy.commands import (
     write_secret,
 )
 from server.deploy.pki import TLSFiles, validate_host
-from server.deploy.processes import Proc, free_port, start_process, stop_processes, wait_for_port
+from server.deploy.processes import Proc, Started, free_port, start_process, stop_processes, wait_for_port
 from server.deploy.proxy import ProxyFiles, check_config, nginx_command, write_nginx_config
 from server.deploy.signing import SignedApp
 
@@ -37,7 +37,7 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class ServerHost:
+class ServerHost(Started):
     """nginx, the SuperLink, its SuperExec and the app hub, started by :meth:`start`, stopped by PID by
     :meth:`stop` (also as a ``with`` block). Ports left as None get free ones (tests)."""
 
@@ -68,17 +68,6 @@ class ServerHost:
         self.superexec: Proc | None = None
         self.proxy: Proc | None = None
         self.hub: Proc | None = None
-
-    def __enter__(self) -> "ServerHost":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def _env(self, name: str) -> dict[str, str]:
         return {**self.env, "FLWR_HOME": str(self.workdir / "home" / name)}
