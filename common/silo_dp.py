@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.models import ItemParams, UserData
+from common.models.contract import ItemParams, UserData
 from common.models.reconstruction import fit_user
 from common.privacy._validate import (
     require_delta,

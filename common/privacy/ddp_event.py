@@ -20,7 +20,7 @@ from typing import Any
 from common.privacy import ddgauss
 from common.privacy._validate import require_int, require_positive, require_real, require_sample_rate
 from common.privacy.analysis import DdgRelease
-from common.privacy.ledger import Relation, Sampling
+from common.privacy.guarantee import Relation, Sampling
 
 #: ``kind`` of this event in a ledger's state.
 KIND = "ddgauss"
