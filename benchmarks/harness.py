@@ -36,7 +36,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     out = [line, "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
-    return "\n".join(out)
+    return "\n".join(row.rstrip() for row in out)
 
 
 def targets_table(targets: list[dict[str, Any]]) -> str:
