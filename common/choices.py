@@ -42,6 +42,14 @@ class Partition(StrEnum):
     SILO = "silo"  # K silos of many users
 
 
+class Aggregate(StrEnum):
+    """How the server combines a round's plaintext updates."""
+
+    SUM = "sum"  # the sum (what DP and SecAgg+ need)
+    MEDIAN = "median"  # coordinate-wise median x n (plaintext, no DP: robust to a minority)
+    TRIMMED_MEAN = "trimmed-mean"  # coordinate-wise trimmed mean x n (plaintext, no DP)
+
+
 class Split(StrEnum):
     RANDOM = "random"  # RecBole 80/10/10 per user
     LEAVE_LAST_OUT = "leave-last-out"

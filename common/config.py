@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from common.choices import Accountant, DataFormat, DPMode, Loss, ModelKind, Partition, ServerOptimizer, Split
+from common.choices import Accountant, Aggregate, DataFormat, DPMode, Loss, ModelKind, Partition, ServerOptimizer, Split
 
 
 def _check(cond: bool, message: str) -> None:
@@ -109,6 +109,13 @@ class FedConfig:
     # Without DP and SecAgg+ no clip applies; the server still refuses a plaintext update whose L2
     # norm exceeds this (honest ML-100K updates: median 8, max 16 at the initial model).
     update_norm_bound: float = 100.0
+    # > 0: the server clamps every coordinate of a round's summed update to ±sum-clamp before the
+    # noise. Clamping is 1-Lipschitz, so DP's sensitivity is unchanged; it bounds what any coalition
+    # of clients (under SecAgg+ the server sees only the sum) can add to one coordinate per round.
+    sum_clamp: float = 0.0
+    # Plaintext path without DP only: the median or trimmed mean replaces the sum (docs/SECURITY.md).
+    aggregate: Aggregate = Aggregate.SUM
+    trim_fraction: float = 0.1  # trimmed-mean: share of values dropped at each end of every coordinate
 
     def __post_init__(self) -> None:
         _check_choices(self, "fed")
@@ -122,6 +129,8 @@ class FedConfig:
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
         _check(self.sampling_seed >= -1, f"fed.sampling-seed must be -1 (secret cohorts) or ≥ 0, got {self.sampling_seed}")
         _check(self.update_norm_bound > 0, f"fed.update-norm-bound must be > 0, got {self.update_norm_bound}")
+        _check(self.sum_clamp >= 0, f"fed.sum-clamp must be ≥ 0 (0 = off), got {self.sum_clamp}")
+        _check(0 <= self.trim_fraction < 0.5, f"fed.trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
 
     @property
     def cohort_seed(self) -> int | None:
@@ -186,6 +195,11 @@ class SecAggConfig:
     # each round for the whole population (nothing wraps); a bit width whose rounding error could move
     # one update's norm by more than 1% of the clip is refused at the start (common/secure_sum.py).
     quantization_bits: int = 22
+    # The quantization range as a share ρ of the clip: honest values are clipped to ±ρ·C (Flower's
+    # quantizer does it), and the server refuses a sum with a coordinate beyond n·ρ·C. Under SecAgg+ a
+    # malicious client can put the whole cohort's slack into one coordinate: ρ < 1 shrinks it
+    # (docs/SECURITY.md, "Poisoning"; benchmarks/poisoning.py measures it).
+    value_range: float = 1.0
 
     def __post_init__(self) -> None:
         _check(self.num_shares >= 3, f"secagg.num-shares must be ≥ 3, got {self.num_shares}")
@@ -194,6 +208,7 @@ class SecAggConfig:
         _check(self.num_shares / 2 < self.reconstruction_threshold <= self.num_shares,
                f"secagg.reconstruction-threshold must be above half of num-shares ({self.num_shares}) and at most "
                f"num-shares, got {self.reconstruction_threshold}")
+        _check(0 < self.value_range <= 1, f"secagg.value-range must be in (0, 1], got {self.value_range}")
         _check(8 <= self.quantization_bits <= 30, f"secagg.quantization-bits must be in [8, 30], got {self.quantization_bits}")
 
 
@@ -209,6 +224,11 @@ class RunConfig:
     # `flwr run` only: the run directory (absolute, or relative to $FEDREC_RUNS / ./runs); "" = a
     # new runs/<timestamp>/. An existing one with a checkpoint is resumed (same config required).
     run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fed.aggregate != Aggregate.SUM and (self.dp.enabled or self.secagg.enabled):
+            raise ValueError(f"fed.aggregate = {self.fed.aggregate.value} needs dp.enabled = false and "
+                              "secagg.enabled = false: DP accounts for (and SecAgg+ reveals) only the sum")
 
     # ---- flat <-> nested
     def to_flat(self) -> dict[str, Any]:

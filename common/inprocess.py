@@ -15,8 +15,9 @@ import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from common.config import RunConfig
@@ -28,6 +29,20 @@ from common.privacy import PrivacyLedger
 from common.privacy.device import DevicePolicy, protection_for
 from common.privacy.dp_fedavg import local_noise_for
 from common.rounds import RoundEngine, sum_updates
+
+
+class Adversary(Protocol):
+    """Malicious clients joining a run (common/poisoning.py): ``count`` of them, with the client
+    ids after the honest ones, sampled like everyone else. They run their own code, so what they
+    send is checked only as the server can check it: each update on the plaintext path
+    (``secure_aggregation`` False), only the sum under SecAgg+."""
+
+    count: int
+    secure_aggregation: bool
+
+    def updates(self, engine: RoundEngine, attackers: int, cohort: int, server_round: int) -> list[list[np.ndarray]]:
+        """What the ``attackers`` sampled this round send, knowing the global model (``engine``'s
+        public parameters) and the size of the cohort."""
 
 
 @dataclass
@@ -67,30 +82,42 @@ def evaluate_clients(params: ItemParams, clients: list[ClientData], cfg: RunConf
 def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None = None,
                   eval_every: int | None = None, progress: bool = False,
                   on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
-                  resume: InProcessResult | None = None) -> InProcessResult:
+                  resume: InProcessResult | None = None, secure_aggregation: bool = False,
+                  adversary: Adversary | None = None) -> InProcessResult:
     """Train ``cfg``'s model federated, in this process, on ``sets`` (one client per user, or silos).
 
     ``texts``: the item texts for a model that reads them (default: those of ``cfg.data``).
     ``resume``: continue a previous result (its parameters, optimizer moments and ledger) from its
     last round up to ``cfg.fed.rounds``; the model may extend the parameters (the hybrid adds LoRA
     arrays when this run trains LoRA and the previous one did not).
+
+    ``secure_aggregation``: do what a SecAgg+ round does to the numbers (devices clip with the
+    rounding margin, values are clipped to the quantization range, the server checks only the
+    sum) without the protocol; the default sums in plaintext. ``adversary``: malicious clients
+    added to the population (the poisoning lab); its ``secure_aggregation`` must match.
     """
+    if adversary is not None and adversary.secure_aggregation != secure_aggregation:
+        raise ValueError("the adversary's view of secure aggregation must match the run's")
     model = build_model(cfg.model, n_items=sets.n_items, seed=cfg.seed, texts=_texts(cfg, texts))
     parts = partition_users(len(sets.train), cfg.fed.partition, num_silos=cfg.fed.num_silos, seed=cfg.seed)
     clients = [ClientData.from_sets(i, users, sets) for i, users in enumerate(parts)]
     engine, first = _engine(cfg, model, resume)
-    # The operator owns the simulated devices; no SecAgg+ here (the runner sums in plaintext).
-    policy = DevicePolicy.for_run(cfg, secure_aggregation=False)
+    # The operator owns the simulated devices; no SecAgg+ protocol here (at most its arithmetic).
+    secure = secure_aggregation
+    policy = DevicePolicy.for_run(cfg, secure_aggregation=secure)
+    population = len(clients) + (adversary.count if adversary is not None else 0)
     result = InProcessResult(params=engine.params, ledger=engine.ledger, optimizer=engine.optimizer, model=model)
     t0 = time.perf_counter()
     for rnd in tqdm(range(first, cfg.fed.rounds + 1), desc="in-process rounds", disable=not progress):
         if engine.over_budget(rnd):
             break
         t_round = time.perf_counter()
-        protection = protection_for(policy, engine.instruction(rnd, secure_aggregation=False))
+        protection = protection_for(policy, engine.instruction(rnd, secure_aggregation=secure))
         shapes = [a.shape for a in model.arrays(engine.params)]
         updates, failures = [], 0
-        for cid in engine.cohort(range(len(clients)), rnd):
+        cohort = engine.cohort(range(population), rnd)
+        attackers = sum(1 for cid in cohort if cid >= len(clients))
+        for cid in cohort[:len(cohort) - attackers]:
             try:
                 step = model.train(engine.params, engine.context, clients[cid], epochs=cfg.fed.local_epochs,
                                    lr=cfg.fed.client_lr, seed=cfg.seed, server_round=rnd)
@@ -100,11 +127,15 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
             updates.append(protect(model, step.update, shapes, protection,
                                    noise=local_noise_for(policy.noise_seed, rnd, cid)))
         t_clients = time.perf_counter() - t_round
-        engine.release(sum_updates(updates), len(updates), rnd, population=len(clients))
-        row: dict[str, Any] = {"round": rnd, "participants": len(updates), "failures": failures,
+        total, n, refused_forged, refused = _round_total(engine, updates, adversary, attackers, rnd, secure)
+        failures += refused_forged
+        engine.release(total, n, rnd, population=population)
+        row: dict[str, Any] = {"round": rnd, "participants": n, "failures": failures,
                                "client_seconds": t_clients, "server_seconds": time.perf_counter() - t_round - t_clients}
         if engine.ledger is not None:
             row["epsilon"] = engine.epsilon()
+        if refused:
+            row["refused"] = refused
         result.rounds.append(row)
         if eval_every and rnd % eval_every == 0 and rnd < cfg.fed.rounds:
             effective = model.effective(engine.params, engine.context)
@@ -120,6 +151,24 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
         result.evals.append({"round": last, "phase": "test",
                              **evaluate_clients(result.effective, clients, cfg, "test")})
     return result
+
+
+def _round_total(engine: RoundEngine, updates: list[list[np.ndarray]], adversary: Adversary | None, attackers: int,
+                 rnd: int, secure: bool) -> tuple[list[np.ndarray] | None, int, int, str | None]:
+    """(the round's total, how many updates are in it, forged updates refused, why the sum was
+    refused): what the server makes of the honest updates and, with an adversary, the forged
+    ones -- each checked on the plaintext path, only their sum under SecAgg+."""
+    forged = adversary.updates(engine, attackers, len(updates) + attackers, rnd) if adversary and attackers else []
+    if secure:
+        bound = engine.value_bound(secure_aggregation=True)  # Flower's quantizer clips honest values to it
+        updates = [[np.clip(a, -bound, bound) for a in u] for u in updates]
+        if not updates and not forged:
+            return None, 0, 0, None
+        total, problem = engine.secure_total(sum_updates(updates + forged), len(updates) + len(forged))
+        return total, (0 if total is None else len(updates) + len(forged)), 0, problem
+    accepted = [u for u in forged if engine.check(u, secure_aggregation=False) is None]
+    everything = updates + accepted
+    return engine.total(everything), len(everything), len(forged) - len(accepted), None
 
 
 def _texts(cfg: RunConfig, texts: Sequence[str] | None) -> Callable[[], Sequence[str]]:

@@ -18,6 +18,7 @@ from common.config import DPConfig, FedConfig, ModelConfig, RunConfig
 from common.models.contract import ItemModel
 from common.privacy import Accountant, MechanismEvent
 from common.privacy.dp_fedavg import GaussianNoise, ledger_for, local_bound, noisy_mean, release_event
+from common.robust import clamp_total, robust_total, sum_out_of_range
 from common.sampling import poisson_sample
 from common.secure_sum import clip_before_rounding
 from common.silo_dp import checked_history, ledger_from_history
@@ -220,11 +221,15 @@ class RoundEngine:
     # ---- what comes back
     def value_bound(self, *, secure_aggregation: bool) -> float:
         """Every coordinate of a clipped update lies within ±C (no bound without clipping); a
-        locally noised one within ±C(1 + 8σ) (also SecAgg+'s quantization range)."""
+        locally noised one within ±C(1 + 8σ). Under SecAgg+ (central DP or none) ±ρ·C, ρ =
+        ``secagg.value-range`` (the quantizer clips honest values to it). Also SecAgg+'s
+        quantization range."""
         dp = self.cfg.dp
         if self.local_dp:
             return local_bound(dp.noise_multiplier, dp.clip)
-        return dp.clip if (self.ledger is not None or secure_aggregation) else np.inf
+        if secure_aggregation:
+            return dp.clip * self.cfg.secagg.value_range
+        return dp.clip if self.ledger is not None else np.inf
 
     def l2_bound(self, *, secure_aggregation: bool) -> float:
         """The L2 bound a plaintext update must meet (per group too): the devices' clip; without DP
@@ -242,6 +247,22 @@ class RoundEngine:
         return validate_update(list(arrays), shapes, self.value_bound(secure_aggregation=secure_aggregation),
                                l2=self.l2_bound(secure_aggregation=secure_aggregation),
                                bias_share=max(self.cfg.dp.bias_share, 0.0))
+
+    def total(self, updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:
+        """A plaintext round's total from its accepted updates (sorted by client id): their sum, or
+        the configured robust aggregate (DP off only), clamped per coordinate to ``fed.sum-clamp``."""
+        fed = self.cfg.fed
+        total = robust_total(updates, fed.aggregate, trim_fraction=fed.trim_fraction)
+        return None if total is None else clamp_total(total, fed.sum_clamp)
+
+    def secure_total(self, total: Sequence[np.ndarray], n: int) -> tuple[list[np.ndarray] | None, str | None]:
+        """A SecAgg+ round's unmasked sum of ``n`` updates, checked and clamped: (total, None), or
+        (None, why) when no honest cohort could have produced it (the round then releases noise
+        only). The server cannot see single updates, so this is all it can check."""
+        problem = sum_out_of_range(total, n, self.value_bound(secure_aggregation=True))
+        if problem:
+            return None, problem
+        return clamp_total(total, self.cfg.fed.sum_clamp), None
 
     def note_silo_history(self, client_id: int, entry: Sequence[float]) -> None:
         """A silo's DP-SGD history entry of this round (public settings: σ, q, steps)."""

@@ -64,7 +64,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
         fit_workflow = SecAggPlusWorkflowWithEarlyDropouts(
             num_shares=cfg.secagg.num_shares, reconstruction_threshold=cfg.secagg.reconstruction_threshold,
             max_weight=1.0,  # every client weighs 1 (num_examples = 1)
-            clipping_range=engine.value_bound(secure_aggregation=True),  # the client's bound: never clips
+            clipping_range=engine.value_bound(secure_aggregation=True),  # ±ρ·C: clips only when secagg.value-range < 1
             quantization_range=2 ** cfg.secagg.quantization_bits, timeout=cfg.fed.timeout)
         engine.device_clip(secure_aggregation=True)  # refuses a bit width too coarse for this model, before round 1
     bar = _Progress(cfg.fed.rounds, start, progress)

@@ -34,7 +34,7 @@ from common import keys
 from common.config import RunConfig
 from common.device import EVAL_KS
 from common.metrics import RANKING_METRICS
-from common.rounds import RoundEngine, sum_updates
+from common.rounds import RoundEngine
 from common.secure_sum import expected_weight_factor, modulus_for
 from common.streams import Stream, generator
 from server.grid import BoundedGrid
@@ -189,9 +189,14 @@ class FedRecStrategy(Strategy):
                 log.error("round %d: secure aggregate refused: %s", self.current_round, problem)
                 self._row["refused"] = problem
                 return None, {}
-            total = [np.asarray(a, dtype=np.float64) * len(updates) for a in updates[0]]
+            total, problem = self.engine.secure_total([np.asarray(a, dtype=np.float64) * len(updates)
+                                                       for a in updates[0]], len(updates))
+            if problem:  # only a client that ignored the protocol gets here: noise-only release
+                log.error("round %d: secure aggregate refused: %s", self.current_round, problem)
+                self._row["refused"] = problem
+                return None, {}
         else:
-            total = sum_updates(updates)
+            total = self.engine.total(updates)
         self._release(total, len(updates))
         if losses:
             self._row["train_loss"] = float(np.mean(losses))

@@ -132,3 +132,27 @@ def test_the_modulus_is_sized_for_the_population_each_round(tmp_path):
     strategy.client_ids = {str(i): i for i in range(1100)}
     strategy._size_secagg(1100)
     assert strategy.secagg_workflow.modulus_range == 2**33
+
+
+def test_a_mean_beyond_the_value_range_is_refused_and_the_sum_clamp_bounds_what_is_released(tmp_path):
+    """Poisoning under SecAgg+ (docs/SECURITY.md): the server sees only the survivors' mean. One
+    whose coordinate lies beyond ±ρ·C cannot come from honest clients (refused: noise-only
+    release); an acceptable one is clamped to ±fed.sum-clamp per coordinate of the sum."""
+    strategy, params = _strategy(tmp_path, **{"secagg.value-range": 0.1, "fed.sum-clamp": 0.2, "dp.enabled": False})
+    assert strategy.engine.value_bound(secure_aggregation=True) == pytest.approx(0.1)
+    mean = [np.full((20, 4), 0.01), np.full(20, 0.01)]
+    mean[1][3] = 0.15
+    strategy.current_round, strategy._row = 1, {"round": 1, "sampled": 5}
+    strategy.secagg_workflow.last_weight_factor = expected_weight_factor(5, 22)
+    parameters, _ = strategy.aggregate_fit(1, _results(mean, 5), [])
+    assert parameters is None and strategy._row["failures"] == 5
+    strategy.evaluate(1, None)
+    assert strategy._row.get("abandoned")
+    np.testing.assert_allclose(strategy.engine.params.bias, params.bias, atol=1e-6)  # nothing released
+
+    mean[1][3] = 0.09  # the sum 0.45 is clamped to 0.2: the released mean moves by 0.2 / 5
+    strategy.current_round, strategy._row, strategy._released = 2, {"round": 2, "sampled": 5}, False
+    parameters, _ = strategy.aggregate_fit(2, _results(mean, 5), [])
+    assert parameters is not None
+    moved = strategy.engine.params.bias - params.bias
+    assert moved[3] == pytest.approx(0.04, abs=1e-4) and moved[0] == pytest.approx(0.01, abs=1e-4)

@@ -31,28 +31,27 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:
                          help="a run directory: its config, and audit.json written there")
     leakage.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     leakage.set_defaults(handler=cmd_audit_leakage)
+    poisoning = audit_cmds.add_parser(
+        "poisoning", help="malicious clients pushing an item into everyone's top-10, against each defence",
+        description="The poisoning lab: FedRecAttack/PSMU-style malicious clients (a share of the population) "
+                    "push one long-tail and one new item, against the run as configured (DP, SecAgg+) and each "
+                    "defence. Prints ER@10 (honest users with the target in their top-10) and NDCG@10 per cell. "
+                    "Cohorts and noise are seeded (--seed) so the cells are comparable: a lab, not a private run.")
+    poisoning.add_argument("--data", metavar="SOURCE",
+                           help="'ml-100k' (embedded, default) or a path to your data (default: the run's data)")
+    poisoning.add_argument("--run-dir", metavar="RUN_DIR", help="take the configuration from this run's config.json")
+    poisoning.add_argument("--rounds", type=positive_int, metavar="R", help="rounds per cell (default: the config's)")
+    poisoning.add_argument("--fractions", default="0.001,0.01,0.03", metavar="F,F,...",
+                           help="attacker shares of the population (default 0.001,0.01,0.03; 0.01 runs every defence)")
+    poisoning.add_argument("--jobs", type=positive_int, default=1, metavar="J", help="cells run at once (default 1)")
+    poisoning.add_argument("--seed", type=any_int, default=0, help="seed of the targets, cohorts and noise (default 0)")
+    poisoning.add_argument("--json", metavar="PATH", help="also write every cell's figures to this JSON file")
+    poisoning.set_defaults(handler=cmd_audit_poisoning)
 
 
 def cmd_audit_leakage(args: argparse.Namespace) -> int:
-    import json
-
-    from common.config import RunConfig
-
     run_dir = Path(args.run_dir) if args.run_dir else None
-    flat: dict[str, Any] = {}
-    if run_dir is not None:
-        if not (run_dir / "config.json").is_file():
-            raise UsageError(f"{run_dir}: no config.json, not a run directory")
-        try:
-            flat = json.loads((run_dir / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{run_dir / 'config.json'}: not valid JSON ({exc})") from None
-    if args.data is not None:
-        flat["data.source"] = args.data
-    try:
-        cfg = RunConfig.from_flat(flat)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    cfg = _run_config(args.run_dir, args.data)
     if args.json is not None and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json}: is a directory")
     from common.audit import format_audit, leakage_audit, write_audit
@@ -75,3 +74,69 @@ def cmd_audit_leakage(args: argparse.Namespace) -> int:
         print(args.json)
     return 0
 
+
+
+def _run_config(run_dir: str | None, data: str | None, extra: dict[str, Any] | None = None):
+    """The configuration of ``run_dir`` (its config.json) or the defaults, with ``data`` and
+    ``extra`` keys on top; a UsageError names what is wrong."""
+    import json
+
+    from common.config import RunConfig
+
+    flat: dict[str, Any] = {}
+    if run_dir is not None:
+        path = Path(run_dir) / "config.json"
+        if not path.is_file():
+            raise UsageError(f"{run_dir}: no config.json, not a run directory")
+        try:
+            flat = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    if data is not None:
+        flat["data.source"] = data
+    flat.update(extra or {})
+    try:
+        return RunConfig.from_flat(flat)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--fractions {text!r}: expected numbers separated by commas, e.g. 0.001,0.01,0.03") from None
+    if not values or any(not 0 < v < 1 for v in values):
+        raise UsageError(f"--fractions {text!r}: every share must be in (0, 1)")
+    return values
+
+
+def cmd_audit_poisoning(args: argparse.Namespace) -> int:
+    fractions = _fractions(args.fractions)
+    if args.json is not None and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json}: is a directory")
+    extra: dict[str, Any] = {"fed.sampling-seed": args.seed, "dp.noise-seed": args.seed, "seed": args.seed}
+    if args.rounds is not None:
+        extra["fed.rounds"] = args.rounds
+    cfg = _run_config(args.run_dir, args.data, extra)
+    from common.data.splits import split_interactions
+    from common.evaluation import EvalSets
+    from common.poisoning import format_lab, plan_cells, run_lab, summarise, with_targets
+    from common.serialization import write_json
+
+    data = load_data(cfg.data.source, cfg.data.format, cfg.data.item_file)
+    try:
+        split = split_interactions(data, cfg.data.split, seed=cfg.data.seed, cold_fraction=cfg.data.cold_fraction)
+        sets, targets = with_targets(EvalSets.from_split(split), seed=args.seed)
+        main = 0.01 if 0.01 in fractions else fractions[0]
+        rows = run_lab(cfg, sets, targets, plan_cells(cfg, fractions=fractions, main_fraction=main), jobs=args.jobs)
+    except ValueError as exc:  # a data set without a long-tail item, a model the lab cannot attack
+        raise UsageError(f"{cfg.data.source}: {exc}") from None
+    print(f"targets: long-tail item {targets.long_tail} ({int(sets.popularity[targets.long_tail])} training ratings), "
+          f"new item {targets.new} (its training ratings removed); {cfg.fed.rounds} rounds per cell")
+    print(format_lab(rows))
+    if args.json is not None:
+        write_json(Path(args.json), {"targets": targets.items(), "rounds": cfg.fed.rounds, "cells": rows,
+                                     "summary": summarise(rows, main_fraction=main)})
+        print(args.json)
+    return 0
