@@ -22,7 +22,6 @@ it, never a traceback and never a silent NaN recommendation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,11 +36,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from safetensors.numpy import load as load_safetensors
-from safetensors.numpy import save as save_safetensors
 
 from client.ratings_file import read_ratings_file
-from common.keys import ITEM_PARAM_NAMES
+from client.state_blobs import (  # noqa: F401 - GlobalModel, non_finite, user_vector_fingerprint: re-exported
+    GlobalModel,
+    decode_global_model,
+    decode_user_vector,
+    encode_global_model,
+    encode_user_vector,
+    non_finite,
+    user_vector_fingerprint,
+)
+from client.wipe import StoreBusyError, StoreError, StoreNotFoundError, wipe  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # importing them pulls in torch: only client_data() needs them, lazily
     from common.models import ClientData
@@ -74,18 +80,6 @@ CREATE TABLE state (key TEXT NOT NULL PRIMARY KEY, value BLOB NOT NULL);
 _TABLES = ("feedback", "ratings", "catalog", "state")  # children first (foreign keys)
 
 
-class StoreError(ValueError):
-    """A device store that cannot be used as asked (wrong file, wrong version, bad input)."""
-
-
-class StoreNotFoundError(StoreError):
-    """No device store at the path (and the caller did not ask to create one)."""
-
-
-class StoreBusyError(StoreError):
-    """Another program has the store open, so it cannot be wiped now (``forget``)."""
-
-
 @dataclass(frozen=True)
 class Rating:
     item: str
@@ -113,39 +107,12 @@ class ImportReport:
 
 
 @dataclass(frozen=True)
-class GlobalModel:
-    """A global model and the item ids (and titles) its rows stand for."""
-
-    item_ids: tuple[str, ...]
-    titles: tuple[str, ...]
-    embeddings: np.ndarray  # (I, d) float32
-    bias: np.ndarray  # (I,) float32
-    round: int | None  # the rounds completed when it was sent; None for a model read from a file
-    loss: str | None = None  # the run's model.loss / model.user-reg (None: the defaults)
-    user_reg: float | None = None
-    run: int | None = None  # the Flower run that sent it, when known (a new run's model replaces it)
-
-    def index(self) -> dict[str, int]:
-        return {item: i for i, item in enumerate(self.item_ids)}
-
-
-@dataclass(frozen=True)
 class MappedRatings:
     """The device's ratings in a catalogue's index space, sorted by index."""
 
     items: np.ndarray  # int64 indices
     ratings: np.ndarray  # float32
     unknown: tuple[str, ...]  # rated item ids the catalogue does not have (not used, reported)
-
-
-def user_vector_fingerprint(embeddings: np.ndarray, bias: np.ndarray, items: np.ndarray, ratings: np.ndarray,
-                            loss: str | None, user_reg: float | None) -> str:
-    """What a reconstructed user vector depends on: a cached vector is valid while this matches."""
-    h = hashlib.sha256()
-    for array, dtype in ((embeddings, np.float32), (bias, np.float32), (items, np.int64), (ratings, np.float32)):
-        h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
-    h.update(f"|{loss or 'default'}|{'default' if user_reg is None else repr(float(user_reg))}".encode())
-    return h.hexdigest()
 
 
 class DeviceStore:
@@ -373,23 +340,10 @@ class DeviceStore:
         """Keep a global model: its arrays, the item ids of its rows (the catalogue; titles kept
         by id unless given), the run's ``model.loss``/``model.user-reg`` for reconstruction and
         the run that sent it. A model with NaN/Inf (also after the cast to float32) is refused."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            emb, b = np.asarray(embeddings, dtype=np.float32), np.asarray(bias, dtype=np.float32)
-        if emb.ndim != 2 or b.shape != (emb.shape[0],) or len(item_ids) != emb.shape[0]:
-            raise StoreError(f"global model: embeddings {emb.shape}, bias {b.shape} and {len(item_ids)} item ids "
-                             "must agree on the number of items")
-        problem = non_finite(emb, "embeddings") or non_finite(b, "biases")
-        if problem:
-            raise StoreError(f"global model refused: {problem}")
-        if int(round) < 0:
-            raise StoreError(f"global model round must be ≥ 0, got {round}")
-        if user_reg is not None and not (np.isfinite(user_reg) and user_reg > 0):
-            raise StoreError(f"global model: user-reg must be a finite number > 0, got {user_reg}")
-        meta = {"format": "fedrec-mf-items", "round": str(int(round)), "loss": loss or "",
-                "user-reg": "" if user_reg is None else repr(float(user_reg)),
-                "run": "" if run is None else str(int(run))}
-        blob = save_safetensors({ITEM_PARAM_NAMES[0]: np.ascontiguousarray(emb),
-                                 ITEM_PARAM_NAMES[1]: np.ascontiguousarray(b)}, metadata=meta)
+        try:
+            blob = encode_global_model(len(item_ids), embeddings, bias, round, loss=loss, user_reg=user_reg, run=run)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
         with self._tx():
             self._write_catalog(item_ids, titles)
             self._put(GLOBAL_MODEL, blob)
@@ -401,36 +355,22 @@ class DeviceStore:
         if blob is None:
             return None
         with self._corrupt(GLOBAL_MODEL):
-            arrays, meta = load_safetensors(blob), _metadata(blob)
-            emb, bias = arrays[ITEM_PARAM_NAMES[0]], arrays[ITEM_PARAM_NAMES[1]]
-            model_round = int(meta["round"])
-            user_reg = float(meta["user-reg"]) if meta.get("user-reg") else None
-            run = int(meta["run"]) if meta.get("run") else None
-            if emb.ndim != 2 or emb.dtype.kind != "f" or bias.shape != (emb.shape[0],) or bias.dtype.kind != "f":
-                raise ValueError(f"embeddings {emb.shape} {emb.dtype} and biases {bias.shape} {bias.dtype} do not agree")
-            if model_round < 0 or (user_reg is not None and not (np.isfinite(user_reg) and user_reg > 0)):
-                raise ValueError(f"round {model_round}, user-reg {user_reg}")
-            problem = non_finite(emb, "embeddings") or non_finite(bias, "biases")
-            if problem:
-                raise ValueError(problem)
+            emb, bias, model_round, loss, user_reg, run = decode_global_model(blob)
         ids, titles = self.catalog()
         if emb.shape[0] != len(ids):
             raise StoreError(f"{self.path}: the stored global model has {emb.shape[0]} items, the catalogue "
                              f"{len(ids)}: import the server's items file again")
-        return GlobalModel(ids, titles, emb, bias, model_round, meta.get("loss") or None, user_reg, run)
+        return GlobalModel(ids, titles, emb, bias, model_round, loss, user_reg, run)
 
     # ---------------------------------------------------------------- user vector
     def set_user_vector(self, vector: np.ndarray, *, fingerprint: str = "") -> None:
         """Keep the user's vector (bytes as given) and what it was fitted to (``fingerprint``)."""
-        vector = np.asarray(vector)
-        if vector.ndim != 1 or vector.dtype.kind != "f":
-            raise StoreError(f"a user vector is a 1-D float array, got shape {vector.shape} of {vector.dtype}")
-        problem = non_finite(vector, "user vector")
-        if problem:
-            raise StoreError(f"user vector refused: {problem}")
+        try:
+            blob = encode_user_vector(vector, fingerprint)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
         with self._tx():
-            self._put(USER_VECTOR, save_safetensors({"user_vector": np.ascontiguousarray(vector)},
-                                                    metadata={"fingerprint": fingerprint}))
+            self._put(USER_VECTOR, blob)
 
     def get_user_vector(self, fingerprint: str | None = None) -> np.ndarray | None:
         """The stored vector; None when there is none, it was fitted to another ``fingerprint``,
@@ -439,8 +379,7 @@ class DeviceStore:
         if blob is None:
             return None
         try:
-            stored = _metadata(blob).get("fingerprint")
-            vector = load_safetensors(blob)["user_vector"]
+            vector, stored = decode_user_vector(blob)
         except Exception:  # noqa: BLE001 - damaged cache: fitted again
             log.warning("%s: the stored user vector is damaged and is fitted again", self.path)
             return None
@@ -501,46 +440,4 @@ class DeviceStore:
            file and the ``-wal`` (which holds every version written since the last checkpoint) is
            emptied. Only then are the file and its ``-wal``/``-shm``/``-journal`` unlinked.
         """
-        db = self._db
-        db.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
-        if int(db.execute("PRAGMA secure_delete = ON").fetchone()[0]) != 1:
-            raise StoreError(f"{self.path}: this SQLite cannot zero deleted content (secure_delete): not deleted")
-        db.execute("PRAGMA locking_mode = EXCLUSIVE")
-        try:
-            db.execute("BEGIN EXCLUSIVE")
-        except sqlite3.OperationalError as exc:
-            db.execute("PRAGMA locking_mode = NORMAL")
-            raise StoreBusyError(f"{self.path}: another program is using the device store ({exc}), so it cannot be "
-                                 "wiped now: nothing was deleted. Close it (a running fedrec-client, or the "
-                                 "SuperNode of fedrec-client join) and run forget again") from None
-        try:
-            for table in _TABLES:
-                db.execute(f"DELETE FROM {table}")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-        busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        wal = self.path.with_name(self.path.name + "-wal")
-        if busy or (wal.exists() and wal.stat().st_size):
-            raise StoreBusyError(f"{self.path}: the rows are deleted, but the write-ahead log could not be written "
-                                 "back (checkpoint busy), so the file may still hold them: close every program "
-                                 "using the store and run forget again")
-        files = [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
-        removed = [path for path in files if path.exists()]
-        self.close()  # the last connection: SQLite itself may remove the (empty) -wal and -shm
-        for path in removed:
-            path.unlink(missing_ok=True)
-        return removed
-
-
-def non_finite(array: np.ndarray, name: str) -> str | None:
-    """"NAME: k of n values are NaN or Inf" when ``array`` has any, else None."""
-    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-    return f"{name}: {bad} of {np.size(array)} values are NaN or Inf" if bad else None
-
-
-def _metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header size, JSON header)."""
-    size = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8:8 + size]).get("__metadata__") or {}
+        return wipe(self._db, self.path, _TABLES, wait=wait, close=self.close)
