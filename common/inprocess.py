@@ -40,9 +40,10 @@ class Adversary(Protocol):
     count: int
     secure_aggregation: bool
 
-    def updates(self, engine: RoundEngine, attackers: int, cohort: int, server_round: int) -> list[list[np.ndarray]]:
-        """What the ``attackers`` sampled this round send, knowing the global model (``engine``'s
-        public parameters) and the size of the cohort."""
+    def updates(self, engine: RoundEngine, sampled: list[int], cohort: int, server_round: int) -> list[list[np.ndarray]]:
+        """What its clients sampled this round (``sampled``: their indices, 0 to ``count`` − 1)
+        send, knowing the global model (``engine``'s public parameters) and the size of the
+        cohort; one update each, or fewer (a client that sends nothing)."""
 
 
 @dataclass
@@ -83,7 +84,8 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
                   eval_every: int | None = None, progress: bool = False,
                   on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
                   resume: InProcessResult | None = None, secure_aggregation: bool = False,
-                  adversary: Adversary | None = None) -> InProcessResult:
+                  adversary: Adversary | None = None,
+                  on_release: Callable[[int, list[np.ndarray]], None] | None = None) -> InProcessResult:
     """Train ``cfg``'s model federated, in this process, on ``sets`` (one client per user, or silos).
 
     ``texts``: the item texts for a model that reads them (default: those of ``cfg.data``).
@@ -94,7 +96,8 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
     ``secure_aggregation``: do what a SecAgg+ round does to the numbers (devices clip with the
     rounding margin, values are clipped to the quantization range, the server checks only the
     sum) without the protocol; the default sums in plaintext. ``adversary``: malicious clients
-    added to the population (the poisoning lab); its ``secure_aggregation`` must match.
+    added to the population (the poisoning lab, the canary audit); its ``secure_aggregation``
+    must match. ``on_release``: called after every round with its number and the released arrays.
     """
     if adversary is not None and adversary.secure_aggregation != secure_aggregation:
         raise ValueError("the adversary's view of secure aggregation must match the run's")
@@ -116,8 +119,8 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
         shapes = [a.shape for a in model.arrays(engine.params)]
         updates, failures = [], 0
         cohort = engine.cohort(range(population), rnd)
-        attackers = sum(1 for cid in cohort if cid >= len(clients))
-        for cid in cohort[:len(cohort) - attackers]:
+        sampled = [cid - len(clients) for cid in cohort if cid >= len(clients)]
+        for cid in cohort[:len(cohort) - len(sampled)]:
             try:
                 step = model.train(engine.params, engine.context, clients[cid], epochs=cfg.fed.local_epochs,
                                    lr=cfg.fed.client_lr, seed=cfg.seed, server_round=rnd)
@@ -127,9 +130,11 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
             updates.append(protect(model, step.update, shapes, protection,
                                    noise=local_noise_for(policy.noise_seed, rnd, cid)))
         t_clients = time.perf_counter() - t_round
-        total, n, refused_forged, refused = _round_total(engine, updates, adversary, attackers, rnd, secure)
+        total, n, refused_forged, refused = _round_total(engine, updates, adversary, sampled, rnd, secure)
         failures += refused_forged
         engine.release(total, n, rnd, population=population)
+        if on_release:
+            on_release(rnd, model.arrays(engine.params))
         row: dict[str, Any] = {"round": rnd, "participants": n, "failures": failures,
                                "client_seconds": t_clients, "server_seconds": time.perf_counter() - t_round - t_clients}
         if engine.ledger is not None:
@@ -153,12 +158,12 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
     return result
 
 
-def _round_total(engine: RoundEngine, updates: list[list[np.ndarray]], adversary: Adversary | None, attackers: int,
+def _round_total(engine: RoundEngine, updates: list[list[np.ndarray]], adversary: Adversary | None, sampled: list[int],
                  rnd: int, secure: bool) -> tuple[list[np.ndarray] | None, int, int, str | None]:
     """(the round's total, how many updates are in it, forged updates refused, why the sum was
     refused): what the server makes of the honest updates and, with an adversary, the forged
     ones -- each checked on the plaintext path, only their sum under SecAgg+."""
-    forged = adversary.updates(engine, attackers, len(updates) + attackers, rnd) if adversary and attackers else []
+    forged = adversary.updates(engine, sampled, len(updates) + len(sampled), rnd) if adversary and sampled else []
     if secure:
         bound = engine.value_bound(secure_aggregation=True)  # Flower's quantizer clips honest values to it
         updates = [[np.clip(a, -bound, bound) for a in u] for u in updates]

@@ -110,8 +110,9 @@ class TargetPush:
         norm = float(np.linalg.norm(mean))
         return mean / norm if norm > 0 else np.ones_like(mean) / np.sqrt(len(mean))
 
-    def updates(self, engine: RoundEngine, attackers: int, cohort: int, server_round: int) -> list[list[np.ndarray]]:
+    def updates(self, engine: RoundEngine, sampled: list[int], cohort: int, server_round: int) -> list[list[np.ndarray]]:
         self.rounds_sampled += 1
+        attackers = len(sampled)
         emb, bias = _mf_arrays(engine)
         u = self.direction(engine)
         d_emb, d_bias = np.zeros(emb.shape, np.float32), np.zeros(bias.shape, np.float32)

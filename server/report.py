@@ -1,7 +1,7 @@
 """The privacy report of a run: what was released, under which guarantee, and at what utility.
 
 :func:`build_report` reads a run directory (``config.json``, ``metrics.jsonl``, ``ledger.json``
-and, when present, ``client_epsilons.json`` and ``audit.json``) and returns a JSON-ready dict;
+and, when present, ``client_epsilons.json``, ``audit.json`` and ``canary_audit.json``) and returns a JSON-ready dict;
 :func:`write_report` writes it as ``privacy_report.{json,md,html}`` (rendering:
 :mod:`server.report_render`; the HTML is one self-contained file with inline plots). ε is
 recomputed from the ledger, never copied from the metrics.
@@ -63,6 +63,9 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     audit = run.path / "audit.json"
     if audit.is_file():
         report["audit"] = json.loads(audit.read_text())
+    canaries = run.path / "canary_audit.json"
+    if canaries.is_file():  # `fedrec audit canaries --run-dir`: the empirical ε beside the accounted one
+        report["canary_audit"] = json.loads(canaries.read_text())
     return report
 
 

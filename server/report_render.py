@@ -109,6 +109,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
                                          if rl["used"] else "") + rl["note"] + "\n"]
     if "audit" in rep:
         out += ["## Leakage audit\n", _md_table(["figure", "value"], [(k, v) for k, v in rep["audit"].items()])]
+    if "canary_audit" in rep:
+        out += ["## Empirical ε (canary audit)\n", _md_table(["figure", "value"], _canary_rows(rep["canary_audit"]))]
     out += ["## Trust model\n", "".join(f"- **{t['party']}**: {t['statement']}\n" for t in rep["trust_model"])]
     if rep["accounting_method"]:
         out += ["\n## How ε was computed\n", rep["accounting_method"] + "\n"]
@@ -228,9 +230,23 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
     parts.append(f"<p>{esc(rl['note'])}</p>")
     if "audit" in rep:
         parts += ["<h2>Leakage audit</h2>", _html_table(["figure", "value"], list(rep["audit"].items()), align=False)]
+    if "canary_audit" in rep:
+        parts += ["<h2>Empirical ε (canary audit)</h2>",
+                  _html_table(["figure", "value"], _canary_rows(rep["canary_audit"]), align=False)]
     trust = [(t["party"], t["statement"]) for t in rep["trust_model"]]
     parts += ["<h2>Trust model: who sees what</h2>", _html_table(["party", "what it sees / what is covered"], trust)]
     if rep["accounting_method"]:
         parts.append(f"<footer><b>How ε was computed.</b> {esc(rep['accounting_method'])}</footer>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Privacy report "
             f"{esc(rep['run']['id'])}</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _canary_rows(audit: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The canary audit as the report shows it: accounted and empirical ε side by side."""
+    return [("accounted ε (this run's ledger)", audit.get("accounted_epsilon")),
+            ("empirical ε (Andrew et al. 2023)", audit.get("empirical_epsilon")),
+            (f"{audit.get('confidence', 0.95):.0%} interval", f"{audit.get('empirical_low')}-{audit.get('empirical_high')}"),
+            ("lower confidence bound", audit.get("empirical_lower_bound")),
+            ("flagged (lower bound above the accounted ε)", audit.get("flagged")),
+            ("canaries inserted / held out", audit.get("canaries")),
+            ("rounds", audit.get("rounds")), ("what the auditor observed", audit.get("observation"))]

@@ -46,3 +46,21 @@ def write_block_csv(path: Path, n_users: int = 12, n_items: int = 48, per_user: 
 @pytest.fixture
 def block_csv(tmp_path: Path) -> Path:
     return write_block_csv(tmp_path / "ratings.csv")
+
+
+def zipf_sets(n_users: int = 240, n_items: int = 160, per_user: int = 14, seed: int = 0) -> "common.evaluation.EvalSets":  # noqa: F821
+    """Users rating items with Zipf-like popularity: a long tail (items with 2-3 ratings) and a
+    middle (10-30 ratings) exist."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_items + 1) ** 0.9
+    p /= p.sum()
+    train, valid, test = [], [], []
+    for _ in range(n_users):
+        items = rng.choice(n_items, per_user + 2, replace=False, p=p)
+        train.append(np.sort(items[:per_user]).astype(np.int64))
+        valid.append(items[per_user:per_user + 1].astype(np.int64))
+        test.append(items[per_user + 1:].astype(np.int64))
+    from common.evaluation import EvalSets
+
+    return EvalSets(train=train, valid=valid, test=test, train_ratings=[np.ones(per_user, np.float32)] * n_users,
+                    popularity=np.bincount(np.concatenate(train), minlength=n_items), n_items=n_items)

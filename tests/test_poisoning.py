@@ -30,28 +30,13 @@ from common.poisoning import (
 from common.robust import clamp_total, robust_total, sum_out_of_range
 from common.rounds import RoundEngine, sum_updates
 from server.cli import main
+from tests.conftest import zipf_sets
 
 torch.set_num_threads(1)
 
 #: Seeded cohorts and noise: the cells of one test are comparable.
 LAB = {"model.dim": 8, "fed.rounds": 12, "fed.sample-rate": 0.2, "fed.sampling-seed": 0, "dp.noise-seed": 0,
        "dp.target-epsilon": 0.0, "fed.server-lr": 0.05}
-
-
-def zipf_sets(n_users: int = 240, n_items: int = 160, per_user: int = 14, seed: int = 0) -> EvalSets:
-    """Users rating items with Zipf-like popularity: a long tail (items with 2-3 ratings) and a
-    middle (10-30 ratings) exist."""
-    rng = np.random.default_rng(seed)
-    p = 1.0 / np.arange(1, n_items + 1) ** 0.9
-    p /= p.sum()
-    train, valid, test = [], [], []
-    for _ in range(n_users):
-        items = rng.choice(n_items, per_user + 2, replace=False, p=p)
-        train.append(np.sort(items[:per_user]).astype(np.int64))
-        valid.append(items[per_user:per_user + 1].astype(np.int64))
-        test.append(items[per_user + 1:].astype(np.int64))
-    return EvalSets(train=train, valid=valid, test=test, train_ratings=[np.ones(per_user, np.float32)] * n_users,
-                    popularity=np.bincount(np.concatenate(train), minlength=n_items), n_items=n_items)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +139,8 @@ def test_a_coalition_that_ignores_the_range_voids_the_round_which_releases_noise
     sets, targets = lab
 
     class Overflow(TargetPush):
-        def updates(self, engine, attackers, cohort, server_round):
-            out = super().updates(engine, attackers, cohort, server_round)
+        def updates(self, engine, sampled, cohort, server_round):
+            out = super().updates(engine, sampled, cohort, server_round)
             return [[a * 10 for a in u] for u in out]
 
     cfg = RunConfig.from_flat(LAB)
@@ -175,7 +160,7 @@ def test_the_lab_needs_embeddings_and_biases_and_says_so(lab):
     with pytest.raises(ValueError, match="item embeddings"):
         TargetPush(target=1, count=1, secure_aggregation=True).updates(
             RoundEngine(cfg, build_model(cfg.model, n_items=sets.n_items, seed=0, texts=lambda: ["x"] * sets.n_items)),
-            1, 10, 1)
+            [0], 10, 1)
 
 
 def test_the_plan_runs_every_defence_at_one_percent_and_the_sum_clamps_at_the_other_shares():
