@@ -104,3 +104,60 @@ def test_checker_ignores_lookalikes(source):
 def test_checker_resolves_relative_imports():
     assert imported_modules("from ..data import splits", "common.data.splits") >= {"common.data", "common.data.splits"}
     assert imported_modules("from . import mf", "common.central") >= {"common", "common.mf"}
+
+
+def _module_level_imports(root: Path, packages=("common", "client", "server")) -> dict[str, set[str]]:
+    """module → the project modules it imports at module level (lazy imports inside functions
+    are how a cycle is avoided, so they are not edges)."""
+    import ast
+
+    modules = {}
+    for pkg in packages:
+        for path in (root / pkg).rglob("*.py"):
+            name = ".".join(path.relative_to(root).with_suffix("").parts)
+            modules[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in tree.body:
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                subs = [f"{base}.{a.name}" for a in node.names]
+                # `from pkg import submodule` depends on the submodule; a name defined in the
+                # package's __init__ makes the package itself the dependency.
+                targets = [t for t in subs if t in modules] + ([base] if any(t not in modules for t in subs) else [])
+            for t in targets:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    edges.add(t)
+        graph[name] = edges
+    return graph
+
+
+def test_no_import_circle_among_the_projects_modules():
+    graph = _module_level_imports(ROOT)
+    state: dict[str, int] = {}
+    circles = []
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                circles.append(" → ".join(trail[trail.index(nxt):] + [nxt]) if nxt in trail else f"{node} → {nxt}")
+            elif nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, "import circles:\n" + "\n".join(circles)
