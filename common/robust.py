@@ -23,6 +23,14 @@ import numpy as np
 from common.choices import Aggregate
 
 
+def sum_updates(updates: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray] | None:
+    """Sum of client updates in float64, in the given order (callers sort by client id, so the
+    result does not depend on which reply arrived first). None when there are none."""
+    if not updates:
+        return None
+    return [np.sum([np.asarray(u[i]).astype(np.float64) for u in updates], axis=0) for i in range(len(updates[0]))]
+
+
 def sum_out_of_range(total: Sequence[np.ndarray], n: int, value_bound: float) -> str | None:
     """Why ``total`` cannot be the sum of ``n`` updates with every value within ±``value_bound``
     (None when it can)."""
@@ -51,15 +59,12 @@ def robust_total(updates: Sequence[Sequence[np.ndarray]], kind: Aggregate, *, tr
                  ) -> list[np.ndarray] | None:
     """n × the coordinate-wise median or trimmed mean of ``updates`` (``sum``: their sum), in
     float64; None when there are none."""
-    if not updates:
-        return None
     kind = Aggregate(kind)
+    if kind == Aggregate.SUM or not updates:
+        return sum_updates(updates)
     n = len(updates)
     out = []
     for i in range(len(updates[0])):
-        if kind == Aggregate.SUM:  # as common.rounds.sum_updates adds (bit for bit)
-            out.append(np.sum([np.asarray(u[i]).astype(np.float64) for u in updates], axis=0))
-            continue
         stack = np.stack([np.asarray(u[i], dtype=np.float64) for u in updates])
         if kind == Aggregate.MEDIAN:
             out.append(n * np.median(stack, axis=0))

@@ -18,7 +18,7 @@ from common.config import DPConfig, FedConfig, ModelConfig, RunConfig
 from common.models.contract import ItemModel
 from common.privacy import Accountant, MechanismEvent
 from common.privacy.dp_fedavg import GaussianNoise, ledger_for, local_bound, noisy_mean, release_event
-from common.robust import clamp_total, robust_total, sum_out_of_range
+from common.robust import clamp_total, robust_total, sum_out_of_range, sum_updates  # noqa: F401 - sum_updates re-exported
 from common.sampling import poisson_sample
 from common.secure_sum import clip_before_rounding
 from common.silo_dp import checked_history, ledger_from_history
@@ -97,14 +97,6 @@ def server_update_arrays(arrays: list[np.ndarray], total: list[np.ndarray] | Non
         mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
                           expected_cohort=expected_cohort, noise=noise)
     return optimizer.step(arrays, mean)
-
-
-def sum_updates(updates: list[list[np.ndarray]]) -> list[np.ndarray] | None:
-    """Sum of client updates in float64, in the given order (callers sort by client id, so the
-    result does not depend on which reply arrived first). None when there are none."""
-    if not updates:
-        return None
-    return [np.sum([u[i].astype(np.float64) for u in updates], axis=0) for i in range(len(updates[0]))]
 
 
 def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bound: float = np.inf, *,
