@@ -21,14 +21,11 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:
                     "(central DP), local DP, SecAgg+ and SecAgg+ with DP. Prints ROC-AUC and precision@k per "
                     "observation model. With --run-dir, sigma and clip come from the run's config.json and "
                     "the figures go to RUN_DIR/audit.json (the privacy report includes them).")
-    leakage.add_argument("--data", metavar="SOURCE",
-                         help="'ml-100k' (embedded, default) or a path to your data (default: the run's data)")
     leakage.add_argument("--clients", type=positive_int, default=50, metavar="N", help="clients audited (default 50)")
     leakage.add_argument("--rounds", type=positive_int, default=1, metavar="R",
                          help="audit round R's updates, after R-1 in-process rounds from the initial model (default 1)")
     leakage.add_argument("--seed", type=any_int, default=0, help="seed of the client choice and the noise (default 0)")
-    leakage.add_argument("--run-dir", metavar="RUN_DIR",
-                         help="a run directory: its config, and audit.json written there")
+    _source_arguments(leakage, run_dir_help="a run directory: its config, and audit.json written there")
     leakage.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     leakage.set_defaults(handler=cmd_audit_leakage)
     poisoning = audit_cmds.add_parser(
@@ -37,9 +34,7 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:
                     "push one long-tail and one new item, against the run as configured (DP, SecAgg+) and each "
                     "defence. Prints ER@10 (honest users with the target in their top-10) and NDCG@10 per cell. "
                     "Cohorts and noise are seeded (--seed) so the cells are comparable: a lab, not a private run.")
-    poisoning.add_argument("--data", metavar="SOURCE",
-                           help="'ml-100k' (embedded, default) or a path to your data (default: the run's data)")
-    poisoning.add_argument("--run-dir", metavar="RUN_DIR", help="take the configuration from this run's config.json")
+    _source_arguments(poisoning, run_dir_help="take the configuration from this run's config.json")
     poisoning.add_argument("--rounds", type=positive_int, metavar="R", help="rounds per cell (default: the config's)")
     poisoning.add_argument("--fractions", default="0.001,0.01,0.03", metavar="F,F,...",
                            help="attacker shares of the population (default 0.001,0.01,0.03; 0.01 runs every defence)")
@@ -56,9 +51,7 @@ def add_audit_commands(commands: argparse._SubParsersAction) -> None:
                     "--mutant runs a deliberately broken build (noise/10, public-cohorts) to show the audit "
                     "catches it. With --run-dir the configuration comes from the run and the figures go to "
                     "RUN_DIR/canary_audit.json.")
-    canaries.add_argument("--data", metavar="SOURCE",
-                          help="'ml-100k' (embedded, default) or a path to your data (default: the run's data)")
-    canaries.add_argument("--run-dir", metavar="RUN_DIR", help="take the configuration from this run's config.json")
+    _source_arguments(canaries, run_dir_help="take the configuration from this run's config.json")
     canaries.add_argument("--canaries", type=positive_int, default=50, metavar="K",
                           help="inserted canaries, and as many held out (default 50; at least 10)")
     canaries.add_argument("--rounds", type=positive_int, metavar="R", help="rounds (default: the config's)")
@@ -94,6 +87,13 @@ def cmd_audit_leakage(args: argparse.Namespace) -> int:
         print(args.json)
     return 0
 
+
+
+def _source_arguments(parser: argparse.ArgumentParser, *, run_dir_help: str) -> None:
+    """--data and --run-dir, the same for every audit (read by :func:`_run_config`)."""
+    parser.add_argument("--data", metavar="SOURCE",
+                        help="'ml-100k' (embedded, default) or a path to your data (default: the run's data)")
+    parser.add_argument("--run-dir", metavar="RUN_DIR", help=run_dir_help)
 
 
 def _run_config(run_dir: str | None, data: str | None, extra: dict[str, Any] | None = None):
