@@ -28,6 +28,7 @@ class DPMode(StrEnum):
 
     CENTRAL = "central"  # the server, once, to the sum
     LOCAL = "local"  # each device, to its own update
+    DISTRIBUTED = "distributed"  # each device a share of discrete noise, inside SecAgg+ (the server adds none)
 
 
 class ServerOptimizer(StrEnum):

@@ -161,9 +161,20 @@ class DPConfig:
     silo_clip: float = 1.0
     silo_sample_rate: float = 0.05  # Poisson rate over the silo's users per DP-SGD step
     silo_delta: float = 1e-5
+    # Distributed DP (mode = distributed; docs/DISTRIBUTED_DP.md): the SecAgg+ field is 2^bits; the
+    # devices' discrete noise is planned so that the run's rounds meet target-epsilon, and each round's
+    # share is sized for the cohort less this share of dropouts (a round with more failures is abandoned).
+    bits: int = 20
+    dropout_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choices(self, "dp")
+        _check(12 <= self.bits <= 30, f"dp.bits must be in [12, 30], got {self.bits}")
+        _check(0 <= self.dropout_tolerance < 1, f"dp.dropout-tolerance must be in [0, 1), got {self.dropout_tolerance}")
+        if self.enabled and self.mode == DPMode.DISTRIBUTED:
+            _check(self.target_epsilon > 0, "dp.mode=distributed plans the devices' noise for dp.target-epsilon: "
+                   "it must be > 0")
+            _check(not self.silo_dp_sgd, "dp.mode=distributed does not combine with dp.silo-dp-sgd")
         _check(self.noise_multiplier > 0, f"dp.noise-multiplier must be > 0, got {self.noise_multiplier}")
         _check(self.clip > 0, f"dp.clip must be > 0, got {self.clip}")
         _check(self.bias_share < 1, f"dp.bias-share must be < 1 (≤ 0 for flat clipping), got {self.bias_share}")
@@ -229,6 +240,9 @@ class RunConfig:
         if self.fed.aggregate != Aggregate.SUM and (self.dp.enabled or self.secagg.enabled):
             raise ValueError(f"fed.aggregate = {self.fed.aggregate.value} needs dp.enabled = false and "
                               "secagg.enabled = false: DP accounts for (and SecAgg+ reveals) only the sum")
+        if self.dp.enabled and self.dp.mode == DPMode.DISTRIBUTED and self.fed.partition != Partition.USER:
+            raise ValueError("dp.mode = distributed needs fed.partition = user (one user per device: the "
+                             "accounting's unit)")
 
     # ---- flat <-> nested
     def to_flat(self) -> dict[str, Any]:

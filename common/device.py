@@ -15,6 +15,7 @@ from common.metrics import RANKING_METRICS, top_k, user_ranking_metrics
 from common.models.contract import ClientData, ItemModel, ItemParams, UserData
 from common.models.reconstruction import fit_user, sample_negatives
 from common.privacy.device import Protection
+from common.privacy.discrete_gaussian import RandomWords
 from common.privacy.dp_fedavg import GaussianNoise, add_local_noise, local_bound
 from common.rounds import validate_update
 from common.streams import Stream, generator
@@ -23,15 +24,20 @@ EVAL_KS = (10, 20)
 
 
 def protect(model: ItemModel, arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ...]], protection: Protection,
-            *, noise: GaussianNoise) -> list[np.ndarray]:
+            *, noise: GaussianNoise, pooled_noise: bool = False) -> list[np.ndarray]:
     """The update as it may leave the device: clipped to ``protection.clip`` by the model's
     clipping groups, with the device's own Gaussian noise when ``protection.local_noise`` is set
     (clamped to ±C(1 + 8σ)), and refused (``ValueError``) if anything is still wrong with it --
-    under SecAgg+ a NaN would silently corrupt the sum."""
+    under SecAgg+ a NaN would silently corrupt the sum. Under distributed DP (``protection.distributed``)
+    the clipped update is encoded with the device's own discrete noise share into one vector of
+    field elements; ``pooled_noise`` (the in-process simulation only) leaves the share out for the
+    runner to draw the cohort's noise at once."""
     arrays = list(arrays)
     bound = protection.clip
     if np.isfinite(bound):
         arrays = model.clip(arrays, bound, protection.bias_share)
+    if protection.distributed is not None:
+        return [_encode_distributed(arrays, shapes, protection.distributed, noise, add_noise=not pooled_noise)]
     if protection.local_noise is not None:
         arrays = add_local_noise(arrays, noise_multiplier=protection.local_noise, clip=bound, noise=noise)
         bound = local_bound(protection.local_noise, bound)
@@ -39,6 +45,21 @@ def protect(model: ItemModel, arrays: Sequence[np.ndarray], shapes: Sequence[tup
     if problem:
         raise ValueError(f"update refused: {problem}")
     return arrays
+
+
+def _encode_distributed(arrays: list[np.ndarray], shapes: Sequence[tuple[int, ...]], mechanism, noise: GaussianNoise,
+                        *, add_noise: bool) -> np.ndarray:
+    """Distributed DP: the clipped update, checked, then rotated, rounded, noised with the device's
+    own discrete Gaussian share (OS CSPRNG unless the owner seeded the device) and reduced modulo
+    the field: one uint64 vector of the padded length."""
+    problem = validate_update(arrays, list(shapes))
+    if problem:
+        raise ValueError(f"update refused: {problem}")
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+    if flat.size != mechanism.params.dim:
+        raise ValueError(f"update refused: {flat.size} values, the round's mechanism is for {mechanism.params.dim}")
+    words = None if noise.secure else RandomWords(noise.seed)
+    return mechanism.encode(flat, src=words, add_noise=add_noise)
 
 
 def reconstruct_users(params: ItemParams, users: list[UserData], model: ModelConfig, *, seed: int) -> np.ndarray:

@@ -27,8 +27,11 @@ from common.evaluation import EvalSets
 from common.models import ClientData, ItemModel, ItemParams, build_model
 from common.privacy import PrivacyLedger
 from common.privacy.device import DevicePolicy, protection_for
+from common.privacy.discrete_gaussian import RandomWords
+from common.privacy.distributed import modular_sum, pooled_noise
 from common.privacy.dp_fedavg import local_noise_for
 from common.rounds import RoundEngine, sum_updates
+from common.streams import Stream, key
 
 
 class Adversary(Protocol):
@@ -85,7 +88,8 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
                   on_round: Callable[[dict[str, Any]], None] | None = None, final_eval: bool = True,
                   resume: InProcessResult | None = None, secure_aggregation: bool = False,
                   adversary: Adversary | None = None,
-                  on_release: Callable[[int, list[np.ndarray]], None] | None = None) -> InProcessResult:
+                  on_release: Callable[[int, list[np.ndarray]], None] | None = None,
+                  pooled_noise: bool = False) -> InProcessResult:
     """Train ``cfg``'s model federated, in this process, on ``sets`` (one client per user, or silos).
 
     ``texts``: the item texts for a model that reads them (default: those of ``cfg.data``).
@@ -98,6 +102,11 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
     sum) without the protocol; the default sums in plaintext. ``adversary``: malicious clients
     added to the population (the poisoning lab, the canary audit); its ``secure_aggregation``
     must match. ``on_release``: called after every round with its number and the released arrays.
+
+    Under distributed DP the devices' field elements are summed modulo the field (what SecAgg+
+    reveals) and decoded by the engine. ``pooled_noise`` (benchmarks): the devices leave out their
+    noise shares and the cohort's noise is drawn as one sum (:func:`~common.privacy.distributed.pooled_noise`,
+    the same distribution within τ); False (default): each device draws its own share, as on a device.
     """
     if adversary is not None and adversary.secure_aggregation != secure_aggregation:
         raise ValueError("the adversary's view of secure aggregation must match the run's")
@@ -115,10 +124,10 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
         if engine.over_budget(rnd):
             break
         t_round = time.perf_counter()
+        cohort = engine.cohort(range(population), rnd)  # first: it sizes a distributed-DP round's mechanism
         protection = protection_for(policy, engine.instruction(rnd, secure_aggregation=secure))
         shapes = [a.shape for a in model.arrays(engine.params)]
         updates, failures = [], 0
-        cohort = engine.cohort(range(population), rnd)
         sampled = [cid - len(clients) for cid in cohort if cid >= len(clients)]
         for cid in cohort[:len(cohort) - len(sampled)]:
             try:
@@ -128,9 +137,13 @@ def run_inprocess(cfg: RunConfig, sets: EvalSets, *, texts: Sequence[str] | None
                 failures += 1
                 continue
             updates.append(protect(model, step.update, shapes, protection,
-                                   noise=local_noise_for(policy.noise_seed, rnd, cid)))
+                                   noise=local_noise_for(policy.noise_seed, rnd, cid), pooled_noise=pooled_noise))
         t_clients = time.perf_counter() - t_round
-        total, n, refused_forged, refused = _round_total(engine, updates, adversary, sampled, rnd, secure)
+        if engine.distributed:
+            total, n, refused_forged, refused = _distributed_total(engine, updates, adversary, sampled, rnd,
+                                                                   pooled_noise, policy.noise_seed)
+        else:
+            total, n, refused_forged, refused = _round_total(engine, updates, adversary, sampled, rnd, secure)
         failures += refused_forged
         engine.release(total, n, rnd, population=population)
         if on_release:
@@ -174,6 +187,23 @@ def _round_total(engine: RoundEngine, updates: list[list[np.ndarray]], adversary
     accepted = [u for u in forged if engine.check(u, secure_aggregation=False) is None]
     everything = updates + accepted
     return engine.total(everything), len(everything), len(forged) - len(accepted), None
+
+
+def _distributed_total(engine: RoundEngine, updates: list[list[np.ndarray]], adversary: Adversary | None,
+                       sampled: list[int], rnd: int, pooled: bool, seed: int | None
+                       ) -> tuple[list[np.ndarray] | None, int, int, str | None]:
+    """Distributed DP: what SecAgg+ would reveal (the field elements summed modulo the field, forged
+    ones included: nothing else can be checked), decoded by the engine."""
+    forged = adversary.updates(engine, sampled, len(updates) + len(sampled), rnd) if adversary and sampled else []
+    vectors = [u[0] for u in updates + forged]
+    if not vectors:
+        return None, 0, 0, None
+    params = engine.mechanism.params
+    if pooled:
+        words = None if seed is None else RandomWords(key(Stream.POOLED_NOISE, seed, rnd))
+        vectors.append(pooled_noise(params, len(vectors), words))
+    total, problem = engine.distributed_total(modular_sum(vectors, params), len(updates) + len(forged))
+    return total, (0 if total is None else len(updates) + len(forged)), 0, problem
 
 
 def _texts(cfg: RunConfig, texts: Sequence[str] | None) -> Callable[[], Sequence[str]]:

@@ -8,6 +8,9 @@ PHASE = "phase"  # evaluation phase: "valid" or "test"
 CLIP_NORM = "clip-norm"  # DP: L2 bound the client applies to its whole update before sending
 BIAS_SHARE = "bias-share"  # DP: share of the clip norm² given to the item biases (≤ 0: flat)
 LOCAL_NOISE = "local-noise"  # local DP: σ; the device adds N(0, (σ·clip)²) to its clipped update
+# Distributed DP: this round's mechanism as JSON (grid step, the device's integer noise variance, the
+# survivors it is sized for, field bits, dimension, β, the public rotation seed); see common/ddp_round.py.
+DISTRIBUTED = "distributed-dp"
 
 # Properties a client reports once (a pseudonymous id: which partition/device it is).
 PROP_QUERY = "fedrec-identity"
@@ -46,6 +49,6 @@ TEXT_VECTORS_NAME = "item_text_vectors"
 
 # Every key a fit/evaluate instruction may carry. A device refuses an instruction with any other
 # key (common/privacy/device.py): the server cannot slip it a noise seed or another privacy knob.
-INSTRUCTION_KEYS = (SERVER_ROUND, CLIENT_LR, LOCAL_EPOCHS, PHASE, CLIP_NORM, BIAS_SHARE, LOCAL_NOISE,
+INSTRUCTION_KEYS = (SERVER_ROUND, CLIENT_LR, LOCAL_EPOCHS, PHASE, CLIP_NORM, BIAS_SHARE, LOCAL_NOISE, DISTRIBUTED,
                     TRAINABLE_ARRAYS, CONTEXT_ARRAYS)
 M_TEXT_LOSS = "text-loss"  # hybrid: the head/LoRA step's sampled-softmax loss

@@ -8,6 +8,7 @@ Pure: no Flower. The model is any :class:`~common.models.contract.ItemModel`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from common import keys
 from common.config import DPConfig, FedConfig, ModelConfig, RunConfig
+from common.ddp_round import DistributedRounds, RoundMechanism, TooFewSurvivors, TooManySurvivors
 from common.models.contract import ItemModel
 from common.privacy import Accountant, MechanismEvent
 from common.privacy.dp_fedavg import GaussianNoise, ledger_for, local_bound, noisy_mean, release_event
@@ -143,7 +145,8 @@ class RoundEngine:
 
     def __init__(self, cfg: RunConfig, model: ItemModel, *, params: Any = None, optimizer: ServerOptimizer | None = None,
                  ledger_state: Mapping[str, Any] | None = None,
-                 silo_histories: Mapping[int, Sequence[Sequence[float]]] | None = None) -> None:
+                 silo_histories: Mapping[int, Sequence[Sequence[float]]] | None = None,
+                 distributed_plan: Mapping[str, Any] | None = None) -> None:
         self.cfg, self.model = cfg, model
         self.params = model.init(cfg.seed) if params is None else params
         self.optimizer = optimizer or make_server_optimizer(cfg.fed, cfg.model)
@@ -155,6 +158,16 @@ class RoundEngine:
         self.context = model.context(self.params)
         self.silo_histories: dict[int, list[tuple[float, float, int]]] = {
             int(cid): [tuple(entry) for entry in history] for cid, history in (silo_histories or {}).items()}
+        # Distributed DP: the run's plan (made at the first sampling, for its population) and this
+        # round's mechanism (sized for its cohort); common/ddp_round.py.
+        self.ddp = (DistributedRounds(cfg, sum(int(np.size(a)) for a in model.arrays(self.params)),
+                                      state=distributed_plan) if self.distributed else None)
+        self.mechanism: RoundMechanism | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """The devices add discrete noise inside SecAgg+; the server only sums and decodes."""
+        return self.cfg.dp.enabled and self.cfg.dp.mode == "distributed"
 
     @property
     def local_dp(self) -> bool:
@@ -163,22 +176,40 @@ class RoundEngine:
 
     # ---- budget
     def event(self, server_round: int) -> MechanismEvent:
-        """What releasing round ``server_round`` costs every user."""
+        """What releasing round ``server_round`` costs every user (distributed DP: at most, before
+        the cohort is known)."""
         dp = self.cfg.dp
+        if self.ddp is not None:
+            return self.ddp.reference_event(server_round, self.model.names(self.params))
         return release_event(dp.mode, noise_multiplier=dp.noise_multiplier, sample_rate=self.cfg.fed.sample_rate,
                              parameters=self.model.names(self.params), server_round=server_round)
 
     def over_budget(self, server_round: int) -> bool:
         """Whether releasing this round would take ε above the run's target (checked before it)."""
         dp = self.cfg.dp
+        if self.ddp is not None and self.ddp.plan is None:
+            return False  # the plan, made at the first sampling, fits the run's rounds in the target
         return self.ledger is not None and dp.target_epsilon > 0 and self.ledger.would_exceed(
             self.event(server_round), target_epsilon=dp.target_epsilon, accountant=Accountant(dp.accountant))
 
     # ---- sampling
     def cohort(self, client_ids: Iterable[int], server_round: int) -> list[int]:
-        """This round's clients: secret Poisson sampling (seeded only with fed.sampling-seed)."""
-        return poisson_sample(client_ids, self.cfg.fed.sample_rate, seed=self.cfg.fed.cohort_seed,
-                              server_round=server_round)
+        """This round's clients: secret Poisson sampling (seeded only with fed.sampling-seed).
+        Under distributed DP also this round's mechanism, sized for the cohort (the plan is made at
+        the first call, for this population); a cohort larger than the field holds is dropped (the
+        round then releases the server's noise only, like an empty one)."""
+        ids = list(client_ids)
+        chosen = poisson_sample(ids, self.cfg.fed.sample_rate, seed=self.cfg.fed.cohort_seed,
+                                server_round=server_round)
+        if self.ddp is not None:
+            self.ddp.ensure_plan(len(ids))
+            self.mechanism = None
+            if chosen:
+                try:
+                    self.mechanism = self.ddp.mechanism(len(chosen), server_round)
+                except TooManySurvivors:
+                    chosen = []
+        return chosen
 
     # ---- what devices are told
     def device_clip(self, *, secure_aggregation: bool) -> float:
@@ -186,7 +217,7 @@ class RoundEngine:
         margin (an update's norm after quantization stays ≤ C, what the noise is sized for);
         under local DP rounding comes after the noise (post-processing): C itself."""
         clip = self.cfg.dp.clip
-        if secure_aggregation and not self.local_dp:
+        if secure_aggregation and not self.local_dp and not self.distributed:
             dim = int(sum(np.size(a) for a in self.model.arrays(self.params)))
             return clip_before_rounding(clip, dim=dim, bits=self.cfg.secagg.quantization_bits)
         return clip
@@ -201,6 +232,8 @@ class RoundEngine:
             config[keys.BIAS_SHARE] = cfg.dp.bias_share
         if self.local_dp:
             config[keys.LOCAL_NOISE] = cfg.dp.noise_multiplier
+        if self.mechanism is not None:
+            config[keys.DISTRIBUTED] = self.mechanism.to_json()
         if self.model.context_names:  # the trailing context arrays get no update
             config[keys.TRAINABLE_ARRAYS] = len(self.model.arrays(self.params))
             config[keys.CONTEXT_ARRAYS] = ",".join(self.model.context_names)
@@ -256,6 +289,23 @@ class RoundEngine:
             return None, problem
         return clamp_total(total, self.cfg.fed.sum_clamp), None
 
+    def distributed_total(self, modular_sum: np.ndarray, n: int) -> tuple[list[np.ndarray] | None, str | None]:
+        """Distributed DP: the survivors' noisy sum from what SecAgg+ revealed (the sum of their
+        integer vectors modulo the field), decoded and cut back into the model's arrays; (None, why)
+        when the round must be abandoned (fewer survivors than its noise was sized for, more than
+        the field holds). Clamped like any sum (``fed.sum-clamp``; post-processing)."""
+        if self.mechanism is None:
+            return None, "no distributed-DP mechanism this round"
+        try:
+            flat = self.mechanism.decode(np.asarray(modular_sum), n)
+        except (TooFewSurvivors, TooManySurvivors) as exc:
+            return None, str(exc)
+        total, at = [], 0
+        for a in self.model.arrays(self.params):
+            total.append(flat[at:at + np.size(a)].reshape(np.shape(a)))
+            at += np.size(a)
+        return clamp_total(total, self.cfg.fed.sum_clamp), None
+
     def note_silo_history(self, client_id: int, entry: Sequence[float]) -> None:
         """A silo's DP-SGD history entry of this round (public settings: σ, q, steps)."""
         self.silo_histories.setdefault(int(client_id), []).append(checked_history([tuple(entry)])[0])
@@ -272,14 +322,27 @@ class RoundEngine:
         denominator q·N; with local DP the devices added it and the server only averages. Either
         way the round is charged to the ledger."""
         dp = self.cfg.dp if (self.ledger is not None and not self.local_dp) else None
+        event = self.event(server_round) if self.ledger is not None else None
+        if self.distributed and total is not None:
+            # The devices' noise is in the sum: the server only divides by q·N (no noise of its own).
+            assert self.mechanism is not None
+            dp, event = None, self.mechanism.event(self.model.names(self.params))
+            n = self.cfg.fed.sample_rate * population
+        elif self.distributed:
+            # Abandoned or empty: the server releases its own Gaussian noise of the planned size
+            # (whether a round is abandoned may depend on failures), charged as such.
+            z = self.ddp.plan.noise_multiplier if self.ddp.plan is not None else self.cfg.dp.noise_multiplier
+            dp = dataclasses.replace(self.cfg.dp, noise_multiplier=z)
+            event = release_event("central", noise_multiplier=z, sample_rate=self.cfg.fed.sample_rate,
+                                  parameters=self.model.names(self.params), server_round=server_round)
         arrays = server_update_arrays(self.model.arrays(self.params), total, n, optimizer=self.optimizer, dp=dp,
                                       expected_cohort=self.cfg.fed.sample_rate * population,
                                       noise=self.noise.for_round(server_round))
         if arrays is not None:
             self.params = self.model.with_arrays(self.params, arrays)
             self.context = self.model.context(self.params)
-        if self.ledger is not None:
-            self.ledger.record(self.event(server_round))
+        if event is not None:
+            self.ledger.record(event)
 
     def epsilon(self) -> float | None:
         return None if self.ledger is None else self.ledger.epsilon(Accountant.RDP)
@@ -292,6 +355,8 @@ class RoundEngine:
             extra["ledger"] = self.ledger.state_dict()
         if self.silo_histories:
             extra["silo_histories"] = {str(k): v for k, v in sorted(self.silo_histories.items())}
+        if self.ddp is not None and self.ddp.plan is not None:
+            extra["distributed_plan"] = self.ddp.state_dict()
         return self.model.named(self.params), self.optimizer.state_dict(), extra
 
     @classmethod
@@ -301,4 +366,5 @@ class RoundEngine:
         optimizer = make_server_optimizer(cfg.fed, cfg.model)
         optimizer.load_state_dict(dict(optimizer_state))
         return cls(cfg, model, params=model.from_named(named), optimizer=optimizer,
-                   ledger_state=extra.get("ledger"), silo_histories=extra.get("silo_histories"))
+                   ledger_state=extra.get("ledger"), silo_histories=extra.get("silo_histories"),
+                   distributed_plan=extra.get("distributed_plan"))

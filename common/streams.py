@@ -20,6 +20,7 @@ class Stream(IntEnum):
 
     RECONSTRUCT = 0xE7A1  # BPR negatives when users are reconstructed for evaluation (key: seed)
     LOCAL_NOISE = 0x10CA1  # a device's seeded local-DP noise (key: seed, round, client)
+    POOLED_NOISE = 0xDD9  # the in-process simulation's pooled distributed-DP noise (key: seed, round)
     ADAPTER = 0x7E47  # the hybrid adapter step's negatives and positives (key: seed, round, client)
     EVAL_SUBSET = 0xE7  # which clients validate during training (key: seed)
     SYNTHETIC = 0x5E7D  # synthetic users resampled from a data set (key: seed)

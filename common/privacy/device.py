@@ -30,6 +30,7 @@ from common import keys
 #: Node-config keys a device owner can set on a SuperNode (``--node-config "privacy-clip=0.5"``).
 NODE_CLIP = "privacy-clip"
 NODE_LOCAL_NOISE = "privacy-local-noise"
+NODE_DISTRIBUTED_NOISE = "privacy-distributed-noise"
 
 
 class PolicyRefusal(ValueError):
@@ -51,11 +52,16 @@ class DevicePolicy:
     noise_seed:
         None: noise from the OS CSPRNG. An int seeds the device's noise (tests only); it is the
         owner's setting and is never taken from a message.
+    distributed_noise:
+        0: the device accepts central DP. > 0: the device only sends updates under distributed DP
+        (its own discrete noise share inside SecAgg+), and only when the round's shares together
+        amount to a noise multiplier z = γ√(m·σ²)/C of at least this.
     """
 
     clip: float = 1.0
     local_noise: float = 0.0
     noise_seed: int | None = None
+    distributed_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.clip > 0) or math.isnan(self.clip):
@@ -64,6 +70,8 @@ class DevicePolicy:
             raise ValueError(f"a device's local-noise floor must be a finite σ ≥ 0, got {self.local_noise!r}")
         if self.local_noise > 0 and not math.isfinite(self.clip):
             raise ValueError("a device that adds its own noise needs a finite clip")
+        if not math.isfinite(self.distributed_noise) or self.distributed_noise < 0:
+            raise ValueError(f"a device's distributed-noise floor must be a finite z ≥ 0, got {self.distributed_noise!r}")
 
     @classmethod
     def for_run(cls, cfg: Any, *, secure_aggregation: bool | None = None) -> "DevicePolicy":
@@ -94,10 +102,11 @@ class DevicePolicy:
     def stricter(self, other: "DevicePolicy") -> "DevicePolicy":
         """The policy that satisfies both: the smaller clip, the larger noise floor."""
         return DevicePolicy(clip=min(self.clip, other.clip), local_noise=max(self.local_noise, other.local_noise),
-                            noise_seed=self.noise_seed if self.noise_seed is not None else other.noise_seed)
+                            noise_seed=self.noise_seed if self.noise_seed is not None else other.noise_seed,
+                            distributed_noise=max(self.distributed_noise, other.distributed_noise))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"clip": self.clip, "local_noise": self.local_noise}
+        return {"clip": self.clip, "local_noise": self.local_noise, "distributed_noise": self.distributed_noise}
 
 
 DEFAULT_POLICY = DevicePolicy()
@@ -111,6 +120,8 @@ class Protection:
     clip: float
     bias_share: float
     local_noise: float | None
+    #: Distributed DP: the round's mechanism (the device encodes its clipped update with it).
+    distributed: Any = None
 
 
 def protection_for(policy: DevicePolicy, instruction: Mapping[str, Any]) -> Protection:
@@ -135,10 +146,37 @@ def protection_for(policy: DevicePolicy, instruction: Mapping[str, Any]) -> Prot
         if asked_noise < policy.local_noise:
             raise PolicyRefusal(f"the server asked for local noise σ={asked_noise:g}, below this device's floor "
                                 f"σ={policy.local_noise:g}: refusing to send")
+    distributed = _distributed(policy, instruction, asked_noise)
     clip = min(policy.clip, asked_clip if asked_clip is not None else math.inf)
     if asked_noise is not None and not math.isfinite(clip):
         raise PolicyRefusal("local noise asked for without a finite clip norm")
-    return Protection(clip=clip, bias_share=bias_share, local_noise=asked_noise)
+    if distributed is not None:
+        clip = min(clip, distributed.params.clip)
+    return Protection(clip=clip, bias_share=bias_share, local_noise=asked_noise, distributed=distributed)
+
+
+def _distributed(policy: DevicePolicy, instruction: Mapping[str, Any], asked_noise: float | None):
+    """The round's distributed-DP mechanism (common/ddp_round.py), checked against the floor, or
+    None; PolicyRefusal when the device must not send."""
+    from common.ddp_round import RoundMechanism, check_floor
+
+    if keys.DISTRIBUTED not in instruction:
+        if policy.distributed_noise > 0:
+            raise PolicyRefusal(f"this device sends only under distributed DP (z ≥ {policy.distributed_noise:g}); the "
+                                "instruction asks for none: refusing to send an update the server would see un-noised")
+        return None
+    if asked_noise is not None:
+        raise PolicyRefusal("the instruction asks for local and distributed noise at once")
+    try:
+        mechanism = RoundMechanism.from_json(instruction[keys.DISTRIBUTED])
+    except ValueError as exc:
+        raise PolicyRefusal(f"distributed-DP instruction refused: {exc}") from None
+    if mechanism.server_round != instruction.get(keys.SERVER_ROUND):
+        raise PolicyRefusal("the distributed-DP instruction is for another round (its rotation would repeat)")
+    problem = check_floor(mechanism, floor=policy.distributed_noise, dim=mechanism.params.dim)
+    if problem:
+        raise PolicyRefusal(f"distributed DP: {problem}: refusing to send")
+    return mechanism
 
 
 def _number(instruction: Mapping[str, Any], key: str) -> float | None:
