@@ -18,7 +18,7 @@ import logging
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -35,6 +35,7 @@ from client.data import (
 from common import keys
 from common.config import RunConfig
 from common.data.texts import item_texts
+from common.ddp_round import field_offset
 from common.device import client_evaluate, protect
 from common.models import ClientData, ItemModel, build_model
 from common.privacy.device import DevicePolicy, PolicyRefusal, Protection, protection_for
@@ -78,10 +79,10 @@ class RecClient(NumPyClient):
 
     @staticmethod
     def _metrics(metrics: dict, protection: Protection) -> dict:
-        """Plaintext metrics that go with the update. Under local DP the server is not trusted, and
-        an un-noised training loss would leak about the user's data: it stays on the device (under
-        SecAgg+ too: :func:`secagg_when_requested` drops it)."""
-        if protection.local_noise is not None:
+        """Plaintext metrics that go with the update. Under local and distributed DP the server is
+        not trusted, and an un-noised training loss would leak about the user's data: it stays on
+        the device (under SecAgg+ too: :func:`secagg_when_requested` drops it)."""
+        if protection.local_noise is not None or protection.distributed is not None:
             return {k: v for k, v in metrics.items() if k not in (keys.M_TRAIN_LOSS, keys.M_TEXT_LOSS)}
         return metrics
 
@@ -97,6 +98,10 @@ class RecClient(NumPyClient):
             raise ValueError(f"client {self.data.client_id}: {exc}") from None
         if protection.local_noise is not None:
             self._record_local_release(protection.local_noise, rnd, names)
+        if protection.distributed is not None:
+            # Field elements k ∈ [0, M) as the floats k − (M−1)/2 that SecAgg+'s quantizer (range
+            # ±(M−1)/2 over M−1 levels: one level per unit) turns back into exactly k.
+            arrays = [np.asarray(arrays[0], dtype=np.float64) - field_offset(protection.distributed.params.modulus)]
         return arrays
 
     def _record_local_release(self, sigma: float, rnd: int, names: tuple[str, ...]) -> None:
@@ -215,7 +220,8 @@ def client_fn_for(cfg: RunConfig | None, policy: DevicePolicy | None = None):
         torch.set_num_threads(1)
         run_cfg = cfg or RunConfig.from_flat(dict(context.run_config))
         floor = device_policy(cfg, context, policy)
-        adds_noise = floor.local_noise > 0 or (run_cfg.dp.enabled and run_cfg.dp.mode == "local")
+        adds_noise = (floor.local_noise > 0 or floor.distributed_noise > 0
+                      or (run_cfg.dp.enabled and run_cfg.dp.mode in ("local", "distributed")))
         if cfg is None and run_cfg.dp.noise_seed >= 0 and adds_noise:
             raise PolicyRefusal(f"the run asks devices for seeded noise (dp.noise-seed={run_cfg.dp.noise_seed}): a "
                                 "device draws its noise from its own secure source and takes no seed from the server")
@@ -260,7 +266,21 @@ def secagg_when_requested(msg, context, call_next):
     pass everything else through: one ClientApp serves runs with and without SecAgg+."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, context, _without_plaintext_loss(call_next))
+    if msg.metadata.message_type == MessageType.TRAIN and _asks_distributed(msg):
+        # A distributed-DP encoding carries only a 1/m share of the noise: outside SecAgg+ the server
+        # would see it almost un-noised. The device refuses before training.
+        log.warning("refusing a distributed-DP round outside SecAgg+")
+        return Message(Error(REFUSED_OUTSIDE_SECAGG, "distributed DP is only sent inside SecAgg+"), reply_to=msg)
     return call_next(msg, context)
+
+
+#: Error code of a training message a device refuses (a distributed-DP round without SecAgg+).
+REFUSED_OUTSIDE_SECAGG = 901
+
+
+def _asks_distributed(msg) -> bool:
+    return any(keys.DISTRIBUTED in record for record in msg.content.config_records.values())
+
 
 
 def build_client_app(cfg: RunConfig | None = None, mods: list | None = None,

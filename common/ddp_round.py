@@ -159,6 +159,35 @@ class DistributedRounds:
         return None if self.plan is None else asdict(self.plan)
 
 
+# ---- through Flower's SecAgg+ (which quantizes floats itself): one quantization level per field element
+def field_offset(modulus: int) -> float:
+    """(M−1)/2: a device sends field element k as the float k − (M−1)/2."""
+    return (modulus - 1) / 2.0
+
+
+def secagg_ranges(modulus: int) -> tuple[float, int]:
+    """(clipping_range, quantization_range) of Flower's SecAgg+ for a field of M elements: ±(M−1)/2
+    over M−1 levels, so its quantizer maps k − (M−1)/2 to exactly k (no rounding: k is an integer)
+    and sums modulo M (``modulus_range``)."""
+    return field_offset(modulus), modulus - 1
+
+
+def expected_field_weight(survivors: int, modulus: int) -> int:
+    """The unmasked weight factor when ``survivors`` devices of weight 1 summed: each adds M−1
+    (Flower's quantized weight), modulo M."""
+    return (survivors * (modulus - 1)) % modulus
+
+
+def modular_sum_from_secagg(aggregate: np.ndarray, weight: int, survivors: int, modulus: int) -> np.ndarray:
+    """The sum of the devices' field elements modulo M from what Flower's SecAgg+ workflow returns:
+    it dequantizes the unmasked sum r as (r − n·(M−1)/2)·(M−1)/w; here r = that·w/(M−1) + n·(M−1)/2,
+    exact after rounding (|r| < 2^53; the float error is far below 1/2)."""
+    if weight <= 0:
+        raise ValueError(f"weight factor {weight} is not positive")
+    r = np.asarray(aggregate, dtype=np.float64) * (weight / (modulus - 1)) + survivors * field_offset(modulus)
+    return np.mod(np.rint(r).astype(np.int64), modulus).astype(np.uint64)
+
+
 def check_floor(mechanism: RoundMechanism, *, floor: float, dim: int) -> str | None:
     """Why a device must refuse this round's mechanism, or None: the noise its fewest survivors
     carry together is below the device's floor (z = γ√(m·σ²)/C), the dimension is not its update's,
@@ -174,4 +203,5 @@ def check_floor(mechanism: RoundMechanism, *, floor: float, dim: int) -> str | N
     return None
 
 
-__all__ = ["DistributedRounds", "RoundMechanism", "TooFewSurvivors", "TooManySurvivors", "check_floor"]
+__all__ = ["DistributedRounds", "RoundMechanism", "TooFewSurvivors", "TooManySurvivors", "check_floor",
+           "expected_field_weight", "field_offset", "modular_sum_from_secagg", "secagg_ranges"]

@@ -59,6 +59,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
         engine = RoundEngine.restore(cfg, model, named, opt_state, extra)  # ε spent before stays spent
         run_dir.truncate_metrics(start)
         log.info("resuming %s after round %d", run_dir.path, start)
+    if engine.distributed and not cfg.secagg.enabled:
+        raise ValueError("dp.mode = distributed needs secagg.enabled = true: a device's encoding carries a 1/m share "
+                         "of the noise, and only SecAgg+ keeps it from the server (devices refuse otherwise)")
     fit_workflow = None
     if cfg.secagg.enabled:
         fit_workflow = SecAggPlusWorkflowWithEarlyDropouts(

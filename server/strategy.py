@@ -32,6 +32,7 @@ from flwr.server.strategy import Strategy
 
 from common import keys
 from common.config import RunConfig
+from common.ddp_round import expected_field_weight, modular_sum_from_secagg, secagg_ranges
 from common.device import EVAL_KS
 from common.metrics import RANKING_METRICS
 from common.rounds import RoundEngine
@@ -164,9 +165,11 @@ class FedRecStrategy(Strategy):
         self._row["failures"] = len(failures)
         updates, losses = [], []
         # Deterministic order: the sum does not depend on which reply came first.
+        distributed = self.engine.distributed
         for proxy, res in sorted(results, key=lambda r: self.client_ids.get(r[0].cid, -1)):
             arrays = parameters_to_ndarrays(res.parameters)
-            problem = self.engine.check(arrays, secure_aggregation=self.secure_aggregation)
+            # Distributed DP: every result carries the workflow's dequantized sum, checked below.
+            problem = None if distributed else self.engine.check(arrays, secure_aggregation=self.secure_aggregation)
             if not problem and not self.secure_aggregation and res.num_examples != 1:
                 problem = f"claimed weight {res.num_examples}, the protocol's is 1"
             if problem:
@@ -181,7 +184,13 @@ class FedRecStrategy(Strategy):
         self._row["participants"] = len(updates)
         if not updates:
             return None, {}
-        if self.secure_aggregation:  # every result carries the survivors' mean
+        if distributed:
+            total, problem = self._distributed_total(updates[0], len(updates))
+            if problem:  # abandoned: evaluate() releases the server's noise only and charges it
+                log.error("round %d: distributed-DP sum refused: %s", self.current_round, problem)
+                self._row["refused"] = problem
+                return None, {}
+        elif self.secure_aggregation:  # every result carries the survivors' mean
             problem = self._weight_factor_problem(len(updates))
             if problem:
                 # The sum cannot be trusted (a client lied about its weight, or the modulus wrapped):
@@ -220,12 +229,36 @@ class FedRecStrategy(Strategy):
         wf, sa = self.secagg_workflow, self.cfg.secagg
         if wf is None:
             return
-        wf.modulus_range = modulus_for(self.population, sa.quantization_bits)
-        wf.expected_shapes = [(1,), *(tuple(np.shape(a)) for a in self.engine.model.arrays(self.engine.params))]
+        mechanism = self.engine.mechanism
+        if mechanism is not None:  # distributed DP: the devices send field elements, one level each
+            wf.modulus_range = mechanism.params.modulus
+            wf.clipping_range, wf.quantization_range = secagg_ranges(mechanism.params.modulus)
+            wf.expected_shapes = [(1,), (mechanism.params.padded_dim,)]
+        else:
+            wf.modulus_range = modulus_for(self.population, sa.quantization_bits)
+            wf.clipping_range = self.engine.value_bound(secure_aggregation=True)
+            wf.quantization_range = 2 ** sa.quantization_bits
+            wf.expected_shapes = [(1,), *(tuple(np.shape(a)) for a in self.engine.model.arrays(self.engine.params))]
         if cohort >= sa.num_shares:
             wf.num_shares, wf.reconstruction_threshold = sa.num_shares, sa.reconstruction_threshold
         else:  # floats: proportions of the sampled clients / of the shares (Flower's convention)
             wf.num_shares, wf.reconstruction_threshold = 1.0, sa.reconstruction_threshold / sa.num_shares
+
+    def _distributed_total(self, arrays: list[np.ndarray], survivors: int) -> tuple[list[np.ndarray] | None, str | None]:
+        """Distributed DP: the field sum back from Flower's dequantized aggregate, then the engine's
+        decoding (the noisy sum of the survivors' updates), or (None, why)."""
+        if self.secagg_workflow is None:
+            return None, "distributed DP without SecAgg+"
+        modulus = self.engine.mechanism.params.modulus
+        factor = getattr(self.secagg_workflow, "last_weight_factor", None)
+        want = expected_field_weight(survivors, modulus)
+        if factor != want:
+            return None, (f"unmasked weight factor {factor} ≠ {want} for {survivors} survivors (a client claimed "
+                          "another weight)")
+        if len(arrays) != 1 or np.shape(arrays[0]) != (self.engine.mechanism.params.padded_dim,):
+            return None, f"aggregate of shapes {[np.shape(a) for a in arrays]}, expected one field vector"
+        modular = modular_sum_from_secagg(arrays[0], factor, survivors, modulus)
+        return self.engine.distributed_total(modular, survivors)
 
     def _weight_factor_problem(self, survivors: int) -> str | None:
         """Why the unmasked aggregate cannot be used: its weight factor is not n·2^bits."""
