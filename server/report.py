@@ -28,6 +28,9 @@ NO_DP = "NO DIFFERENTIAL PRIVACY GUARANTEE: this model was trained without DP; �
 MECHANISM = "user-level DP-FedAvg, Gaussian noise added by the server to the sum, Poisson sampling"
 LOCAL_MECHANISM = ("local DP: each device adds Gaussian noise to its own clipped update (Poisson sampling, no "
                    "amplification claimed)")
+DISTRIBUTED_MECHANISM = ("distributed DP: each device adds its share of discrete Gaussian noise to its rotated, "
+                         "rounded update inside the SecAgg+ field (Kairouz, Liu & Steinke 2021); the server only "
+                         "sums; Poisson sampling")
 PLD_FULL_HISTORY_MAX_ROUNDS = 300  # a full PLD history costs ~6 s at 300 rounds, growing with rounds
 PLD_HISTORY_POINTS = 50
 FILES = ("privacy_report.json", "privacy_report.md", "privacy_report.html")
@@ -40,7 +43,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "run": {"id": run.path.resolve().name, "path": str(run.path.resolve()),
                 "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
         "dp_enabled": run.dp_on,
-        "mechanism": (LOCAL_MECHANISM if run.local else MECHANISM) if run.dp_on else None,
+        "mechanism": (LOCAL_MECHANISM if run.local else DISTRIBUTED_MECHANISM if run.distributed else MECHANISM)
+        if run.dp_on else None,
         "dp_mode": run.flat.get("dp.mode", "central") if run.dp_on else None,
         "parameters": _parameters(run),
         "warnings": _warnings(run),
@@ -101,6 +105,9 @@ class _RunFacts:
         self.population = self.stored.get("population", "unknown") if self.stored else "unknown"
         self.per_user = self.flat["fed.partition"] == "user"
         self.local = self.dp_on and self.flat.get("dp.mode", "central") == "local"
+        self.distributed = self.dp_on and self.flat.get("dp.mode", "central") == "distributed"
+        # A ledger holding distributed-DP (discrete Gaussian) events is accounted by RDP only.
+        self.pld = self.ledger is not None and not any(getattr(e, "l2_sensitivity", None) for e in self.ledger.events)
         self.secagg = bool(self.flat.get("secagg.enabled", False))
         # Without DP every trained round released an un-noised model.
         self.rounds_released = (len({e.round for e in self.ledger.events}) if self.ledger else
@@ -145,7 +152,8 @@ def _warnings(run: _RunFacts) -> list[str]:
 def _parameters(run: _RunFacts) -> dict[str, Any]:
     f, dp_on = run.flat, run.dp_on
     return {
-        "noise_multiplier": f["dp.noise-multiplier"] if dp_on else None,
+        "noise_multiplier": (min((e.noise_multiplier for e in run.ledger.events), default=None) if run.distributed
+                             and run.ledger else f["dp.noise-multiplier"] if dp_on else None),
         "clip": f["dp.clip"] if dp_on else None,
         "sample_rate": f["fed.sample-rate"],
         "delta": run.ledger.delta if run.ledger else None,
@@ -173,12 +181,17 @@ def _privacy(run: _RunFacts) -> dict[str, Any]:
     ledger, flat = run.ledger, run.flat
     assert ledger is not None
     stop = next((r for r in run.rows if r.get("kind") == "stop"), None)
-    eps = {"rdp": ledger.epsilon(Accountant.RDP), "pld": ledger.epsilon(Accountant.PLD), "delta": ledger.delta}
+    accountants = list(Accountant) if run.pld else [Accountant.RDP]
+
+    def both(**kw) -> dict[str, float | None]:
+        return {a.value: (ledger.epsilon(a, **kw) if a in accountants else None) for a in Accountant}
+
+    eps = {**both(), "delta": ledger.delta}
     target = float(flat["dp.target-epsilon"]) or None
     out: dict[str, Any] = {
         "epsilon": eps,
-        "epsilon_history": _histories(ledger),
-        "epsilon_without_amplification": {a.value: ledger.epsilon(a, amplification=False) for a in Accountant},
+        "epsilon_history": _histories(ledger, pld=run.pld),
+        "epsilon_without_amplification": both(amplification=False),
         "budget": {"target_epsilon": target, "accountant": flat["dp.accountant"],
                    "stopped_before_round": stop["round"] if stop else None,
                    "reason": stop.get("reason") if stop else None},
@@ -186,17 +199,21 @@ def _privacy(run: _RunFacts) -> dict[str, Any]:
     if not run.per_user:  # the same releases for one whole silo (add/remove): silo-level DP
         silo = PrivacyLedger.from_state_dict({**ledger.state_dict(), "unit": "silo",
                                               "relation": Relation.ADD_OR_REMOVE_ONE.value})
-        out["silo_level_epsilon"] = {a.value: silo.epsilon(a) for a in Accountant}
+        out["silo_level_epsilon"] = {a.value: silo.epsilon(a) for a in accountants}
     out["parameters_released"] = list(dict.fromkeys(n for e in ledger.events for n in e.parameters))
     n = run.rounds_released
     who = "user" if run.per_user else "user of a silo"
     released = (f"each update its device sent, and hence the item model after each of {n} rounds," if run.local else
                 f"the item model released after each of {n} rounds")
     observer = ("against anyone, the server included" if run.local else
+                "against anyone who sees the released models but not the cohorts; against the server, which knows "
+                f"the cohorts, ε = {_eps(out['epsilon_without_amplification']['rdp'])} (no amplification: only the "
+                "noise of each round's surviving devices, assumed honest, protects a user)" if run.distributed else
                 "against anyone who sees the released models but not the cohorts (not against the server: see "
                 "'what the server sees')")
+    pld = f"PLD gives ε = {_eps(eps['pld'])}" if run.pld else "RDP only: no PLD exists for a sum of discrete Gaussians"
     out["guarantee"] = (f"For any one {who}, {released} is (ε = {_eps(eps['rdp'])}, δ = {ledger.delta:g})-differentially "
-                        f"private (RDP; PLD gives ε = {_eps(eps['pld'])}), {observer}.")
+                        f"private (RDP; {pld}), {observer}.")
     out["accounting_method"] = (
         f"ε is recomputed from the privacy ledger with Google's dp-accounting: RDP over Opacus' orders "
         f"(α = {RDP_ORDERS[0]:g}…{RDP_ORDERS[-1]:g}, {len(RDP_ORDERS)} orders; replace-one with Poisson sampling is "
@@ -206,16 +223,25 @@ def _privacy(run: _RunFacts) -> dict[str, Any]:
             f"rounds, at δ = {ledger.delta:g}. Conservative: a user is charged for every round, also those it did not "
             "take part in; each device also keeps its own ledger of the rounds it actually reported in."
             if run.local else
+            f"one distributed discrete Gaussian release per round ([KLS21] Theorem 1 and Proposition 14: rounding, "
+            f"the sum of m devices' shares and its τ term, as the round ran), amplified by Poisson sampling at rate q "
+            f"(Zhu & Wang 2019, Theorem 5), over all {n} released rounds, at δ = {ledger.delta:g}, RDP only. A round "
+            "with fewer survivors than its shares were sized for released the server's own Gaussian noise instead, "
+            "charged as such."
+            if run.distributed else
             f"one Poisson-subsampled Gaussian mechanism (σ, q) per release over all {n} released rounds, at "
             f"δ = {ledger.delta:g}. Rounds where nobody reported, and rounds whose secure aggregation did not "
             "complete, still released noise and are charged."))
     return out
 
 
-def _histories(ledger: PrivacyLedger) -> dict[str, Any]:
-    """ε after each released round (RDP: every round; PLD: every round up to 300, else ~50 points)."""
+def _histories(ledger: PrivacyLedger, *, pld: bool = True) -> dict[str, Any]:
+    """ε after each released round (RDP: every round; PLD: every round up to 300, else ~50 points;
+    none for a ledger PLD cannot account)."""
     rdp = ledger.epsilon_history(Accountant.RDP)
     rounds = [r for r, _ in rdp]
+    if not pld:
+        return {"rdp": [list(p) for p in rdp], "pld": [], "pld_subsampled_rounds": False}
     if len(rounds) <= PLD_FULL_HISTORY_MAX_ROUNDS:
         pld, sampled = ledger.epsilon_history(Accountant.PLD), False
     else:  # each point composes a prefix afresh (self-composition of merged rounds is fast)
@@ -254,6 +280,9 @@ def _claims(run: _RunFacts) -> dict[str, Any]:
         unit = "one user: all of their ratings (one device)"
         relation = ("replace-one: any two data sets of one device (its noised update moves by up to 2C); a device "
                     "that is sampled always sends" if run.local else
+                    f"zero-out: one user's update replaced by the zero vector (its device still adds its noise share); "
+                    f"N = {pop} fixes the denominator q·N, so one user moves the sum by at most C (after rounding, "
+                    "the [KLS21] bound)" if run.distributed else
                     f"add/remove one user (zero-out: the population size N = {pop} that fixes the denominator q·N "
                     "is public, so one user changes the sum by at most C)")
     else:
@@ -278,6 +307,11 @@ def _server_sees(run: _RunFacts) -> str:
     if run.local:
         return ("each sampled device's noised update" + (" (under SecAgg+ only their sum)" if run.secagg else "")
                 + "; every update is (ε, δ)-DP on its own, so the guarantee holds against the server too")
+    if run.distributed:
+        return ("who was asked and who survived each round, and the sum of the survivors' rotated, rounded updates "
+                "with their discrete noise shares, modulo the field: already noised when unmasked (it adds nothing). "
+                "Against the server the guarantee is the ε without amplification, assuming each round's fewest "
+                "survivors are honest devices that added their shares")
     if run.dp_on and run.secagg:
         return ("the EXACT sum of the cohort's clipped updates: SecAgg+ hides single updates, but the server unmasks "
                 "the sum and only then adds the noise. Against the server itself there is no DP guarantee on that "
@@ -311,6 +345,8 @@ def _outside_epsilon(run: _RunFacts) -> list[str]:
 def _trust_model(run: _RunFacts) -> list[dict[str, str]]:
     holder = "The device" if run.per_user else "Each silo (client)"
     update = ("clipped and locally noised update (L2 ≤ C, then + N(0, (σC)²) per coordinate)" if run.local else
+              "clipped update (L2 ≤ C), rotated, rounded and noised with its discrete share, as masked field "
+              "elements" if run.distributed else
               "clipped update (L2 ≤ C)" if run.dp_on else "update (not clipped: DP is off)")
     model = ("covered by the (ε, δ) guarantee against anyone who sees it, including other users"
              if run.dp_on else "covered by no formal guarantee: it may reveal a user's ratings")

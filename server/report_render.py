@@ -10,9 +10,12 @@ import re
 from typing import Any
 
 
-def _eps(x: float) -> str:
+def _eps(x: float | None) -> str:
     """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
     import math
+
+    if x is None:
+        return "n/a"
 
     return f"{math.ceil(x * 1000) / 1000:.3f}"
 
@@ -38,7 +41,8 @@ def _param_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("released arrays (covered by ε)", ", ".join(shown)))
     if rep.get("epsilon_without_amplification"):
         e = rep["epsilon_without_amplification"]
-        rows.append(("ε if the cohorts are known (no amplification)", f"{_eps(e['rdp'])} (RDP), {_eps(e['pld'])} (PLD)"))
+        rows.append(("ε if the cohorts are known (no amplification; under distributed DP: against the server)",
+                     f"{_eps(e['rdp'])} (RDP), {_eps(e['pld'])} (PLD)"))
     if rep.get("silo_level_epsilon"):
         e = rep["silo_level_epsilon"]
         rows.append(("ε for one whole silo (add/remove)", f"{_eps(e['rdp'])} (RDP), {_eps(e['pld'])} (PLD)"))
@@ -52,9 +56,9 @@ def _param_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _eps_rows(rep: dict[str, Any], limit: int = 12) -> list[tuple[int, str, str]]:
     rdp, pld = dict(map(tuple, rep["epsilon_history"]["rdp"])), dict(map(tuple, rep["epsilon_history"]["pld"]))
-    rounds = sorted(pld) if len(pld) <= limit else [sorted(pld)[round(i * (len(pld) - 1) / (limit - 1))]
-                                                     for i in range(limit)]
-    return [(r, _eps(rdp[r]) if r in rdp else "—", _eps(pld[r])) for r in dict.fromkeys(rounds)]
+    shown = sorted(pld or rdp)
+    rounds = shown if len(shown) <= limit else [shown[round(i * (len(shown) - 1) / (limit - 1))] for i in range(limit)]
+    return [(r, _eps(rdp[r]) if r in rdp else "—", _eps(pld[r]) if r in pld else "n/a") for r in dict.fromkeys(rounds)]
 
 
 def _final_table(ft: dict[str, Any]) -> tuple[list[str], list[tuple], str]:
@@ -133,8 +137,9 @@ def plots(rep: dict[str, Any]) -> dict[str, str]:
         for ax, panel in zip(axes[0], panels):
             if panel == "eps":
                 ax.plot(*zip(*hist["rdp"]), label="RDP", color="#1f5fa8", lw=2)
-                ax.plot(*zip(*hist["pld"]), label="PLD", color="#d9822b", lw=2, marker="." if hist[
-                    "pld_subsampled_rounds"] or len(hist["pld"]) < 30 else None)
+                if hist["pld"]:
+                    ax.plot(*zip(*hist["pld"]), label="PLD", color="#d9822b", lw=2, marker="." if hist[
+                        "pld_subsampled_rounds"] or len(hist["pld"]) < 30 else None)
                 if rep["budget"]["target_epsilon"]:
                     ax.axhline(rep["budget"]["target_epsilon"], ls="--", color="#b3261e", label="target ε")
                 ax.set(title=f"ε over rounds (δ = {rep['epsilon']['delta']:g})", xlabel="round", ylabel="ε")

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-secagg", action="store_true", help="send updates WITHOUT secure aggregation (to compare)")
     p.add_argument("--local-dp", action="store_true",
                    help="local DP: each device noises its own update (σ planned for --target-epsilon unless given)")
+    p.add_argument("--distributed-dp", action="store_true",
+                   help="distributed DP: each device adds its share of discrete Gaussian noise inside SecAgg+, the "
+                        "server only sums (planned for --target-epsilon; field bits: --set dp.bits=N, default 20)")
     p.add_argument("--noise-multiplier", type=float, help="DP noise multiplier σ")
     p.add_argument("--clip", type=float, help="DP clipping norm C of one client's update")
     p.add_argument("--target-epsilon", type=float, help="stop before a round whose release would exceed this ε")
@@ -131,6 +134,10 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
     cfg = config_from_flags(args, FLAGS, switches=SWITCHES, base=base)
     if getattr(args, "local_dp", False):
         cfg = _local_dp(cfg, planned=args.noise_multiplier is None)
+    if getattr(args, "distributed_dp", False):
+        if getattr(args, "local_dp", False) or not cfg.dp.enabled or not cfg.secagg.enabled:
+            raise UsageError("--distributed-dp needs DP and SecAgg+ on (not with --local-dp, --no-dp or --no-secagg)")
+        cfg = cfg.replace(**{"dp.mode": DPMode.DISTRIBUTED})
     if args.clients_per_round is not None:
         from client.data import num_clients
 
@@ -220,10 +227,15 @@ def summarize(run_dir, result: dict) -> str:
         from common.privacy import Accountant, PrivacyLedger
 
         led = PrivacyLedger.from_state_dict(ledger["ledger"])
-        mode = "local DP" if run_dir.config().dp.mode == DPMode.LOCAL else "user-level"
-        lines.append(f"privacy            {mode} ε = {led.epsilon(Accountant.RDP):.3f} (RDP), "
-                     f"{led.epsilon(Accountant.PLD):.3f} (PLD) at δ = {led.delta:g}, {len(led.events)} rounds released"
-                     f" ({led.unit.value}, {led.relation.value})")
+        dp_mode = run_dir.config().dp.mode
+        mode = {DPMode.LOCAL: "local DP", DPMode.DISTRIBUTED: "distributed DP, user-level"}.get(dp_mode, "user-level")
+        distributed = dp_mode == DPMode.DISTRIBUTED  # RDP only: no PLD for a sum of discrete Gaussians
+        pld = "" if distributed else f", {led.epsilon(Accountant.PLD):.3f} (PLD)"
+        lines.append(f"privacy            {mode} ε = {led.epsilon(Accountant.RDP):.3f} (RDP){pld} at δ = {led.delta:g}, "
+                     f"{len(led.events)} rounds released ({led.unit.value}, {led.relation.value})")
+        if distributed:
+            lines.append(f"                   against the server (it knows the cohorts): "
+                         f"ε = {led.epsilon(Accountant.RDP, amplification=False):.3f} (RDP)")
         if not ledger.get("secret_cohorts", True):
             lines.append(f"                   cohorts were SEEDED (fed.sampling-seed): without amplification "
                          f"ε = {led.epsilon(Accountant.RDP, amplification=False):.3f} (RDP)")

@@ -198,3 +198,9 @@ def test_distributed_dp_through_flower_secagg_equals_the_inprocess_runner(block_
     ledger = json.loads((run_dir.path / "ledger.json").read_text())
     assert [e.get("kind") for e in ledger["ledger"]["events"]] == ["ddgauss"] * 3
     assert [r["epsilon"] for r in fits] == [r["epsilon"] for r in local.rounds]
+    # The report gives both ε (RDP only) and says whom each holds against.
+    report = json.loads((run_dir.path / "privacy_report.json").read_text())
+    assert report["epsilon"]["pld"] is None
+    assert report["epsilon_without_amplification"]["rdp"] > report["epsilon"]["rdp"]
+    assert "against the server" in report["guarantee"] and "distributed DP" in report["mechanism"]
+    assert "already noised" in report["claims"]["server_sees"]
