@@ -22,13 +22,16 @@ while its ledger still claims amplification by secret sampling.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 
 from common.canary_audit import CanaryEstimate, canary_direction, estimate_epsilon
 from common.config import RunConfig
+from common.ddp_round import DistributedRounds
 from common.device import protect
 from common.evaluation import EvalSets
 from common.inprocess import run_inprocess
@@ -85,6 +88,7 @@ class CanaryClients:
     inserted: int
     seed: int
     secure_aggregation: bool = False
+    pooled_noise: bool = False  # distributed DP: leave the noise share to the runner's pooled draw
     rounds: dict[int, list[int]] = field(default_factory=dict)  # canary index → rounds it was sampled in
     sent: dict[int, np.ndarray] = field(default_factory=dict)  # canary index → the sum of what it sent
 
@@ -100,12 +104,17 @@ class CanaryClients:
         out = []
         for index in sampled:
             self.rounds.setdefault(index, []).append(server_round)
-            if index >= self.inserted:  # held out: sampled, never sends
+            if index >= self.inserted and not engine.distributed:  # held out: sampled, never sends
                 continue
-            raw = _split(engine.cfg.dp.clip * canary_direction(self.seed, index, dim), shapes)
+            # Distributed DP: a held-out slot sends the zero vector with its noise share (the zero-out
+            # neighbour the accounting is for; a silent slot would be a dropout the round is not sized for).
+            scale = 0.0 if index >= self.inserted else engine.cfg.dp.clip
+            raw = _split(scale * canary_direction(self.seed, index, dim), shapes)
             update = protect(engine.model, raw, shapes, protection,
-                             noise=local_noise_for(engine.cfg.dp.seed, server_round, 10**9 + index))
-            self.sent[index] = self.sent.get(index, 0.0) + _flat(update)
+                             noise=local_noise_for(engine.cfg.dp.seed, server_round, 10**9 + index),
+                             pooled_noise=self.pooled_noise)
+            if index < self.inserted:
+                self.sent[index] = self.sent.get(index, 0.0) + _flat(update)
             out.append(update)
         return out
 
@@ -134,6 +143,24 @@ class CanaryAudit:
                 "confidence": e.confidence, "delta": e.delta, "flagged": self.flagged, "observation": self.observation}
 
 
+@contextmanager
+def _tenth_of_the_planned_noise(active: bool):
+    """The distributed ``noise/10`` mutant: every round's devices add a hundredth of the planned
+    variance (a tenth of the std) while the plan, and so the claim, stays as it was; its budget check
+    is off, as the other mutant's (its ledger records what ran)."""
+    if not active:
+        yield
+        return
+    planned = DistributedRounds.total_variance
+
+    def broken(self) -> int:
+        return max(1, planned.fget(self) // 100)
+
+    with (patch.object(DistributedRounds, "total_variance", property(broken)),
+          patch.object(RoundEngine, "over_budget", lambda self, server_round: False)):
+        yield
+
+
 def run_canary_audit(cfg: RunConfig, sets: EvalSets, *, canaries: int = 50, mutant: str | None = None,
                      seed: int = 0, progress: bool = False, bootstrap: int = 1000) -> CanaryAudit:
     """Train ``cfg`` with ``canaries`` inserted canary clients (and as many held out), then
@@ -144,11 +171,12 @@ def run_canary_audit(cfg: RunConfig, sets: EvalSets, *, canaries: int = 50, muta
         raise ValueError(f"unknown mutant {mutant!r}; known: {', '.join(MUTANTS)}")
     claimed = cfg  # what the build's ledger records
     run_cfg = cfg
-    if mutant == "noise/10":
+    if mutant == "noise/10" and cfg.dp.mode != "distributed":
         run_cfg = cfg.replace(**{"dp.noise-multiplier": cfg.dp.noise_multiplier / 10, "dp.target-epsilon": 0.0})
     elif mutant == "public-cohorts":
         run_cfg = cfg.replace(**{"fed.sampling-seed": seed})
-    clients = CanaryClients(inserted=canaries, seed=seed)
+    distributed = cfg.dp.mode == "distributed"
+    clients = CanaryClients(inserted=canaries, seed=seed, pooled_noise=distributed)
     public = mutant == "public-cohorts"
     states: dict[int, np.ndarray] = {}  # round → released arrays (all rounds when cohorts are public)
 
@@ -157,10 +185,14 @@ def run_canary_audit(cfg: RunConfig, sets: EvalSets, *, canaries: int = 50, muta
             states.clear()
         states[rnd] = _flat(arrays)
 
-    result = run_inprocess(run_cfg, sets, adversary=clients, on_release=keep, final_eval=False, progress=progress)
+    with _tenth_of_the_planned_noise(distributed and mutant == "noise/10"):
+        result = run_inprocess(run_cfg, sets, adversary=clients, on_release=keep, final_eval=False, progress=progress,
+                               pooled_noise=distributed)
     first = _flat(result.model.arrays(result.model.init(run_cfg.seed)))
     rounds = len(result.rounds)
     engine = RoundEngine(claimed, result.model)
+    if distributed:  # what the build claims: its plan's rounds (the population includes the canary slots)
+        engine.ddp.ensure_plan(len(sets.train) + clients.count)
     for rnd in range(1, rounds + 1):
         engine.ledger.record(engine.event(rnd))
     accounted = engine.ledger.epsilon(Accountant.RDP)

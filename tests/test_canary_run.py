@@ -50,6 +50,18 @@ def test_the_audit_flags_the_broken_builds_and_not_this_one(sets, mode, sigma, q
     assert len({round(a.accounted_epsilon, 9) for a in audits.values()}) == 1
 
 
+def test_the_audit_flags_the_broken_distributed_builds_and_not_this_one(sets):
+    # Distributed DP: the noise is planned for the target (ε = 4.3, as the central case above accounts),
+    # each device adds its share (pooled in the simulation); the auditor sees the released model. Seeded:
+    # lower bounds 0.28 (as built), 4.77 (noise/10), 4.48 (public cohorts, the thinnest margin) against 4.30.
+    cfg = RunConfig.from_flat({**SMALL, "dp.mode": "distributed", "dp.target-epsilon": 4.3, "dp.bits": 20})
+    flagged = {None: False, "noise/10": True, "public-cohorts": True}
+    audits = {m: run_canary_audit(cfg, sets, canaries=40, mutant=m, bootstrap=300) for m in flagged}
+    for mutant, want in flagged.items():
+        assert audits[mutant].flagged == want, (mutant, audits[mutant].to_dict())
+    assert len({round(a.accounted_epsilon, 9) for a in audits.values()}) == 1
+
+
 def test_canary_clients_send_clipped_directions_and_held_out_slots_send_nothing(sets):
     cfg = RunConfig.from_flat({**SMALL, "fed.rounds": 6, "dp.noise-seed": 0})
     clients = CanaryClients(inserted=12, seed=3)
