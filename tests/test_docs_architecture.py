@@ -50,7 +50,7 @@ def test_every_test_the_docs_name_as_evidence_exists():
         text = doc.read_text(encoding="utf-8")
         for path, name in set(re.findall(r"(tests/test_\w+\.py)::(\w+)", text)):
             source = ROOT / path
-            if not source.is_file() or not re.search(rf"def {name}", source.read_text(encoding="utf-8")):
+            if not source.is_file() or not re.search(rf"(def|class) {name}", source.read_text(encoding="utf-8")):
                 missing.append(f"{doc.name}: {path}::{name}")
         for path in set(re.findall(r"(tests/test_\w+\.py)", text)):
             if not (ROOT / path).is_file():
