@@ -62,6 +62,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *,
     if engine.distributed and not cfg.secagg.enabled:
         raise ValueError("dp.mode = distributed needs secagg.enabled = true: a device's encoding carries a 1/m share "
                          "of the noise, and only SecAgg+ keeps it from the server (devices refuse otherwise)")
+    if engine.distributed and expected_clients and engine.ddp.plan is None:
+        engine.ddp.ensure_plan(expected_clients)  # an infeasible budget or field fails here, before round 1
     fit_workflow = None
     if cfg.secagg.enabled:
         fit_workflow = SecAggPlusWorkflowWithEarlyDropouts(

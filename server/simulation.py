@@ -161,6 +161,19 @@ def _silo_dp(cfg: RunConfig) -> RunConfig:
     return cfg.replace(**{"dp.noise-multiplier": sigma})
 
 
+def _plan_distributed(cfg: RunConfig, population: int) -> None:
+    """Distributed DP's plan before Ray starts: a budget or field it cannot meet is a usage error
+    (the server makes the same plan at round 1)."""
+    from common.data.catalog import load_catalog
+    from common.ddp_round import DistributedRounds
+
+    dim = len(load_catalog(cfg.data)[0]) * (cfg.model.dim + 1)  # MF: item embeddings and biases
+    try:
+        DistributedRounds(cfg, dim).ensure_plan(population)
+    except ValueError as exc:
+        raise UsageError(f"dp.mode=distributed: {exc}") from None
+
+
 class _WarningsOnly(logging.Filter):
     """Flower resets its logger's level when a simulation starts; a filter survives that."""
 
@@ -283,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = build_config(args)
         from client.data import num_clients  # reads the data once (cached for the run): a bad file is one line
 
-        num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+        n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+        if cfg.dp.enabled and cfg.dp.mode == DPMode.DISTRIBUTED and cfg.model.kind == ModelKind.MF:
+            _plan_distributed(cfg, n)  # an infeasible budget or field: one line, before Ray starts
     except (UsageError, ValueError, OSError, DataUnavailableError) as exc:
         # A mistake in the flags, the config or the data (DataError, RunDirError and
         # ConfigMismatchError are ValueErrors): one line on stderr, exit status 2.
