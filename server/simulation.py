@@ -165,9 +165,13 @@ def _plan_distributed(cfg: RunConfig, population: int) -> None:
     """Distributed DP's plan before Ray starts: a budget or field it cannot meet is a usage error
     (the server makes the same plan at round 1)."""
     from common.data.catalog import load_catalog
+    from common.data.texts import item_texts
     from common.ddp_round import DistributedRounds
+    from common.models import build_model
 
-    dim = len(load_catalog(cfg.data)[0]) * (cfg.model.dim + 1)  # MF: item embeddings and biases
+    model = build_model(cfg.model, n_items=len(load_catalog(cfg.data)[0]), seed=cfg.seed,
+                        texts=lambda: item_texts(cfg.data))
+    dim = sum(int(a.size) for a in model.arrays(model.init(cfg.seed)))  # what the devices encode
     try:
         DistributedRounds(cfg, dim).ensure_plan(population)
     except ValueError as exc:
@@ -297,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         from client.data import num_clients  # reads the data once (cached for the run): a bad file is one line
 
         n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
-        if cfg.dp.enabled and cfg.dp.mode == DPMode.DISTRIBUTED and cfg.model.kind == ModelKind.MF:
+        if cfg.dp.enabled and cfg.dp.mode == DPMode.DISTRIBUTED:
             _plan_distributed(cfg, n)  # an infeasible budget or field: one line, before Ray starts
     except (UsageError, ValueError, OSError, DataUnavailableError) as exc:
         # A mistake in the flags, the config or the data (DataError, RunDirError and
