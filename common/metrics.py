@@ -86,12 +86,15 @@ def evaluate_scores(
     n_items: int,
     item_popularity: np.ndarray,
     ks: Sequence[int] = (10, 20),
+    new_items: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Aggregate full-ranking metrics over users.
 
     ``score_batches`` yields ``(user_indices, scores (B, n_items))``; ``exclude[u]`` are the
     items masked for user ``u`` (training, and validation when testing) and ``targets[u]`` the
-    held-out items. Returns ``{"ndcg@10": ..., "coverage@10": ..., "users": n}``.
+    held-out items. Returns ``{"ndcg@10": ..., "coverage@10": ..., "users": n}``; with
+    ``new_items`` (item indices) also ``new_share@k``, the share of all top-k slots that went to
+    those items (exposure of new items).
     """
     kmax = max(ks)
     per_user: dict[str, list[np.ndarray]] = {f"{m}@{k}": [] for m in RANKING_METRICS for k in ks}
@@ -114,5 +117,7 @@ def evaluate_scores(
     for k in ks:
         out[f"coverage@{k}"] = coverage(ranked_all, n_items, k)
         out[f"novelty@{k}"] = novelty(ranked_all, item_popularity, n_users, k)
+        if new_items is not None:
+            out[f"new_share@{k}"] = float(np.isin(ranked_all[:, :k], np.asarray(new_items)).mean())
     out["users"] = len(ranked_all)
     return out
