@@ -44,22 +44,29 @@ class ServerOptimizer:
         self.m: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
 
-    def step(self, params: list[np.ndarray], update: list[np.ndarray]) -> list[np.ndarray]:
+    def step(self, params: list[np.ndarray], update: list[np.ndarray],
+             lr_scales: Sequence[float] | None = None) -> list[np.ndarray]:
+        """The next parameters; ``lr_scales`` (one per array, default all 1) multiplies the
+        learning rate of each array (the model's :meth:`~common.models.contract.ItemModel.server_lr_scales`)."""
         self.step_count += 1
         grads = [-np.asarray(u, dtype=np.float64) for u in update]
+        scales = [1.0] * len(grads) if lr_scales is None else [float(x) for x in lr_scales]
+        if len(scales) != len(grads):
+            raise ValueError(f"{len(scales)} learning-rate scales for {len(grads)} arrays")
         if self.algorithm == "sgd":
-            return [(p - self.lr * g - self.lr * self.weight_decay * p).astype(np.float32) for p, g in zip(params, grads)]
+            return [(p - k * self.lr * g - self.lr * self.weight_decay * p).astype(np.float32)
+                    for p, g, k in zip(params, grads, scales)]
         if not self.m:
             self.m = [np.zeros_like(g) for g in grads]
             self.v = [np.zeros_like(g) for g in grads]
         b1, b2 = self.betas
         out = []
-        for i, (p, g) in enumerate(zip(params, grads)):
+        for i, (p, g, k) in enumerate(zip(params, grads, scales)):
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
             self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
             m_hat = self.m[i] / (1 - b1 ** self.step_count)
             v_hat = self.v[i] / (1 - b2 ** self.step_count)
-            new = p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps) - self.lr * self.weight_decay * p
+            new = p - k * self.lr * m_hat / (np.sqrt(v_hat) + self.eps) - self.lr * self.weight_decay * p
             out.append(new.astype(np.float32))
         return out
 
@@ -82,7 +89,7 @@ def make_server_optimizer(fed: FedConfig, model: ModelConfig) -> ServerOptimizer
 
 def server_update_arrays(arrays: list[np.ndarray], total: list[np.ndarray] | None, n: int, *,
                          optimizer: ServerOptimizer, dp: DPConfig | None, expected_cohort: float,
-                         noise: GaussianNoise) -> list[np.ndarray] | None:
+                         noise: GaussianNoise, lr_scales: Sequence[float] | None = None) -> list[np.ndarray] | None:
     """The next values of a model's trainable arrays (travel order) from one round's sum of
     (clipped) client updates; None when the model stays unchanged.
 
@@ -98,7 +105,7 @@ def server_update_arrays(arrays: list[np.ndarray], total: list[np.ndarray] | Non
             total = [np.zeros(a.shape) for a in arrays]
         mean = noisy_mean(total, noise_multiplier=dp.noise_multiplier, clip=dp.clip,
                           expected_cohort=expected_cohort, noise=noise)
-    return optimizer.step(arrays, mean)
+    return optimizer.step(arrays, mean, lr_scales)
 
 
 def validate_update(arrays: list[np.ndarray], shapes: list[tuple[int, ...]], bound: float = np.inf, *,
@@ -337,7 +344,8 @@ class RoundEngine:
                                   parameters=self.model.names(self.params), server_round=server_round)
         arrays = server_update_arrays(self.model.arrays(self.params), total, n, optimizer=self.optimizer, dp=dp,
                                       expected_cohort=self.cfg.fed.sample_rate * population,
-                                      noise=self.noise.for_round(server_round))
+                                      noise=self.noise.for_round(server_round),
+                                      lr_scales=self.model.server_lr_scales(self.params))
         if arrays is not None:
             self.params = self.model.with_arrays(self.params, arrays)
             self.context = self.model.context(self.params)

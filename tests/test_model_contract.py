@@ -107,6 +107,27 @@ KIND_BRANCH = re.compile(r"""(\.kind\s*[!=]=|ModelKind\.(MF|HYBRID)|["']head\.(w
                          r"""hasattr\(\s*params|isinstance\([^)]*(HybridParams|ItemParams)|text_side)""")
 
 
+def test_the_server_steps_each_array_at_the_models_scale(model, tmp_path_factory, monkeypatch):
+    """FedAdam's first step moves every coordinate by lr · scale · sign(update): the hybrid's
+    text side at ``model.text-step-scale`` of the free part's rate, MF's arrays all at 1."""
+    from common.rounds import ServerOptimizer
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path_factory.getbasetemp() / "fedrec-cache"))
+    cfg = RunConfig.from_flat({"model.kind": model.kind, "model.dim": DIM, "model.text-step-scale": 0.1})
+    scaled = build_model(cfg.model, n_items=len(ITEM_TEXTS), seed=0, texts=lambda: ITEM_TEXTS)
+    params = scaled.init(0)
+    arrays = scaled.arrays(params)
+    scales = scaled.server_lr_scales(params)
+    assert len(scales) == len(arrays)
+    assert scales == [1.0, 1.0] + [0.1] * (len(arrays) - 2)  # MF has no text side: [1, 1]
+    opt = ServerOptimizer("adam", 0.02)
+    new = opt.step(arrays, [np.ones_like(a) for a in arrays], scales)
+    for a, b, k in zip(arrays, new, scales):
+        np.testing.assert_allclose(b - a, 0.02 * k, rtol=1e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="2 learning-rate scales for"):
+        ServerOptimizer("adam", 0.02).step(arrays + [np.zeros(1)], [np.zeros(1)] * (len(arrays) + 1), [1.0, 1.0])
+
+
 def test_no_code_outside_the_model_packages_asks_which_model_it_has():
     offenders = []
     for path in sorted([*ROOT.glob("common/**/*.py"), *ROOT.glob("server/**/*.py"), *ROOT.glob("client/**/*.py"),

@@ -132,6 +132,9 @@ class ItemModel(Protocol):
     def metadata(self, params: Any) -> dict[str, str]:
         """What the released model file says about itself."""
 
+    def server_lr_scales(self, params: Any) -> list[float]:
+        """One factor per trainable array on the server optimizer's learning rate (MF: all 1)."""
+
     # ---- privacy: how an update is clipped
     def clip(self, arrays: Sequence[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
         """Clip an update to joint L2 norm ≤ ``clip`` by the model's clipping groups (the biases

@@ -145,6 +145,10 @@ class HybridModel:
         return {"format": "fedrec-hybrid-items", "dim": str(params.dim),
                 "text_encoder": "all-MiniLM-L6-v2 (frozen) + head" + (" + LoRA" if lora else "")}
 
+    def server_lr_scales(self, params: HybridParams) -> list[float]:
+        """The free part at the server's rate, the text side (head, LoRA) at ``model.text-step-scale`` of it."""
+        return [1.0, 1.0] + [self.config.text_step_scale] * len(params.adapter_names)
+
     def clip(self, arrays: Sequence[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
         return clip_grouped(list(arrays), clip, bias_share)
 

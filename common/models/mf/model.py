@@ -71,6 +71,9 @@ class MFModel:
     def metadata(self, params: ItemParams) -> dict[str, str]:
         return model_file(params)[1]
 
+    def server_lr_scales(self, params: ItemParams) -> list[float]:
+        return [1.0, 1.0]
+
     def clip(self, arrays: Sequence[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
         return clip_grouped(list(arrays), clip, bias_share)
 
