@@ -13,6 +13,7 @@ On a real device (node_config ``data-path``) the data are the user's own, in a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -26,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.data import (
+    check_finite,
     check_received_model,
     device_client_data,
     keep_on_device,
@@ -169,27 +171,35 @@ class DeviceRecClient(RecClient):
         with DeviceStore(self.data_path, create=False) as store:
             store.set_ledger_state(state)
 
-    def _check(self, parameters, model_round: int) -> None:
-        """A model from the server is data: NaN/Inf, another catalogue or dimension, or an
-        impossible round (which would pin it on the device) is refused before training on it."""
+    def _check(self, parameters, config, model_round: int) -> list[np.ndarray]:
+        """A model from the server is data: NaN/Inf in any array, another catalogue or dimension,
+        or an impossible round (which would pin it on the device) is refused before training on
+        it. Returns the item side as the device keeps it (one vector and one bias per item: for
+        the hybrid, free part + text vectors), which ``fedrec-client recommend`` scores with."""
+        check_finite(parameters)
         check_received_model(parameters, n_items=self.n_items, model_round=model_round, dim=self.cfg.model.dim,
                              max_round=self.cfg.fed.rounds)
+        effective = self.model.effective(*self.model.receive(parameters, config))
+        kept = [effective.embeddings, effective.bias]
+        check_received_model(kept, n_items=self.n_items, model_round=model_round, dim=self.cfg.model.dim,
+                             max_round=self.cfg.fed.rounds)
+        return kept
 
     def fit(self, parameters, config):
         rnd = int(config[keys.SERVER_ROUND]) - 1
-        self._check(parameters, rnd)
+        kept = self._check(parameters, config, rnd)
         reply = super().fit(parameters, config)
         vector = self.state.array_records[keys.STATE_USER_VECTORS].to_numpy_ndarrays()[0][0]
         exact = int(config.get(keys.LOCAL_EPOCHS, self.cfg.fed.local_epochs)) == 1 and self.cfg.model.loss != "bpr"
-        keep_on_device(self.data_path, parameters, rnd, self.cfg.model, self.data, vector, exact,
+        keep_on_device(self.data_path, kept, rnd, self.cfg.model, self.data, vector, exact,
                        max_round=self.cfg.fed.rounds, run_id=self.run_id)
         return reply
 
     def evaluate(self, parameters, config):
         rnd = int(config.get(keys.SERVER_ROUND, 0))
-        self._check(parameters, rnd)
+        kept = self._check(parameters, config, rnd)
         if keys.SERVER_ROUND in config:
-            keep_on_device(self.data_path, parameters, rnd, self.cfg.model, self.data, None, False,
+            keep_on_device(self.data_path, kept, rnd, self.cfg.model, self.data, None, False,
                            max_round=self.cfg.fed.rounds, run_id=self.run_id)
         return super().evaluate(parameters, config)
 
@@ -228,7 +238,8 @@ def client_fn_for(cfg: RunConfig | None, policy: DevicePolicy | None = None):
         data_path = context.node_config.get(keys.NODE_DATA_PATH)
         if data_path:  # a real device: its own store, indexed by the item catalogue kept there
             data, n_items = device_client_data(str(data_path))
-            model = build_model(run_cfg.model, n_items=n_items, seed=run_cfg.seed, texts=_no_texts_on_devices)
+            model = build_model(run_cfg.model, n_items=n_items, seed=run_cfg.seed,
+                                texts=functools.partial(_device_texts, str(data_path)))
             return DeviceRecClient(run_cfg, data, context, floor, str(data_path), n_items, model=model).to_client()
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
         data = simulated_client_data(run_cfg.data, pid, kind=run_cfg.fed.partition,
@@ -240,9 +251,17 @@ def client_fn_for(cfg: RunConfig | None, policy: DevicePolicy | None = None):
     return client_fn
 
 
-def _no_texts_on_devices():
-    raise ValueError("this model reads item texts, and a device's store keeps none yet: it runs in simulation only "
-                     "for now")
+def _device_texts(data_path: str) -> tuple[str, ...]:
+    """The item texts the device keeps (imported with the server's items file)."""
+    from client.store import DeviceStore
+
+    with DeviceStore(data_path, create=False) as store:
+        texts = store.item_texts()
+    if texts is None:
+        raise ValueError(f"{data_path}: this run's model reads item texts and this device keeps none for its "
+                         "catalogue: import the server's items file again (fedrec-client import --items items.csv; "
+                         "a file from this version of fedrec has a text column)")
+    return texts
 
 
 def _without_plaintext_loss(call_next):

@@ -39,7 +39,7 @@ from client.recommend import fit_user_vector, load_model_files, rank_items
 from client.store import DEFAULT_DB, DeviceStore, StoreError, non_finite, user_vector_fingerprint
 from common.cli import UsageError, report_error
 from common.data.errors import DataError
-from common.data.items_file import read_items_file
+from common.data.items_file import read_item_texts, read_items_file
 from common.keys import NODE_DATA_PATH
 
 PROG = "fedrec-client"
@@ -57,12 +57,16 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
     encoding = _encoding(args.encoding)
     items = read_items_file(args.items, encoding) if args.items else None  # validate both files before storing either
+    texts = read_item_texts(args.items, encoding) if args.items else None
     if args.ratings is not None:
         read_ratings_file(args.ratings, encoding)
     with DeviceStore(_db(args)) as store:
         if items is not None:
             dropped = store.set_catalog(*items)
+            if texts is not None:
+                store.set_item_texts(items[0], texts)
             print(f"{args.items}: item catalogue of {len(items[0])} items stored"
+                  + (" with their texts (the hybrid model can run here)" if texts is not None else "")
                   + ("; the stored global model indexed another item list and was dropped" if dropped else ""))
         if args.ratings is not None:
             report = store.import_ratings(args.ratings, encoding)

@@ -73,6 +73,20 @@ def round_bound(max_round: int | None) -> int:
     return MAX_MODEL_ROUND if max_round is None else min(int(max_round), MAX_MODEL_ROUND)
 
 
+def check_finite(parameters: list[np.ndarray]) -> None:
+    """Refuse a received model with a NaN/Inf (or non-float) value in any array: a text head or
+    adapter is trained on like the item vectors."""
+    for k, array in enumerate(parameters):
+        array = np.asarray(array)
+        if array.dtype.kind != "f":
+            raise ValueError(f"global model refused: array {k} is {array.dtype}, expected floats")
+        with np.errstate(over="ignore", invalid="ignore"):
+            bad = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
+        if bad:
+            raise ValueError(f"global model refused: {bad} of {array.size} values of array {k} are NaN or Inf "
+                             "(or beyond float32)")
+
+
 def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_round: int, dim: int | None = None,
                          max_round: int | None = None) -> None:
     """Refuse a global model from the server that a device must neither train on nor keep.

@@ -8,7 +8,9 @@ Schema (version :data:`SCHEMA_VERSION`)::
                                                   row ``idx`` of the item embeddings is ``item``
     feedback(id, item -> catalog.item, kind, timestamp)   clicks and dismissals of recommendations
     state(key PRIMARY KEY, value BLOB)            client-id (JSON), user-vector and global-model
-                                                  (safetensors bytes, never pickle), privacy-ledger (JSON)
+                                                  (safetensors bytes, never pickle), privacy-ledger (JSON),
+                                                  item-texts (JSON: the catalogue's public texts, for
+                                                  the hybrid model; valid for the item list it names)
 
 The catalogue is the server's published items file (``item_id,title``, one row per row of the
 model, in order; :func:`common.data.items_file.read_items_file`). It arrives with ``fedrec-client import --items`` or
@@ -65,6 +67,7 @@ USER_VECTOR = "user-vector"
 GLOBAL_MODEL = "global-model"
 PRIVACY_LEDGER = "privacy-ledger"
 PRIVACY_POLICY = "privacy-policy"  # the owner's floor: clip, local noise (fedrec-client privacy set)
+ITEM_TEXTS = "item-texts"  # the catalogue's public item texts (JSON {"items": [...], "texts": [...]})
 
 _SCHEMA = f"""
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -333,6 +336,31 @@ class DeviceStore:
             self._db.execute("DELETE FROM state WHERE key = ?", (GLOBAL_MODEL,))
             return True
         return False
+
+    def set_item_texts(self, item_ids: Sequence[str], texts: Sequence[str]) -> None:
+        """Keep the public text of every catalogue item (the items file's ``text`` column), for
+        ``item_ids`` in model-row order: what the hybrid model's text tower reads on the device."""
+        ids, texts = [str(i) for i in item_ids], [str(t) for t in texts]
+        if len(ids) != len(texts):
+            raise StoreError(f"{len(ids)} item ids but {len(texts)} item texts")
+        with self._tx():
+            self._put(ITEM_TEXTS, json.dumps({"items": ids, "texts": texts}).encode())
+
+    def item_texts(self) -> tuple[str, ...] | None:
+        """The catalogue's item texts in model-row order; None when none are kept or they were
+        kept for another item list (a newer catalogue without texts)."""
+        blob = self._get(ITEM_TEXTS)
+        if blob is None:
+            return None
+        with self._corrupt(ITEM_TEXTS):
+            value = json.loads(blob)
+            if not (isinstance(value, dict) and isinstance(value.get("items"), list)
+                    and isinstance(value.get("texts"), list) and len(value["items"]) == len(value["texts"])
+                    and all(isinstance(t, str) for t in value["texts"])):
+                raise ValueError("expected {\"items\": [...], \"texts\": [...]} of equal length")
+        if tuple(value["items"]) != self.catalog()[0]:
+            return None
+        return tuple(value["texts"])
 
     def set_global_model(self, item_ids: Sequence[str], embeddings: np.ndarray, bias: np.ndarray, round: int, *,
                          titles: Sequence[str] | None = None, loss: str | None = None,

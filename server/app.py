@@ -50,7 +50,7 @@ class _Progress:
 def run_server(grid: Grid, context: Context, cfg: RunConfig, run_dir: RunDir, *, expected_clients: int | None,
                progress: bool, stop_after: int | None = None) -> FedRecStrategy:
     item_ids, titles = load_catalog(cfg.data)
-    run_dir.save_items(item_ids, titles)  # devices map their item ids to model rows with it
+    run_dir.save_items(item_ids, titles, item_texts(cfg.data))  # devices map their item ids to model rows with it
     model = build_model(cfg.model, n_items=len(item_ids), seed=cfg.seed, texts=lambda: item_texts(cfg.data))
     engine, start = RoundEngine(cfg, model), 0
     checkpoint = run_dir.load_checkpoint()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +185,13 @@ class RunDir:
         merged = {**old, **{str(k): max(float(v), old.get(str(k), 0.0)) for k, v in epsilons.items()}}
         write_json(path, dict(sorted(merged.items(), key=lambda kv: int(kv[0]) if kv[0].lstrip("-").isdigit() else 0)))
 
-    def save_items(self, item_ids: tuple[str, ...], titles: list[str]) -> None:
-        """``items.csv`` (item_id,title, one row per model row): published beside the model, in
-        the format the device reads (common.data.items_file.read_items_file)."""
+    def save_items(self, item_ids: tuple[str, ...], titles: list[str], texts: Sequence[str] | None = None) -> None:
+        """``items.csv`` (item_id,title[,text], one row per model row): published beside the
+        model, in the format the device reads (common.data.items_file.read_items_file); the item
+        texts let a device run the hybrid model."""
         from common.data.items_file import write_items_file
 
-        write_items_file(self.path / "items.csv", item_ids, titles)
+        write_items_file(self.path / "items.csv", item_ids, titles, texts)
 
     def save_model(self, named: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
         """``model.safetensors``: the released model's arrays by name (:meth:`ItemModel.named`;

@@ -259,6 +259,56 @@ def test_client_app_trains_on_the_device_store_and_keeps_model_and_vector(files,
         client.numpy_client.fit(wrong.to_arrays(), {keys.SERVER_ROUND: 4})
 
 
+def test_a_device_with_item_texts_trains_the_hybrid_and_recommends_with_it(files, capsys, tmp_path, monkeypatch):
+    """The hybrid on a real store: the items file's text column is kept on import, the device
+    builds the text side from it (the real MiniLM), trains, and keeps the item side it scores
+    with (free part + text vectors), so recommend ranks by the hybrid."""
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from client.app import client_fn_for
+    from common.data.items_file import write_items_file
+    from common.models import build_model
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    texts = [f"{t} | {'Sci-Fi Action' if i < 4 else 'Romance Drama'}" for i, t in enumerate(TITLES)]
+    items = tmp_path / "items_with_texts.csv"
+    write_items_file(items, IDS, TITLES, texts)
+    db = files["db"]
+    code, out, _ = run_cli(capsys, "--db", db, "import", files["ratings"], "--items", items)
+    assert code == 0 and "with their texts" in out
+    with DeviceStore(db, create=False) as store:
+        assert store.item_texts() == tuple(texts)
+    cfg = RunConfig.from_flat({"model.dim": 4, "model.kind": "hybrid", "model.text-negatives": 2})
+    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_DATA_PATH: str(db)}, state=RecordDict(),
+                  run_config={})
+    client = client_fn_for(cfg)(ctx)
+    server_model = build_model(cfg.model, n_items=len(IDS), seed=0, texts=lambda: texts)
+    params = server_model.init(0)
+    sent = [*server_model.arrays(params), *server_model.context(params)]
+    res = client.fit(FitIns(ndarrays_to_parameters(sent), {keys.SERVER_ROUND: 3, keys.LOCAL_EPOCHS: 1,
+                                                           keys.CLIENT_LR: 1.0, keys.TRAINABLE_ARRAYS: 4}))
+    update = parameters_to_ndarrays(res.parameters)
+    assert [u.shape for u in update] == [a.shape for a in server_model.arrays(params)]  # head trained too
+    assert np.abs(update[2]).sum() > 0
+    effective = server_model.effective(params, server_model.context(params))
+    with DeviceStore(db, create=False) as store:
+        model = store.get_global_model()
+        np.testing.assert_array_equal(model.embeddings, effective.embeddings)  # free + text, not the free part
+    code, out, _ = run_cli(capsys, "--db", db, "recommend", "--k", "2")
+    assert code == 0 and len(recommendations(out)) == 2
+
+    # a catalogue imported without texts (an older server's file): the hybrid cannot run, and says what to do
+    other = tmp_path / "other.sqlite"
+    run_cli(capsys, "--db", other, "import", files["ratings"], "--items", files["items"])
+    with pytest.raises(ValueError, match="import the server's items file again"):
+        client_fn_for(cfg)(Context(run_id=2, node_id=1, node_config={keys.NODE_DATA_PATH: str(other)},
+                                   state=RecordDict(), run_config={}))
+    # texts kept for another item list do not apply to a new catalogue
+    with DeviceStore(db, create=False) as store:
+        store.set_catalog(IDS[:-1], TITLES[:-1])
+        assert store.item_texts() is None
+
+
 def test_local_dp_on_a_device_is_recorded_in_its_store_across_runs(files, capsys):
     """Local DP: the device's own ledger lives in its SQLite store, so ε keeps adding up over runs
     (whose rounds start at 1 again) and `fedrec-client status` shows it."""

@@ -452,3 +452,20 @@ def test_latin1_is_read_only_when_named_and_then_with_a_warning(tmp_path, path_k
     assert "reading as iso8859-1, not UTF-8, as asked" in caplog.text
     with pytest.raises(ValueError, match="unknown text encoding 'klingon'"):
         load_interactions(str(source), encoding="klingon")
+
+
+def test_items_file_text_column_round_trips_and_an_empty_text_names_its_line(tmp_path):
+    from common.data.items_file import read_item_texts, read_items_file, write_items_file
+
+    path = tmp_path / "items.csv"
+    write_items_file(path, ["1", "2"], ["Toy Story (1995)", "Heat (1995)"],
+                     ["Toy Story (1995) | Animation, Comedy", "Heat, with a comma | Crime"])
+    assert read_items_file(path) == (["1", "2"], ["Toy Story (1995)", "Heat (1995)"])
+    assert read_item_texts(path) == ["Toy Story (1995) | Animation, Comedy", "Heat, with a comma | Crime"]
+    write_items_file(path, ["1"], ["Toy Story (1995)"])  # an older server's file: no text column
+    assert read_item_texts(path) is None
+    path.write_text("item_id,title,text\n1,Toy Story,ok\n2,Heat,\n")
+    with pytest.raises(DataError, match=r"items.csv:3: column 'text': expected the item's text"):
+        read_item_texts(path)
+    with pytest.raises(ValueError, match="2 item ids but 1 texts"):
+        write_items_file(path, ["1", "2"], ["a", "b"], ["x"])

@@ -1,5 +1,6 @@
-"""The items file: the item list a model indexes, ``item_id,title`` with one row per model row,
-in order. A server publishes it beside every ``model.safetensors`` (``server/run_dir.py``) and
+"""The items file: the item list a model indexes, ``item_id,title[,text]`` with one row per model
+row, in order; ``text`` (optional) is each item's public text, what a text tower reads (a device
+running the hybrid model embeds it). A server publishes it beside every ``model.safetensors`` (``server/run_dir.py``) and
 before the first run (``fedrec deploy items``); a device imports it (``fedrec-client import
 --items``) to turn its own item ids into the model's rows."""
 
@@ -44,9 +45,35 @@ def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list
     return ids, titles
 
 
-def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str]) -> None:
-    """Write an items file :func:`read_items_file` reads (what a server publishes with a model)."""
+def read_item_texts(path: str | Path, encoding: str | None = None) -> list[str] | None:
+    """The ``text`` column of an items file in row order, or None when it has none (an older
+    server's file). A row with an empty text is an error: a text tower would embed nothing."""
+    path = Path(path)
+    records = csv_records(path, encoding)
+    _, header = csv_header(path, records, "item_id,title")
+    if "text" not in header:
+        return None
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    texts = []
+    for line, fields in records:
+        text = csv_fields(path, line, fields, header, sep)["text"]
+        if not text.strip():
+            raise DataError(path, "column 'text': expected the item's text, found an empty value", line)
+        texts.append(text)
+    return texts
+
+
+def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str],
+                     texts: Sequence[str] | None = None) -> None:
+    """Write an items file :func:`read_items_file` reads (what a server publishes with a model);
+    with ``texts``, the ``text`` column too."""
+    if texts is not None and len(texts) != len(item_ids):
+        raise ValueError(f"{len(item_ids)} item ids but {len(texts)} texts")
     with Path(path).open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["item_id", "title"])
-        writer.writerows(zip(item_ids, titles))
+        if texts is None:
+            writer.writerow(["item_id", "title"])
+            writer.writerows(zip(item_ids, titles))
+        else:
+            writer.writerow(["item_id", "title", "text"])
+            writer.writerows(zip(item_ids, titles, texts))
