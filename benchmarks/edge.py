@@ -4,14 +4,16 @@ a. Installed size of ``fedrec[client]``: the requirement closure of ``fedrec[cli
    against THIS venv's installed distributions (``importlib.metadata``), and the summed size on
    disk of the files each one's RECORD lists. An ESTIMATE from this venv: a device's resolver may
    pick other versions/wheels (e.g. a CPU-only torch without CUDA libraries).
-b. Peak RSS (``ru_maxrss`` of a fresh subprocess, MEASURED) of one training round as a device:
+b. Peak RSS (``VmHWM`` of a fresh subprocess, MEASURED; not ``ru_maxrss``, which a child
+   starts at its parent's peak) of one training round as a device:
    a DeviceStore holding one ML-100K user's ratings, the global model loaded, then
    ``common.models.mf.model.client_train`` + ``clip_grouped`` (MF only); and, in another fresh
    subprocess, the same plus the LM side (``TextItemEncoder(dim, lora=True)`` and
    ``common.models.hybrid.train.adapter_update`` on the user's positives + negatives).
 c. ``fedrec-client recommend --k 10 --timing`` on a 1,682-item model (a run dir under
    /tmp/runs with model.safetensors + items.csv, else a quick ``train_central``): the computation
-   as ``--timing`` reports it, the wall time of the process and its peak RSS (``wait4``), for the
+   as ``--timing`` reports it, the wall time of the process and its peak RSS (``wait4`` in a small
+   launcher, so the parent's memory is not counted), for the
    first call (user vector fitted: torch imported, its import time excluded as --timing does)
    and the second (vector cached: NumPy only).
 
@@ -48,6 +50,7 @@ from benchmarks.harness import table, target, targets_table, write_json  # noqa:
 
 TARGET_MF_ROUND_RSS_MB = 300.0
 TARGET_RECOMMEND_MS = 200.0
+TARGET_HYBRID_ROUND_RSS_MB = 400.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,6 +123,7 @@ def find_model(explicit: Path | None, work: Path) -> tuple[Path, str]:
     from common.config import RunConfig
     from common.data import load_interactions
     from common.data.splits import split_interactions
+    from common.models.mf.model import model_file
     from server.run_dir import RunDir
 
     cfg = RunConfig().replace(**{"central.epochs": 4})
@@ -127,7 +131,7 @@ def find_model(explicit: Path | None, work: Path) -> tuple[Path, str]:
     split = split_interactions(data, cfg.data.split, seed=cfg.data.seed, cold_fraction=cfg.data.cold_fraction)
     res = train_central(split, cfg.model, cfg.central, seed=cfg.seed, progress=False)
     run = RunDir.create(work / "central", cfg)
-    run.save_model(res.model.named(res.params), res.model.metadata(res.params))
+    run.save_model(*model_file(res.params))
     run.save_items(tuple(data.item_ids), [i.title for i in data.items])
     return run.path, "train_central, 4 epochs"
 
@@ -161,7 +165,13 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     from common.privacy.dp_fedavg import clip_grouped
 
     out: dict[str, Any] = {}
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # noqa: E731 (KiB on Linux)
+    def rss() -> float:
+        """This process's own peak RSS (VmHWM): ru_maxrss would start at the parent's peak."""
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     out["rss_after_imports_mb"] = rss()
     model = load_model_files(spec["model"], spec["items"])
     with DeviceStore(spec["db"]) as store:
@@ -177,6 +187,26 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
     out["update_norm"] = float(np.sqrt(sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)))
     out["positives"] = int(len(data.train[0].items))
     out["mf_rss_mb"] = rss()
+    if spec.get("hybrid"):
+        # the device's own path (client/app.py): the hybrid built from the texts the store keeps,
+        # the text vectors as the server sends them, one device step
+        from common.models import build_model
+
+        texts = spec["texts"]  # what the items file's text column brings to the device
+        with DeviceStore(spec["db"]) as store:
+            store.set_item_texts(model.item_ids, texts)
+            kept = store.item_texts()
+        hcfg = ModelConfig(kind="hybrid", dim=params.dim, **({"loss": model.loss} if model.loss else {}))
+        t2 = time.perf_counter()
+        hybrid = build_model(hcfg, n_items=params.n_items, seed=0, texts=lambda: kept)
+        out["hybrid_text_side_seconds"] = time.perf_counter() - t2
+        hparams = hybrid.init(0)
+        hparams = hybrid.with_arrays(hparams, [params.embeddings, params.bias, *hybrid.arrays(hparams)[2:]])
+        t3 = time.perf_counter()
+        step = hybrid.train(hparams, hybrid.context(hparams), data, epochs=1, lr=1.0, seed=0, server_round=1)
+        hybrid.clip(step.update, 1.0, 0.05)
+        out["hybrid_train_seconds"] = time.perf_counter() - t3
+        out["hybrid_rss_mb"] = rss()
     if spec.get("lora"):
         try:
             from common.models.hybrid.encoder import TextItemEncoder, tokenize
@@ -207,12 +237,14 @@ def _round_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_round_child(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    spec_path = work / f"spec-{int(bool(spec.get('lora')))}.json"
+    spec_path = work / f"spec-{int(bool(spec.get('lora')))}{int(bool(spec.get('hybrid')))}-{Path(spec['db']).stem}.json"
     out_path = spec_path.with_suffix(".out.json")
     spec = {**spec, "out": str(out_path)}
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--round-child", str(spec_path)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               **({"FEDREC_CACHE": spec["cache"]} if spec.get("cache") else {})})
     if proc.returncode != 0 or not out_path.is_file():
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
     return json.loads(out_path.read_text())
@@ -225,16 +257,29 @@ def client_cmd() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "client.cli"]
 
 
+# A child's ``ru_maxrss`` starts at its parent's peak (Linux keeps the high-water mark across
+# fork + exec), so a command started straight from this (large) process would report at least
+# this process's memory. It is started from a small launcher instead, which reports the command's
+# own peak: what the launcher holds (a bare interpreter, ~10 MB) is below any fedrec command's.
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:])\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "print(f'\\nFEDREC_CHILD_MAXRSS_KB={usage.ru_maxrss}', file=sys.stderr)\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def run_measured(cmd: list[str], work: Path) -> tuple[int, str, float, float]:
-    """Exit status, stdout, wall seconds and peak RSS (MB, the child's own ``wait4`` rusage)."""
+    """Exit status, stdout, wall seconds and peak RSS (MB: the command's own, see _LAUNCHER)."""
     out_file = work / "cmd.out"
     with out_file.open("w") as fh:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out_file.read_text(), wall, usage.ru_maxrss / 1024
+    text = out_file.read_text()
+    m = re.search(r"\nFEDREC_CHILD_MAXRSS_KB=(\d+)\n?", text)
+    rss = int(m.group(1)) / 1024 if m else math.nan
+    return proc.returncode, text[:m.start()] if m else text, wall, rss
 
 
 def parse_timing(text: str) -> dict[str, float]:
@@ -289,6 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         fig["mf_round_rss_mb"] = mf.get("mf_rss_mb", math.nan)
         fig["mf_rss_after_imports_mb"] = mf.get("rss_after_imports_mb", math.nan)
         fig["mf_train_seconds"] = mf.get("mf_train_seconds", math.nan)
+        from common.config import DataConfig
+        from common.data.texts import item_texts
+
+        cache = work / "device-cache"  # the device's own cache of its catalogue's sentence embeddings
+        hybrid = {}
+        for tag in ("first", "cached"):
+            hybrid[tag] = run_round_child({**base, "db": str(work / f"hybrid-{tag}.sqlite"), "hybrid": True,
+                                           "cache": str(cache), "texts": list(item_texts(DataConfig()))}, work)
+            fig[f"hybrid_round_{tag}_rss_mb"] = hybrid[tag].get("hybrid_rss_mb", math.nan)
+            fig[f"hybrid_round_{tag}_seconds"] = hybrid[tag].get("hybrid_train_seconds", math.nan)
+            fig[f"hybrid_text_side_{tag}_seconds"] = hybrid[tag].get("hybrid_text_side_seconds", math.nan)
         lora: dict[str, Any] = {}
         if not args.no_lora:
             lora = run_round_child({**base, "db": str(work / "lora.sqlite"), "lora": True}, work)
@@ -319,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     fig["benchmark_seconds"] = time.perf_counter() - t_start
 
     goals = [target("mf_round_rss_mb", fig["mf_round_rss_mb"], "<=", TARGET_MF_ROUND_RSS_MB),
+             target("hybrid_round_rss_mb", max(fig["hybrid_round_first_rss_mb"], fig["hybrid_round_cached_rss_mb"]),
+                    "<=", TARGET_HYBRID_ROUND_RSS_MB),
              target("recommend_ms", fig["recommend_ms"], "<=", TARGET_RECOMMEND_MS)]
     print()
     print(f"a. Installed size of fedrec[client] (ESTIMATE: requirement closure resolved in this venv, "
@@ -328,11 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["package", "version", "MB"], [[n, v, s / 2**20] for n, v, s in top]
                 + [[f"{len(sizes) - 12} others", "", rest / 2**20], ["total", "", total / 2**20]]))
     print()
-    print(f"b. One training round as a device (MEASURED ru_maxrss of a fresh process; model: {model_src}; "
+    print(f"b. One training round as a device (MEASURED VmHWM of a fresh process; model: {model_src}; "
           f"ML-100K user {args.user}, {n_ratings} ratings)")
     rows = [["MF: imports only", mf.get("rss_after_imports_mb", "error"), ""],
             ["MF: store + model + client_train + clip", mf.get("mf_rss_mb", mf.get("error", "error")),
              mf.get("mf_train_seconds", "")]]
+    for tag, label in (("first", "first round: MiniLM embeds the 1,682 texts"), ("cached", "later rounds: cached")):
+        h = hybrid[tag]
+        rows.append([f"hybrid, frozen MiniLM + head ({label}; text side {h.get('hybrid_text_side_seconds', '?'):.1f} s)"
+                     if "hybrid_text_side_seconds" in h else f"hybrid ({label})",
+                     h.get("hybrid_rss_mb", h.get("error", "error")), h.get("hybrid_train_seconds", "")])
     if not args.no_lora:
         rows.append([f"+ LoRA adapter_update ({lora.get('lora_positives', '?')} pos + 32 neg, "
                      f"{lora.get('lora_update_params', '?')} trainable values)",
