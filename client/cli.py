@@ -52,6 +52,23 @@ def _db(args: argparse.Namespace) -> Path:
 
 # ---------------------------------------------------------------- import
 
+def _embed_texts(texts: list[str]) -> None:
+    """The catalogue's MiniLM sentence embeddings, computed once now (cached on this device under
+    $FEDREC_CACHE): a hybrid round then never loads the transformer, and its memory stays that of
+    a training step. A one-off, here rather than inside a round."""
+    from common.config import ModelConfig
+    from common.models.hybrid.text import base_embeddings
+
+    t0 = time.perf_counter()
+    print(f"embedding {len(texts)} item texts with MiniLM (once, for the hybrid model)...", flush=True)
+    try:
+        base_embeddings(texts, ModelConfig().text_max_length)
+    except ImportError as exc:  # an install without the language model: the texts are kept all the same
+        print(f"  not embedded: {exc}")
+        return
+    print(f"  done in {time.perf_counter() - t0:.1f} s (cached)")
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     if args.ratings is None and args.items is None:
         raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
@@ -65,6 +82,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             dropped = store.set_catalog(*items)
             if texts is not None:
                 store.set_item_texts(items[0], texts)
+                if not args.no_embed:
+                    _embed_texts(texts)
             print(f"{args.items}: item catalogue of {len(items[0])} items stored"
                   + (" with their texts (the hybrid model can run here)" if texts is not None else "")
                   + ("; the stored global model indexed another item list and was dropped" if dropped else ""))
@@ -355,10 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = commands.add_parser("import", parents=[common], help="store your ratings (and the server's item list)",
                               description="Ratings: CSV with header item,rating[,timestamp] or "
-                                          "user,item,rating,timestamp (one user). Items: item_id,title.")
+                                          "user,item,rating,timestamp (one user). Items: item_id,title[,text]; "
+                                          "with a text column the texts are kept and embedded once with MiniLM "
+                                          "(for the hybrid model; --no-embed leaves that to the first round).")
     imp.add_argument("ratings", nargs="?", help="your ratings file (.csv, or .tsv tab-separated)")
     imp.add_argument("--items", help="the server's items file item_id,title (the model's item list)")
     imp.add_argument("--encoding", help="the files' text encoding when not UTF-8, e.g. latin-1 (a warning is printed)")
+    imp.add_argument("--no-embed", action="store_true",
+                     help="keep the item texts but do not embed them now (a hybrid run's first round will)")
     imp.set_defaults(run=cmd_import)
 
     rec = commands.add_parser("recommend", parents=[common], help="top-K items for you, computed here")
