@@ -4,6 +4,7 @@ the one SecAgg+ supports in Flower 1.42)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -37,7 +38,12 @@ class _Progress:
 
     def __call__(self, row: dict[str, Any]) -> None:
         if row.get("kind") == "fit":
-            self.post.update(clients=str(row["participants"]), loss=f"{row.get('train_loss', float('nan')):.3f}")
+            self.post["clients"] = str(row["participants"])
+            loss = row.get("train_loss", float("nan"))
+            if math.isfinite(loss):
+                self.post["loss"] = f"{loss:.3f}"
+            else:  # under SecAgg+ (and local or distributed DP) the devices keep their loss
+                self.post.pop("loss", None)
             self.bar.update(1)
         elif "ndcg@10" in row:
             self.post[f"{row['phase']} ndcg@10"] = f"{row['ndcg@10']:.4f}"
