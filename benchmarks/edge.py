@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [["MF: imports only", mf.get("rss_after_imports_mb", "error"), ""],
             ["MF: store + model + client_train + clip", mf.get("mf_rss_mb", mf.get("error", "error")),
              mf.get("mf_train_seconds", "")]]
-    for tag, label in (("first", "embedding the 1,682 texts: once, at import"), ("cached", "every round after import")):
+    for tag, label in (("first", "embedding the 1,682 texts: once, at import --embed or in the first round"),
+                       ("cached", "every round after import --embed")):
         h = hybrid[tag]
         rows.append([f"hybrid, frozen MiniLM + head ({label}; text side {h.get('hybrid_text_side_seconds', '?'):.1f} s)"
                      if "hybrid_text_side_seconds" in h else f"hybrid ({label})",

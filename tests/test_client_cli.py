@@ -274,8 +274,8 @@ def test_a_device_with_item_texts_trains_the_hybrid_and_recommends_with_it(files
     items = tmp_path / "items_with_texts.csv"
     write_items_file(items, IDS, TITLES, texts)
     db = files["db"]
-    code, out, _ = run_cli(capsys, "--db", db, "import", files["ratings"], "--items", items)
-    assert code == 0 and "with their texts" in out
+    code, out, _ = run_cli(capsys, "--db", db, "import", files["ratings"], "--items", items, "--embed")
+    assert code == 0 and "with their texts" in out and "embedding 8 item texts with MiniLM" in out
     with DeviceStore(db, create=False) as store:
         assert store.item_texts() == tuple(texts)
     cfg = RunConfig.from_flat({"model.dim": 4, "model.kind": "hybrid", "model.text-negatives": 2})
