@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from common.models.contract import ItemParams
+from common.models.hybrid.tower import ridge_cv
 
 
 def zscore_rows(scores: np.ndarray) -> np.ndarray:
@@ -149,23 +150,5 @@ def new_item_bias(bias: np.ndarray, text_embeddings: np.ndarray, new_items: np.n
     known = np.flatnonzero(~new)
     if len(known) < folds:
         raise ValueError(f"need at least {folds} items with a trained bias, got {len(known)}")
-
-    def fit(rows: np.ndarray, lam: float) -> np.ndarray:
-        Xa = np.c_[X[rows], np.ones(len(rows))]
-        reg = lam * np.eye(Xa.shape[1])
-        reg[-1, -1] = 0.0
-        return np.linalg.solve(Xa.T @ Xa + reg, Xa.T @ y[rows])
-
-    def predict(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return np.c_[X[rows], np.ones(len(rows))] @ w
-
-    fold = np.random.default_rng(seed).permutation(len(known)) % folds
-    errors = []
-    for lam in lambdas:
-        err = 0.0
-        for f in range(folds):
-            train, test = known[fold != f], known[fold == f]
-            err += float(np.sum((predict(fit(train, lam), test) - y[test]) ** 2))
-        errors.append(err)
-    lam = float(lambdas[int(np.argmin(errors))])
-    return predict(fit(known, lam), np.flatnonzero(new)).astype(np.float32), lam
+    W, b, lam, _ = ridge_cv(X[known], y[known, None], lambdas=lambdas, folds=folds, seed=seed)
+    return (X[new] @ W + b)[:, 0].astype(np.float32), lam

@@ -59,6 +59,25 @@ def _solve(X: np.ndarray, Y: np.ndarray, lam: float) -> tuple[np.ndarray, np.nda
     return W, my - mx @ W
 
 
+def ridge_cv(X: np.ndarray, Y: np.ndarray, *, lambdas: Sequence[float] = LAMBDAS, folds: int = 5,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Ridge regression of ``Y`` (n, k) on ``X`` (n, p), intercept unpenalised, λ among
+    ``lambdas`` by ``folds``-fold cross-validation (summed squared error over all targets).
+    Returns (weight (p, k), intercept (k,), λ, held-out share of Y's variance explained)."""
+    fold = np.random.default_rng(seed).permutation(len(X)) % folds
+    errors = []
+    for lam in lambdas:
+        err = 0.0
+        for f in range(folds):
+            W, b = _solve(X[fold != f], Y[fold != f], lam)
+            err += float(np.sum((X[fold == f] @ W + b - Y[fold == f]) ** 2))
+        errors.append(err)
+    best = int(np.argmin(errors))
+    W, b = _solve(X, Y, float(lambdas[best]))
+    total = float(np.sum((Y - Y.mean(axis=0)) ** 2))
+    return W, b, float(lambdas[best]), 1.0 - errors[best] / total if total > 0 else 0.0
+
+
 def fit_text_tower(full: ItemParams, embeddings: np.ndarray, known_items: np.ndarray, *,
                    lambdas: Sequence[float] = LAMBDAS, folds: int = 5, seed: int = 0) -> TextTower:
     """Fit the tower on the items in ``known_items`` (those with interactions): their released
@@ -71,19 +90,7 @@ def fit_text_tower(full: ItemParams, embeddings: np.ndarray, known_items: np.nda
     if len(known) < max(folds, 2):
         raise ValueError(f"the text tower needs at least {max(folds, 2)} items with interactions, got {len(known)}")
     Y = np.c_[full.embeddings, full.bias].astype(np.float64)[known]
-    Xk = X[known]
-    fold = np.random.default_rng(seed).permutation(len(known)) % folds
-    errors = []
-    for lam in lambdas:
-        err = 0.0
-        for f in range(folds):
-            W, b = _solve(Xk[fold != f], Y[fold != f], lam)
-            err += float(np.sum((Xk[fold == f] @ W + b - Y[fold == f]) ** 2))
-        errors.append(err)
-    best = int(np.argmin(errors))
-    W, b = _solve(Xk, Y, float(lambdas[best]))
-    total = float(np.sum((Y - Y.mean(axis=0)) ** 2))
-    return TextTower(W, b, float(lambdas[best]), 1.0 - errors[best] / total if total > 0 else 0.0)
+    return TextTower(*ridge_cv(X[known], Y, lambdas=lambdas, folds=folds, seed=seed))
 
 
 def text_first_items(full: ItemParams, tower: TextTower, embeddings: np.ndarray, new_items: np.ndarray, *,
