@@ -27,7 +27,6 @@ from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.data import (
-    check_finite,
     check_received_model,
     device_client_data,
     keep_on_device,
@@ -176,7 +175,6 @@ class DeviceRecClient(RecClient):
         or an impossible round (which would pin it on the device) is refused before training on
         it. Returns the item side as the device keeps it (one vector and one bias per item: for
         the hybrid, free part + text vectors), which ``fedrec-client recommend`` scores with."""
-        check_finite(parameters)
         check_received_model(parameters, n_items=self.n_items, model_round=model_round, dim=self.cfg.model.dim,
                              max_round=self.cfg.fed.rounds)
         effective = self.model.effective(*self.model.receive(parameters, config))

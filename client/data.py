@@ -73,20 +73,6 @@ def round_bound(max_round: int | None) -> int:
     return MAX_MODEL_ROUND if max_round is None else min(int(max_round), MAX_MODEL_ROUND)
 
 
-def check_finite(parameters: list[np.ndarray]) -> None:
-    """Refuse a received model with a NaN/Inf (or non-float) value in any array: a text head or
-    adapter is trained on like the item vectors."""
-    for k, array in enumerate(parameters):
-        array = np.asarray(array)
-        if array.dtype.kind != "f":
-            raise ValueError(f"global model refused: array {k} is {array.dtype}, expected floats")
-        with np.errstate(over="ignore", invalid="ignore"):
-            bad = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
-        if bad:
-            raise ValueError(f"global model refused: {bad} of {array.size} values of array {k} are NaN or Inf "
-                             "(or beyond float32)")
-
-
 def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_round: int, dim: int | None = None,
                          max_round: int | None = None) -> None:
     """Refuse a global model from the server that a device must neither train on nor keep.
@@ -94,7 +80,8 @@ def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_ro
     Parameters
     ----------
     parameters:
-        The received arrays: item embeddings (I, d) and item biases (I,) first (MF).
+        The received arrays: item embeddings (I, d) and item biases (I,) first; any further
+        arrays (the hybrid's head and adapter, its text vectors) must be finite floats too.
     n_items:
         The size of this device's item catalogue: the model must have one row per item.
     model_round:
@@ -125,8 +112,12 @@ def check_received_model(parameters: list[np.ndarray], *, n_items: int, model_ro
         raise ValueError(f"global model refused: embeddings of dimension {emb.shape[1]}, the run's model.dim is {dim}")
     if bias.shape != (n_items,):
         raise ValueError(f"global model refused: biases of shape {bias.shape}, expected ({n_items},)")
+    rest = [(k, np.asarray(a)) for k, a in enumerate(parameters[2:], start=2)]
+    for k, array in rest:  # a text head or adapter is trained on like the item vectors
+        if array.dtype.kind != "f":
+            raise ValueError(f"global model refused: array {k} is {array.dtype}, expected floats")
     with np.errstate(over="ignore", invalid="ignore"):
-        for name, array in (("embeddings", emb), ("biases", bias)):
+        for name, array in (("embeddings", emb), ("biases", bias), *((f"values of array {k}", a) for k, a in rest)):
             bad = int(array.size - np.count_nonzero(np.isfinite(array.astype(np.float32))))
             if bad:
                 raise ValueError(f"global model refused: {bad} of {array.size} {name} are NaN or Inf "

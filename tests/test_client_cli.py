@@ -296,6 +296,11 @@ def test_a_device_with_item_texts_trains_the_hybrid_and_recommends_with_it(files
         np.testing.assert_array_equal(model.embeddings, effective.embeddings)  # free + text, not the free part
     code, out, _ = run_cli(capsys, "--db", db, "recommend", "--k", "2")
     assert code == 0 and len(recommendations(out)) == 2
+    # a NaN in the head (not in the item side the device keeps) is refused before training on it
+    poisoned = [a.copy() for a in sent]
+    poisoned[2][0, 0] = np.nan
+    with pytest.raises(ValueError, match="global model refused: 1 of 1536 values of array 2 are NaN"):
+        client.numpy_client.fit(poisoned, {keys.SERVER_ROUND: 4, keys.TRAINABLE_ARRAYS: 4})
 
     # a catalogue imported without texts (an older server's file): the hybrid cannot run, and says what to do
     other = tmp_path / "other.sqlite"
