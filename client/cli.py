@@ -39,7 +39,7 @@ from client.recommend import fit_user_vector, load_model_files, rank_items
 from client.store import DEFAULT_DB, DeviceStore, StoreError, non_finite, user_vector_fingerprint
 from common.cli import UsageError, report_error
 from common.data.errors import DataError
-from common.data.items_file import read_item_texts, read_items_file
+from common.data.items_file import read_items_with_texts
 from common.keys import NODE_DATA_PATH
 
 PROG = "fedrec-client"
@@ -73,8 +73,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.ratings is None and args.items is None:
         raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
     encoding = _encoding(args.encoding)
-    items = read_items_file(args.items, encoding) if args.items else None  # validate both files before storing either
-    texts = read_item_texts(args.items, encoding) if args.items else None
+    # validate both files before storing either
+    ids, titles, texts = read_items_with_texts(args.items, encoding) if args.items else (None, None, None)
+    items = (ids, titles) if args.items else None
     if args.ratings is not None:
         read_ratings_file(args.ratings, encoding)
     with DeviceStore(_db(args)) as store:

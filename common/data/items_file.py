@@ -19,6 +19,25 @@ def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list
 
     Format: CSV with a header naming ``item_id`` (or ``item``) and ``title``; other columns are
     ignored. The server publishes one beside its ``model.safetensors``."""
+    ids, titles, _ = _read(path, encoding, with_texts=False)
+    return ids, titles
+
+
+def read_item_texts(path: str | Path, encoding: str | None = None) -> list[str] | None:
+    """The ``text`` column of an items file in row order, or None when it has none (an older
+    server's file). A row with an empty text is an error: a text tower would embed nothing."""
+    return read_items_with_texts(path, encoding)[2]
+
+
+def read_items_with_texts(path: str | Path, encoding: str | None = None
+                          ) -> tuple[list[str], list[str], list[str] | None]:
+    """(item ids, titles, texts or None) of an items file, read once: :func:`read_items_file`
+    and :func:`read_item_texts` together."""
+    return _read(path, encoding, with_texts=True)
+
+
+def _read(path: str | Path, encoding: str | None, *, with_texts: bool
+          ) -> tuple[list[str], list[str], list[str] | None]:
     path = Path(path)
     records = csv_records(path, encoding)
     header_line, header = csv_header(path, records, "item_id,title")
@@ -28,6 +47,7 @@ def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     ids: list[str] = []
     titles: list[str] = []
+    texts: list[str] | None = [] if with_texts and "text" in header else None
     first: dict[str, int] = {}
     for line, fields in records:
         row = csv_fields(path, line, fields, header, sep)
@@ -40,27 +60,13 @@ def read_items_file(path: str | Path, encoding: str | None = None) -> tuple[list
         first[item] = line
         ids.append(item)
         titles.append(row["title"] or item)
+        if texts is not None:
+            if not row["text"].strip():
+                raise DataError(path, "column 'text': expected the item's text, found an empty value", line)
+            texts.append(row["text"])
     if not ids:
         raise DataError(path, "expected item rows after the header, found none", header_line + 1)
-    return ids, titles
-
-
-def read_item_texts(path: str | Path, encoding: str | None = None) -> list[str] | None:
-    """The ``text`` column of an items file in row order, or None when it has none (an older
-    server's file). A row with an empty text is an error: a text tower would embed nothing."""
-    path = Path(path)
-    records = csv_records(path, encoding)
-    _, header = csv_header(path, records, "item_id,title")
-    if "text" not in header:
-        return None
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    texts = []
-    for line, fields in records:
-        text = csv_fields(path, line, fields, header, sep)["text"]
-        if not text.strip():
-            raise DataError(path, "column 'text': expected the item's text, found an empty value", line)
-        texts.append(text)
-    return texts
+    return ids, titles, texts
 
 
 def write_items_file(path: str | Path, item_ids: Sequence[str], titles: Sequence[str],
