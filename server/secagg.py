@@ -24,6 +24,7 @@ refuse an aggregate unless it equals n·2^bits (common/secure_sum.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -51,9 +52,11 @@ class SecAggPlusWorkflowWithEarlyDropouts(SecAggPlusWorkflow):
     expected_shapes: list[tuple[int, ...]] | None = None
     #: Why the last round's protocol stopped, when a stage raised on a client's reply.
     last_failure: str | None = None
+    #: Wall seconds of each stage of the last round (setup, share-keys, collect, unmask).
+    stage_seconds: dict[str, float] = {}
 
     def setup_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
-        self.last_weight_factor, self.last_failure = None, None
+        self.last_weight_factor, self.last_failure, self.stage_seconds = None, None, {}
         return self._guarded("setup", super().setup_stage, grid, context, state)
 
     def share_keys_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
@@ -73,12 +76,15 @@ class SecAggPlusWorkflowWithEarlyDropouts(SecAggPlusWorkflow):
     def _guarded(self, stage: str, step, grid, context, state: WorkflowState) -> bool:
         """A stage that raises on a client's malformed reply abandons the round instead of ending
         the run (the strategy then releases noise only and charges the round)."""
+        t0 = time.perf_counter()
         try:
             return step(grid, context, state)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             self.last_failure = f"{stage} stage: {type(exc).__name__}: {exc}"
             log.error("SecAgg+ %s stage failed on a client's reply (%s): round abandoned", stage, exc)
             return False
+        finally:
+            self.stage_seconds = {**self.stage_seconds, stage: round(time.perf_counter() - t0, 3)}
 
     def unmask_stage(self, grid, context, state: WorkflowState) -> bool:  # noqa: D102
         original = _workflow.factor_extract

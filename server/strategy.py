@@ -276,9 +276,11 @@ class FedRecStrategy(Strategy):
         if self._released:
             raise RuntimeError(f"round {self.current_round} released twice")
         self._released = True
+        t0 = time.perf_counter()
         self.engine.release(total, n, self.current_round, population=self.population)
         if self.engine.ledger is not None:
             self._row["epsilon"] = self.engine.epsilon()
+        self._row["release_seconds"] = round(time.perf_counter() - t0, 3)
 
     def evaluate(self, server_round: int, parameters: Parameters):
         """Called by the workflow once per round after fit: per-round bookkeeping."""
@@ -297,6 +299,9 @@ class FedRecStrategy(Strategy):
                             "the round is charged", self.current_round)
             self._release(None, 0)
         self._row["seconds"] = time.perf_counter() - self._t0
+        stages = getattr(self.secagg_workflow, "stage_seconds", None)
+        if stages:  # where a SecAgg+ round's seconds went (one fan-out to the cohort per stage)
+            self._row["stage_seconds"] = dict(stages)
         row = {"kind": "fit", **self._row}
         self.run_dir.log_round(row)
         self._checkpoint()
