@@ -33,6 +33,7 @@ import numpy as np
 
 from common.privacy import ddgauss
 from common.privacy.ddp_event import DistributedDpEvent
+from common.privacy.discrete_gaussian_table import table_distance
 from common.privacy.distributed import (
     DistributedDpParams,
     TooFewSurvivors,
@@ -104,7 +105,8 @@ class RoundMechanism:
         return DistributedDpEvent(clip=p.clip, gamma=p.gamma, local_variance=p.local_variance,
                                   survivors=p.min_survivors, max_survivors=p.max_survivors, dim=p.padded_dim,
                                   beta=p.beta, sample_rate=self.sample_rate, sampling=Sampling.POISSON,
-                                  parameters=parameters, round=self.server_round)
+                                  parameters=parameters, round=self.server_round,
+                                  sampler_distance=table_distance(p.local_variance))
 
 
 class DistributedRounds:

@@ -76,6 +76,9 @@ class DdgRelease(NamedTuple):
     sample_rate: float
     steps: int
     relation: str = ADD_OR_REMOVE
+    #: Total-variation distance of one step's noise, as sampled, from the ideal discrete Gaussians
+    #: (every draw of every share): added to δ by :meth:`RdpComposition.epsilon`.
+    sampler_slack: float = 0.0
 
 
 AnyRelease = Release | DdgRelease
@@ -173,22 +176,39 @@ class RdpComposition:
     """
 
     rdp: tuple[float, ...] = (0.0,) * len(RDP_ORDERS)
+    #: Σ of the releases' ``sampler_slack``: how far, in total variation, the noise that ran can be
+    #: from the noise the curve is for.
+    slack: float = 0.0
 
     def then(self, release: AnyRelease) -> RdpComposition:
         """The composition followed by ``release``."""
         release = _as_release(release)
         if isinstance(release, DdgRelease):
             unit = _ddg_unit_rdp(release)
+            slack = self.slack + release.steps * release.sampler_slack
         else:
             unit = _unit_rdp(release.noise_multiplier, release.sample_rate, release.relation)
-        return RdpComposition(tuple(np.asarray(self.rdp) + release.steps * unit))
+            slack = self.slack
+        return RdpComposition(tuple(np.asarray(self.rdp) + release.steps * unit), slack)
 
     def epsilon(self, delta: float) -> float:
-        """ε at ``delta`` (0 for the empty composition)."""
+        """ε at ``delta`` (0 for the empty composition).
+
+        With a sampler slack η > 0 (noise within η in total variation of the ideal), the ideal
+        mechanism's (ε, δ′) makes the one that ran (ε, δ′ + (1 + e^ε)·η)-DP; ε is taken at
+        δ′ = δ − (1 + e^{ε(δ/2)})·η, which is ≥ δ/2, so ε(δ′) ≤ ε(δ/2) and the sum stays ≤ δ.
+        ValueError when η is too large for that (it is ~1e-60 for the table sampler)."""
         from dp_accounting.rdp import compute_epsilon
 
         if not any(self.rdp):
             return 0.0
+        if self.slack > 0:
+            upper = float(compute_epsilon(RDP_ORDERS, self.rdp, delta / 2)[0])
+            spent = (1.0 + math.exp(min(upper, 700.0))) * self.slack
+            if not spent <= delta / 2:
+                raise ValueError(f"the noise sampler's distance from the discrete Gaussian ({self.slack:.3g} in total "
+                                 f"variation) costs more than δ/2 at ε = {upper:.4g}")
+            delta -= spent
         return float(compute_epsilon(RDP_ORDERS, self.rdp, delta)[0])
 
 

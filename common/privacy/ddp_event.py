@@ -50,6 +50,11 @@ class DistributedDpEvent:
         β of conditional rounding (0 ≤ β < 1; 0 = plain randomized rounding).
     sample_rate, sampling, steps, parameters, round, note:
         As in :class:`~common.privacy.ledger.MechanismEvent`.
+    sampler_distance:
+        η, the total-variation distance of one noise draw from N_Z(0, σ²) as the devices sample it
+        (:func:`~common.privacy.discrete_gaussian_table.table_distance`; 0 for the exact sampler,
+        which every event written before the table sampler used). Each release adds
+        ``max_survivors · dim · η`` to δ.
     """
 
     clip: float
@@ -65,6 +70,7 @@ class DistributedDpEvent:
     round: int
     steps: int = 1
     note: str = ""
+    sampler_distance: float = 0.0
 
     def __post_init__(self) -> None:
         require_positive("clip", self.clip)
@@ -86,6 +92,9 @@ class DistributedDpEvent:
         if (not isinstance(self.parameters, tuple) or not self.parameters
                 or not all(isinstance(p, str) and p for p in self.parameters)):
             raise ValueError(f"parameters must be a non-empty tuple of non-empty str, got {self.parameters!r}.")
+        require_real("sampler_distance", self.sampler_distance)
+        if not 0.0 <= self.sampler_distance < 1e-30:
+            raise ValueError(f"sampler_distance must be in [0, 1e-30), got {self.sampler_distance!r}.")
         if not isinstance(self.note, str):
             raise ValueError(f"note must be a str, got {type(self.note).__name__}.")
 
@@ -107,7 +116,8 @@ class DistributedDpEvent:
         return DdgRelease(l2=l2, l1=ddgauss.rounded_l1_bound(l2, self.dim),
                           tau=ddgauss.tau(self.local_variance, self.max_survivors), dim=self.dim,
                           clients=self.survivors, local_variance=float(self.local_variance),
-                          sample_rate=float(q), steps=int(self.steps), relation=relation.value)
+                          sample_rate=float(q), steps=int(self.steps), relation=relation.value,
+                          sampler_slack=self.max_survivors * self.dim * self.sampler_distance)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form with ``"kind": "ddgauss"`` (the inverse of :meth:`from_dict`)."""
@@ -117,7 +127,7 @@ class DistributedDpEvent:
             "max_survivors": int(self.max_survivors), "dim": int(self.dim),
             "beta": float(self.beta), "sample_rate": float(self.sample_rate), "sampling": self.sampling.value,
             "parameters": list(self.parameters), "round": int(self.round), "steps": int(self.steps),
-            "note": self.note,
+            "note": self.note, "sampler_distance": float(self.sampler_distance),
         }
 
     @classmethod
@@ -131,7 +141,7 @@ class DistributedDpEvent:
                        beta=data["beta"],
                        sample_rate=data["sample_rate"], sampling=Sampling(data["sampling"]),
                        parameters=tuple(data["parameters"]), round=data["round"], steps=data.get("steps", 1),
-                       note=data.get("note", ""))
+                       note=data.get("note", ""), sampler_distance=data.get("sampler_distance", 0.0))
         except KeyError as missing:
             raise ValueError(f"event {dict(data)!r} lacks the key {missing}.") from None
         except ValueError as bad:

@@ -24,6 +24,7 @@ from common.privacy import ddgauss
 from common.privacy._validate import require_delta, require_int, require_positive, require_sample_rate
 from common.privacy.analysis import DdgRelease, rdp_epsilon
 from common.privacy.ddp_event import DistributedDpEvent
+from common.privacy.discrete_gaussian_table import table_distance
 from common.privacy.distributed import DistributedDpParams, padded_dim
 from common.privacy.ledger import Relation, Sampling
 from common.secure_sum import check_server_sum, noisy_sum_wrap_bound
@@ -88,7 +89,8 @@ class DistributedPlan:
         return DistributedDpEvent(clip=self.clip, gamma=self.gamma, local_variance=self.local_variance,
                                   survivors=shares, max_survivors=max(self.max_cohort, shares), dim=self.padded_dim,
                                   beta=self.beta, sample_rate=self.sample_rate, sampling=sampling,
-                                  parameters=parameters, round=server_round)
+                                  parameters=parameters, round=server_round,
+                                  sampler_distance=table_distance(self.local_variance))
 
 
 def ddp_epsilon(*, clip: float, gamma: float, local_variance: int, survivors: int, dim: int, beta: float,
