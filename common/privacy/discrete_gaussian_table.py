@@ -43,6 +43,9 @@ from common.privacy.discrete_gaussian import RandomWords
 TABLE_BITS = 256
 #: Fixed-point bits of the weights the table is normalised from (their error is ≤ (k + 1)² units).
 _WORK_BITS = 320
+#: Buckets of the guide table (2^18 of the uniform word's range): a draw looks its answer up in
+#: O(1) unless its bucket holds an entry boundary, which is then found by binary search.
+GUIDE_BITS = 18
 #: Bits of slack kept beyond TABLE_BITS in the tail cut.
 _TAIL_MARGIN_BITS = 8
 _LN2 = math.log(2.0)
@@ -83,6 +86,9 @@ class _Table:
 
     cdf: tuple[int, ...]
     top: np.ndarray
+    #: guide[b]: the first entry whose top word exceeds b·2^(64−GUIDE_BITS), for b ≤ 2^GUIDE_BITS;
+    #: a draw whose bucket holds no entry boundary (guide[b] = guide[b+1]) is answered by it.
+    guide: np.ndarray
 
 
 def _fixed(numerator: int, denominator: int, bits: int) -> int:
@@ -113,7 +119,9 @@ def _table(variance: int) -> _Table:
     cdf[-1] = one
     shift = TABLE_BITS - 64
     top = np.array([c >> shift for c in cdf[:-1]] + [(1 << 64) - 1], dtype=np.uint64)
-    return _Table(cdf=tuple(cdf), top=top)
+    starts = np.arange(1 << GUIDE_BITS, dtype=np.uint64) << np.uint64(64 - GUIDE_BITS)
+    guide = np.append(np.searchsorted(top, starts, side="right"), len(top)).astype(np.int64)
+    return _Table(cdf=tuple(cdf), top=top, guide=guide)
 
 
 def sample_discrete_gaussian_table(variance: int, size: int, src: RandomWords | None = None) -> np.ndarray:
@@ -137,7 +145,10 @@ def sample_discrete_gaussian_table(variance: int, size: int, src: RandomWords | 
     words = src.words(size)
     # The first index whose cumulative top word exceeds U's top word; a tie with an earlier entry
     # (U's top word equal to its top word) is decided on the full 256 bits below.
-    magnitude = np.searchsorted(table.top, words, side="right").astype(np.int64)
+    bucket = (words >> np.uint64(64 - GUIDE_BITS)).astype(np.int64)
+    magnitude = table.guide[bucket]
+    open_ = np.flatnonzero(magnitude != table.guide[bucket + 1])
+    magnitude[open_] = np.searchsorted(table.top, words[open_], side="right")
     tied = np.flatnonzero((magnitude > 0) & (table.top[np.maximum(magnitude - 1, 0)] == words))
     for i in tied:
         low = src.words(3)
