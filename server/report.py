@@ -208,7 +208,9 @@ def _privacy(run: _RunFacts) -> dict[str, Any]:
     observer = ("against anyone, the server included" if run.local else
                 "against anyone who sees the released models but not the cohorts; against the server, which knows "
                 f"the cohorts, ε = {_eps(out['epsilon_without_amplification']['rdp'])} (no amplification: only the "
-                "noise of each round's surviving devices, assumed honest, protects a user)" if run.distributed else
+                "noise of each round's surviving devices, assumed honest, protects a user, and only while the server "
+                "runs SecAgg+ honestly: one that declares live devices dead unmasks a sum with less noise)"
+                if run.distributed else
                 "against anyone who sees the released models but not the cohorts (not against the server: see "
                 "'what the server sees')")
     pld = f"PLD gives ε = {_eps(eps['pld'])}" if run.pld else "RDP only: no PLD exists for a sum of discrete Gaussians"
