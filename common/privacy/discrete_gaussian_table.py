@@ -1,30 +1,31 @@
-"""Discrete Gaussian noise by inversion of a 256-bit cumulative table: the device's sampler.
+"""Discrete Gaussian noise by inversion of a 512-bit cumulative table: the device's sampler.
 
 The exact sampler of [CKS20] (:mod:`common.privacy.discrete_gaussian`) spends ~0.23 s and ~13 MB
 of OS randomness on the 131,072 draws of one device's share (σ ≈ 5,000 grid units), which made
 a distributed-DP round 3× slower than a central one. This sampler draws |X| by inverting a
-cumulative distribution table held to ``TABLE_BITS`` = 256 bits (the method of lattice
+cumulative distribution table held to ``TABLE_BITS`` = 512 bits (the method of lattice
 cryptography's CDT samplers), plus one fair sign bit: one 64-bit word per draw and a binary
-search, ~15 ms for the same share.
+search, ~7 ms for the same share.
 
 It is not exact, and the privacy accounting says by how much. :func:`table_distance` is a proven
 upper bound η on the total-variation distance between one draw and N_Z(0, σ²); every device draw
 in a release adds its η to the ledger's δ (:class:`~common.privacy.ddp_event.DistributedDpEvent`,
 ``sampler_distance``), which converts it as (ε, δ + (1 + e^ε)·Σ η) (a mechanism within η in
-total variation of an (ε, δ)-DP one is (ε, δ + (1 + e^ε)η)-DP). At ``TABLE_BITS`` = 256, Σ η over
-a 150-round run of 154 devices × 131,072 draws is below 1e-60: it moves no printed digit, even
-of the ε ≈ 100 a run has against the server. Where η comes from:
+total variation of an (ε, δ)-DP one is (ε, δ + (1 + e^ε)η)-DP). At ``TABLE_BITS`` = 512, η ≈ 1e-147 per draw and
+Σ η over a 150-round run of 154 devices × 131,072 draws is ~1e-138: it moves no printed digit, and
+the conversion holds up to ε ≈ 300 (the ε a run has against the server is ~100; a larger one is
+reported as ∞, which is always a valid bound). Where η comes from:
 
 * **tail**: the table stops at K with 2·e^{−K²/2σ²}/(1 − e^{−K/σ²}) ≤ 2^{−(TABLE_BITS+8)} (mass
   beyond ±K; the normaliser is ≥ 1, its k = 0 term);
-* **weights**: w_k ≈ 2^P·e^{−k²/2σ²} by the recurrence w_k = w_{k−1}·e^{−(2k−1)/2σ²} in P = 320-bit
+* **weights**: w_k ≈ 2^P·e^{−k²/2σ²} by the recurrence w_k = w_{k−1}·e^{−(2k−1)/2σ²} in P = 576-bit
   fixed point, from two constants within 2 units of 2^{−P} (:mod:`decimal`); each step truncates
   once, so the ratio is within 3k units and |w_k − 2^P e_k| ≤ Σ_j (3j + 1) ≤ 2(k + 1)² units;
   normalising at most doubles the L1 error;
 * **table**: each cumulative value is rounded down to 2^{−TABLE_BITS}: ≤ 2·2^{−TABLE_BITS} per entry.
 
-A draw compares the first 64 bits of a uniform 256-bit U with the table's first 64 bits; only
-when they tie with an entry (probability ≤ K·2^{−64}) are the remaining 192 bits drawn and the
+A draw compares the first 64 bits of a uniform 512-bit U with the table's first 64 bits; only
+when they tie with an entry (probability ≤ K·2^{−64}) are the remaining 448 bits drawn and the
 comparison finished on full integers, so the inversion is exact for the table.
 """
 
@@ -40,9 +41,9 @@ import numpy as np
 from common.privacy.discrete_gaussian import RandomWords
 
 #: Bits of the cumulative table: the resolution of every probability the sampler realises.
-TABLE_BITS = 256
-#: Fixed-point bits of the weights the table is normalised from (their error is ≤ (k + 1)² units).
-_WORK_BITS = 320
+TABLE_BITS = 512
+#: Fixed-point bits of the weights the table is normalised from (their error is ≤ 2(k + 1)² units).
+_WORK_BITS = 576
 #: Buckets of the guide table (2^18 of the uniform word's range): a draw looks its answer up in
 #: O(1) unless its bucket holds an entry boundary, which is then found by binary search.
 GUIDE_BITS = 18
@@ -81,26 +82,35 @@ def table_distance(variance: int) -> float:
 
 @dataclass(frozen=True)
 class _Table:
-    """The cumulative table of |X| for one variance: ``cdf[k]`` = ⌊2^TABLE_BITS·P(|X| ≤ k)⌋
-    (the last entry is 2^TABLE_BITS exactly) and its top 64 bits as a uint64 array."""
+    """The cumulative table of |X| for one variance: ``cdf(k)`` = ⌊2^TABLE_BITS·W_k/W⌋ with W_k the
+    fixed-point weights' prefix sums and W their total (``cdf(K)`` = 2^TABLE_BITS exactly), and
+    ``top[k]`` = ⌊2^64·W_k/W⌋ = ``cdf(k)`` >> (TABLE_BITS − 64), the only part most draws read.
+    Full entries are computed on demand (a tie on the top word is rare, and a division with a
+    512-bit quotient per entry would triple the table's build time)."""
 
-    cdf: tuple[int, ...]
+    cumulative: tuple[int, ...]
+    total: int
     top: np.ndarray
     #: guide[b]: the first entry whose top word exceeds b·2^(64−GUIDE_BITS), for b ≤ 2^GUIDE_BITS;
     #: a draw whose bucket holds no entry boundary (guide[b] = guide[b+1]) is answered by it.
     guide: np.ndarray
 
+    def cdf(self, k: int) -> int:
+        if k == len(self.cumulative) - 1:
+            return 1 << TABLE_BITS
+        return (self.cumulative[k] << TABLE_BITS) // self.total
+
 
 def _fixed(numerator: int, denominator: int, bits: int) -> int:
-    """⌊2^bits · exp(−numerator/denominator)⌋, from :mod:`decimal` at 130 digits (the quotient and
+    """⌊2^bits · exp(−numerator/denominator)⌋, from :mod:`decimal` at 200 digits (the quotient and
     the exponential each correctly rounded): within 2 units of the last place."""
     with decimal.localcontext() as ctx:
-        ctx.prec = 130
+        ctx.prec = 200
         value = (-(decimal.Decimal(numerator) / decimal.Decimal(denominator))).exp()
         return int(value * (decimal.Decimal(2) ** bits))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=2)  # one per round's σ²; ~15 MB each at the ML-100K share
 def _table(variance: int) -> _Table:
     k_max = tail_cut(variance)
     p = _WORK_BITS
@@ -114,14 +124,11 @@ def _table(variance: int) -> _Table:
         ratio = (ratio * h) >> p
         total += 2 * weight
         cumulative.append(total)
-    one = 1 << TABLE_BITS
-    cdf = [(c << TABLE_BITS) // total for c in cumulative]
-    cdf[-1] = one
-    shift = TABLE_BITS - 64
-    top = np.array([c >> shift for c in cdf[:-1]] + [(1 << 64) - 1], dtype=np.uint64)
+    # ⌊2^64·c/W⌋ is ⌊⌊2^TABLE_BITS·c/W⌋ / 2^(TABLE_BITS−64)⌋: the top word of each entry, exactly.
+    top = np.array([(c << 64) // total for c in cumulative[:-1]] + [(1 << 64) - 1], dtype=np.uint64)
     starts = np.arange(1 << GUIDE_BITS, dtype=np.uint64) << np.uint64(64 - GUIDE_BITS)
     guide = np.append(np.searchsorted(top, starts, side="right"), len(top)).astype(np.int64)
-    return _Table(cdf=tuple(cdf), top=top, guide=guide)
+    return _Table(cumulative=tuple(cumulative), total=total, top=top, guide=guide)
 
 
 def sample_discrete_gaussian_table(variance: int, size: int, src: RandomWords | None = None) -> np.ndarray:
@@ -144,17 +151,19 @@ def sample_discrete_gaussian_table(variance: int, size: int, src: RandomWords | 
     table = _table(int(variance))
     words = src.words(size)
     # The first index whose cumulative top word exceeds U's top word; a tie with an earlier entry
-    # (U's top word equal to its top word) is decided on the full 256 bits below.
+    # (U's top word equal to its top word) is decided on all TABLE_BITS bits below.
     bucket = (words >> np.uint64(64 - GUIDE_BITS)).astype(np.int64)
     magnitude = table.guide[bucket]
     open_ = np.flatnonzero(magnitude != table.guide[bucket + 1])
     magnitude[open_] = np.searchsorted(table.top, words[open_], side="right")
     tied = np.flatnonzero((magnitude > 0) & (table.top[np.maximum(magnitude - 1, 0)] == words))
+    rest = TABLE_BITS // 64 - 1
     for i in tied:
-        low = src.words(3)
-        u = (int(words[i]) << 192) | (int(low[0]) << 128) | (int(low[1]) << 64) | int(low[2])
+        u = int(words[i])
+        for word in src.words(rest):
+            u = (u << 64) | int(word)
         k = int(magnitude[i]) - 1
-        while k >= 0 and u < table.cdf[k]:
+        while k >= 0 and u < table.cdf(k):
             k -= 1
         magnitude[i] = k + 1
     signs = np.unpackbits(src.words((size + 63) // 64).view(np.uint8))[:size].astype(bool)
