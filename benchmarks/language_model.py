@@ -241,6 +241,75 @@ def train_frontier(bench: Bench, base: RunConfig, total: int, sample_rate: float
     return runs
 
 
+def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[str, Any], seeds: int, rounds: int,
+               lora_rounds: int, base_emb: np.ndarray, progress: bool) -> list[dict[str, Any]]:
+    """LoRA vs frozen at ε = 8 (``sigma``; None: without DP) over ``seeds`` seeds (cohorts, noise, negatives, initialisation):
+    per seed, ``rounds`` frozen rounds, then ``lora_rounds`` more rounds frozen or with LoRA
+    (``model.lora-target``, B = 0 at the start), the same cohorts and the same ε in both arms.
+    Each arm is evaluated as served (text tower), and timed per continuation round."""
+    out = []
+    for seed in range(seeds):
+        cfg = with_dp(base, sigma).replace(**{"model.kind": "hybrid", "seed": seed, "dp.noise-seed": seed, **over})
+        print(f"[LoRA study, seed {seed}] {rounds} frozen rounds, then {lora_rounds} frozen vs LoRA", flush=True)
+        first = run_inprocess(cfg.replace(**{"fed.rounds": rounds}), bench.sets, texts=bench.texts, progress=progress,
+                              final_eval=False)
+        cont = cfg.replace(**{"fed.rounds": rounds + lora_rounds, **CONTINUATION})
+        row: dict[str, Any] = {"seed": seed}
+        for arm, arm_cfg in (("frozen", cont), ("lora", cont.replace(**{"model.lora": True}))):
+            from common.models.hybrid.text import text_side
+
+            text_side(bench.texts, arm_cfg.model, arm_cfg.seed)  # the LoRA cache, built before the clock starts
+            run = run_inprocess(arm_cfg, bench.sets, texts=bench.texts, progress=progress, final_eval=False,
+                                resume=first)
+            params, _ = served(run.effective, bench, base_emb, 0.0)
+            ev = bench.evaluate(model_scores(params, bench, arm_cfg))
+            row.update({f"{arm}_{part}": ev[part]["ndcg@10"] for part in ("warm", "cold", "overall")})
+            row[f"{arm}_seconds"] = per_round(run, lora_rounds)
+            row[f"{arm}_epsilon"] = fmt_eps(run)
+        out.append(row)
+    return out
+
+
+def lora_verdict(rows: list[dict[str, Any]], part: str) -> tuple[float, float, str]:
+    """Mean and standard deviation over seeds of LoRA − frozen (``part`` NDCG@10), and the claim
+    they allow: "helps" only when every seed gains and the mean is over twice its standard error."""
+    diffs = np.array([r[f"lora_{part}"] - r[f"frozen_{part}"] for r in rows])
+    mean, sd = float(diffs.mean()), float(diffs.std(ddof=1)) if len(diffs) > 1 else float("nan")
+    se = sd / np.sqrt(len(diffs)) if len(diffs) > 1 else float("inf")
+    if (diffs > 0).all() and mean > 2 * se:
+        return mean, sd, "LoRA helps (beyond the seed spread)"
+    if (diffs < 0).all() and -mean > 2 * se:
+        return mean, sd, "LoRA hurts (beyond the seed spread)"
+    return mean, sd, "no difference beyond the seed spread"
+
+
+def print_lora_study(rows: list[dict[str, Any]], rounds: int, lora_rounds: int, target_name: str,
+                     privacy: str = f"ε = {EPSILON:g}") -> tuple[list[Any], dict[str, Any]]:
+    """The study's table, verdicts, figures and its cost target."""
+    print(f"\nLoRA vs frozen, {privacy}, {len(rows)} seeds: {rounds} frozen rounds, then {lora_rounds} rounds "
+          f"frozen or with LoRA ({RunConfig().model.lora_target} on the top {RunConfig().model.lora_layers} layer(s), "
+          f"r = 8; {CONTINUATION['model.text-positives']} positives + {CONTINUATION['model.text-negatives']} "
+          "negatives per client); served with the text tower; NDCG@10")
+    print(table(["seed", "ε", "frozen warm", "LoRA warm", "frozen new", "LoRA new", "frozen overall", "LoRA overall",
+                 "frozen s/round", "LoRA s/round"],
+                [[r["seed"], r["lora_epsilon"], r["frozen_warm"], r["lora_warm"], r["frozen_cold"], r["lora_cold"],
+                  r["frozen_overall"], r["lora_overall"], r["frozen_seconds"], r["lora_seconds"]] for r in rows]))
+    figures: dict[str, Any] = {}
+    verdicts = []
+    for part in ("warm", "cold", "overall"):
+        mean, sd, verdict = lora_verdict(rows, part)
+        verdicts.append([part, mean, sd, verdict])
+        figures[f"lora_minus_frozen_{part}_mean"], figures[f"lora_minus_frozen_{part}_sd"] = mean, sd
+        figures[f"lora_study_{part}_verdict"] = verdict
+        for arm in ("frozen", "lora"):
+            figures[f"lora_study_{arm}_{part}_mean"] = float(np.mean([r[f"{arm}_{part}"] for r in rows]))
+    print(table(["NDCG@10", "LoRA − frozen, mean", "sd over seeds", "verdict"], verdicts))
+    cost = float(np.mean([r["lora_seconds"] / r["frozen_seconds"] for r in rows]))
+    figures["lora_study_seeds"] = len(rows)
+    figures["lora_study_round_seconds_ratio"] = cost
+    return [target(target_name, cost, "<=", 5.0)], figures
+
+
 def plot_frontier(points: dict[str, list[tuple[float, float]]], nodp: dict[str, float], path: Path) -> None:
     """Overall NDCG@10 against ε, one line per model, the no-DP values as dashed levels."""
     import matplotlib
@@ -344,6 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=Path("runs/lm_frontier.png"), help="the frontier plot")
     p.add_argument("--new-item-boost", type=float, default=0.0,
                    help="added to new items' predicted biases in the main table (default 0: no exposure policy)")
+    p.add_argument("--lora-seeds", type=int, default=3,
+                   help="seeds of the LoRA vs frozen study at ε = 8 (default 3; quick 1; 0: skip)")
+    p.add_argument("--lora-study-rounds", type=int, nargs=2, metavar=("FROZEN", "LORA"), default=(40, 20),
+                   help="the study's frozen rounds, then its frozen-vs-LoRA rounds (default 40 20; quick 2 1)")
+    p.add_argument("--only-lora-study", action="store_true",
+                   help="run the LoRA vs frozen study alone (at the defaults, which are validation's ε = 8 picks)")
+    p.add_argument("--lora-study-no-dp", action="store_true",
+                   help="with --only-lora-study: without DP (user-reg 40 and text-step-scale 0.1, validation's no-DP picks)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--rss-child", nargs=2, metavar=("KIND", "USER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -357,6 +434,22 @@ def main(argv: list[str] | None = None) -> int:
         args.epsilons = [] if args.quick else [1.0, 2.0, 4.0]
     t_start = time.perf_counter()
     bench = Bench(users)
+    study_seeds = 1 if args.quick and args.lora_seeds == 3 else args.lora_seeds
+    study_rounds = (2, 1) if args.quick and tuple(args.lora_study_rounds) == (40, 20) else tuple(args.lora_study_rounds)
+    if args.only_lora_study:
+        base, sigma = configs(sum(study_rounds), args.sample_rate, args.quick)
+        base_emb = base_embeddings(bench.texts, base.model.text_max_length)
+        nodp = args.lora_study_no_dp
+        over = {"model.user-reg": 40.0, "model.text-step-scale": 0.1} if nodp else {}
+        rows = lora_study(bench, base, None if nodp else sigma, over, study_seeds, *study_rounds, base_emb,
+                          args.progress)
+        goals, figures = print_lora_study(rows, *study_rounds, "lora_round_seconds_over_frozen",
+                                          "no DP" if nodp else f"ε = {EPSILON:g}")
+        print("\n" + targets_table(goals))
+        figures["wall_seconds"] = time.perf_counter() - t_start
+        if args.json:
+            write_json(args.json, figures, goals)
+        return 0
     total = rounds + lora_rounds
     base, sigma = configs(total, args.sample_rate, args.quick)
     print(f"ML-100K cold-item split: {len(bench.split.cold_items)} cold items ({bench.split.cold_test.user.size} "
@@ -508,6 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["client process (one round, fresh process)", "user", "train items", "round s", "peak RSS MB"],
                 [[f"{k} ({w} user)", r["user"], r["train_items"], r["seconds"], r["maxrss_mb"]]
                  for (k, w), r in rss.items()]))
+    study_goals, study_figures = [], {}
+    if study_seeds:
+        s_base, s_sigma = configs(sum(study_rounds), args.sample_rate, args.quick)
+        rows_s = lora_study(bench, s_base, s_sigma, picked["frozen_eps8"], study_seeds, *study_rounds, base_emb,
+                            args.progress)
+        study_goals, study_figures = print_lora_study(rows_s, *study_rounds, "lora_study_round_seconds_over_frozen")
+        wall = time.perf_counter() - t_start
     print(f"\nevaluation {eval_seconds:.0f} s; wall time {wall:.0f} s")
 
     # ---- targets (issue 15) and figures
@@ -526,13 +626,14 @@ def main(argv: list[str] | None = None) -> int:
                     ratio(m("frozen_eps8", "overall"), m("mf_nodp", "overall")), ">=", 0.8)]
     if lora_rounds:
         goals.append(target("lora_round_seconds_over_frozen", ratio(cost_rows[3][1], cost_rows[2][1]), "<=", 5.0))
+    goals += study_goals
     goals.append(target("client_rss_mb_lora_largest_user", rss[("lora", "largest")]["maxrss_mb"], "<=", RSS_LIMIT_MB))
     print("\n" + targets_table(goals))
     figures: dict[str, Any] = {"rounds": total, "frozen_rounds": rounds, "lora_rounds": lora_rounds,
                                "sample_rate": args.sample_rate, "sigma_eps8": sigma, "delta": DELTA,
                                "new_item_boost": boost, "new_share_held_out": bench.new_share_held_out,
                                **{f"picked_{k}_{name}": v for k, over in picked.items() for name, v in over.items()},
-                               "users_evaluated": len(bench.users), "wall_seconds": wall}
+                               "users_evaluated": len(bench.users), "wall_seconds": wall, **study_figures}
     for key, ev in evals.items():
         for part in ("warm", "cold", "overall"):
             for metric in ("ndcg@10", "recall@20"):

@@ -61,6 +61,12 @@ class ModelConfig:
     # (common/hybrid_federated.py).
     kind: ModelKind = ModelKind.MF
     lora: bool = False  # hybrid: LoRA (r=8, q/v) on MiniLM as well as the head; False: frozen base + head
+    # hybrid + LoRA: adapters on the top this-many of MiniLM's 6 layers; the frozen layers below
+    # run once per process for the whole (public) catalogue and are cached (6: every layer, no cache)
+    lora_layers: int = 1
+    # hybrid + LoRA: "ffn-out" (the top layer's feed-forward output projection: every input below it
+    # is cached, a step costs no transformer pass) or "qv" (attention query/value, the LoRA paper's)
+    lora_target: str = "ffn-out"
     text_max_length: int = 32  # hybrid: item texts truncated to this many tokens (ML-100K: ≤ 31)
     text_lr: float = 10.0  # hybrid: SGD step of the head/LoRA (one step: sets its weight in the clipped update)
     text_negatives: int = 32  # hybrid: sampled negatives per user in the head/LoRA step
@@ -76,6 +82,10 @@ class ModelConfig:
         _check(self.user_reg > 0, f"model.user-reg must be > 0 (reconstruction must be strictly convex), got {self.user_reg}")
         _check(self.item_reg >= 0, f"model.item-reg must be ≥ 0, got {self.item_reg}")
         _check(self.init_scale >= 0, f"model.init-scale must be ≥ 0, got {self.init_scale}")
+        _check(1 <= self.lora_layers <= 6, f"model.lora-layers must be in [1, 6] (MiniLM has 6 layers), got {self.lora_layers}")
+        _check(self.lora_target in ("qv", "ffn-out"), f"model.lora-target must be 'qv' or 'ffn-out', got {self.lora_target!r}")
+        _check(self.lora_target == "qv" or self.lora_layers == 1,
+               f"model.lora-target = ffn-out adapts the top layer only: model.lora-layers must be 1, got {self.lora_layers}")
         _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
         _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
         _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")

@@ -27,9 +27,14 @@ import torch
 from torch import nn
 
 BASE_DIM = 384
+N_LAYERS = 6  # MiniLM-L6's transformer layers
 LORA_RANK = 8
 LORA_ALPHA = 16
 LORA_TARGETS = ("query", "value")
+#: Where LoRA goes in each adapted layer: "qv", the attention's query and value projections (the
+#: LoRA paper's choice); "ffn-out", the feed-forward output projection (1536 → 384), below which
+#: the whole layer is frozen, so its inputs can be cached per token.
+LORA_TARGET_CHOICES = ("qv", "ffn-out")
 HEAD_KEYS = ("head.bias", "head.weight")
 _LORA_PREFIX = "lora."
 _INSTALL_HINT = 'the MiniLM item encoder needs the client extras: pip install "fedrec[client]"'
@@ -90,21 +95,40 @@ class TextItemEncoder(nn.Module):
         cached with :func:`encode_base` and projected with :meth:`project`.
     seed:
         Seeds the head and LoRA initialisation (the global RNG is left untouched).
+    lora_layers:
+        LoRA on the top this-many layers only (1..6; default all 6). Below them the encoder is
+        the frozen base, whose outputs the cached encoders of :mod:`.text` compute once.
+    lora_target:
+        ``"qv"`` (default) or ``"ffn-out"`` (:data:`LORA_TARGET_CHOICES`).
     """
 
-    def __init__(self, dim: int, *, lora: bool = True, seed: int = 0) -> None:
+    def __init__(self, dim: int, *, lora: bool = True, seed: int = 0, lora_layers: int = N_LAYERS,
+                 lora_target: str = "qv") -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim must be ≥ 1, got {dim}")
+        if not 1 <= lora_layers <= N_LAYERS:
+            raise ValueError(f"lora_layers must be in [1, {N_LAYERS}], got {lora_layers}")
+        if lora_target not in LORA_TARGET_CHOICES:
+            raise ValueError(f"lora_target must be one of {LORA_TARGET_CHOICES}, got {lora_target!r}")
         base, _ = load_minilm()
-        self.dim, self.lora = dim, lora
+        self.lora_target = lora_target
+        self.dim, self.lora, self.lora_layers = dim, lora, (lora_layers if lora else 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if lora:
                 from peft import LoraConfig, get_peft_model
 
-                config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                    target_modules=list(LORA_TARGETS), bias="none")
+                top = list(range(N_LAYERS - lora_layers, N_LAYERS))
+                if lora_target == "qv":
+                    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                        target_modules=list(LORA_TARGETS), bias="none",
+                                        layers_to_transform=None if lora_layers == N_LAYERS else top,
+                                        layers_pattern=None if lora_layers == N_LAYERS else "layer")
+                else:  # a regex: "layer.K.output.dense", never "layer.K.attention.output.dense"
+                    pattern = r".*\.layer\.(" + "|".join(map(str, top)) + r")\.output\.dense$"
+                    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                        target_modules=pattern, bias="none")
                 # peft rewrites the model in place: adapt a private copy, never the shared base
                 self.base = get_peft_model(copy.deepcopy(base), config)
             else:
@@ -122,6 +146,56 @@ class TextItemEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(input_ids, attention_mask))
+
+
+def bert_of(base: nn.Module) -> nn.Module:
+    """The ``BertModel`` inside a peft wrapper (or the model itself)."""
+    inner = base
+    while not hasattr(inner, "encoder") and hasattr(inner, "model"):
+        inner = inner.model
+    if not hasattr(inner, "encoder"):
+        inner = base.base_model.model
+    return inner
+
+
+def _attention_mask_4d(bert: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """The layers' attention mask for hidden states (B, T, H) and a (B, T) padding mask, made by
+    the model itself (so whichever attention implementation it runs gets its own format)."""
+    mask, _ = bert._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                           embedding_output=hidden, encoder_hidden_states=None, cache=None)
+    return mask
+
+
+def run_layers(base: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int,
+               stop: int = N_LAYERS) -> torch.Tensor:
+    """Hidden states after layers ``start..stop-1`` of ``base`` (a peft-wrapped or plain MiniLM),
+    from the hidden states entering layer ``start``."""
+    bert = bert_of(base)
+    mask = _attention_mask_4d(bert, hidden, attention_mask)
+    for layer in bert.encoder.layer[start:stop]:
+        out = layer(hidden, mask)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@torch.no_grad()
+def lower_hidden(texts: Sequence[str], layers: int, *, max_length: int = 32, batch_size: int = 64
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen base's hidden states entering layer ``layers`` for every text: (N, T, 384) float32
+    padded to the longest text, and the (N, T) padding mask. ``layers`` = 0: the embeddings."""
+    base, _ = load_minilm()
+    bert = bert_of(base)
+    tokens = tokenize(texts, max_length=max_length)
+    n, width = tokens["input_ids"].shape
+    out = torch.zeros((n, width, BASE_DIM), dtype=torch.float32)
+    for idx in _batches(texts, batch_size):
+        idx_t = torch.from_numpy(np.asarray(idx))
+        mask = tokens["attention_mask"][idx_t]
+        longest = int(mask.sum(1).max())
+        ids, mask = tokens["input_ids"][idx_t, :longest], mask[:, :longest]
+        hidden = bert.embeddings(input_ids=ids)
+        out[idx_t, :longest] = run_layers(base, hidden, mask, 0, layers)
+    return out, tokens["attention_mask"]
 
 
 def _unwrap(module: nn.Module) -> TextItemEncoder:
@@ -168,11 +242,23 @@ def item_vectors(encoder: nn.Module, texts: Sequence[str], batch_size: int = 64,
 # ---------------------------------------------------------------- adapter state (what travels)
 
 def _lora_tensors(encoder: TextItemEncoder) -> dict[str, torch.Tensor]:
+    """``lora.<peft key>`` → the adapter's parameter itself. peft's ``get_peft_model_state_dict``
+    names them (once per encoder: it walks the whole state dict, ~5 ms a call)."""
     if not encoder.lora:
         return {}
-    from peft import get_peft_model_state_dict
+    cached = encoder.__dict__.get("_lora_by_key")
+    if cached is None:
+        from peft import get_peft_model_state_dict
 
-    return {_LORA_PREFIX + k: v for k, v in get_peft_model_state_dict(encoder.base).items()}
+        params = dict(encoder.base.named_parameters())
+        cached = {}
+        for key in get_peft_model_state_dict(encoder.base):
+            name = key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+            if name not in params:
+                raise KeyError(f"peft key {key!r} has no parameter {name!r}")
+            cached[_LORA_PREFIX + key] = params[name]
+        encoder.__dict__["_lora_by_key"] = cached
+    return cached
 
 
 def trainable_state(encoder: nn.Module) -> dict[str, np.ndarray]:
@@ -200,17 +286,10 @@ def load_trainable_state(encoder: nn.Module, state: dict[str, np.ndarray]) -> No
     for key, value in state.items():
         if tuple(np.shape(value)) != expected[key].shape:
             raise ValueError(f"adapter state {key!r} has shape {tuple(np.shape(value))}, expected {expected[key].shape}")
-    tensors = {k: torch.as_tensor(np.asarray(v, dtype=np.float32)).clone() for k, v in state.items()}
-    if enc.lora:
-        from peft import set_peft_model_state_dict
-
-        lora = {k[len(_LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(_LORA_PREFIX)}
-        result = set_peft_model_state_dict(enc.base, lora)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"peft refused adapter keys: {result.unexpected_keys}")
+    targets = {**_lora_tensors(enc), "head.weight": enc.head.weight, "head.bias": enc.head.bias}
     with torch.no_grad():
-        enc.head.weight.copy_(tensors["head.weight"])
-        enc.head.bias.copy_(tensors["head.bias"])
+        for key, value in state.items():
+            targets[key].copy_(torch.as_tensor(np.asarray(value, dtype=np.float32)))
 
 
 def trainable_parameters(encoder: nn.Module) -> list[nn.Parameter]:

@@ -16,10 +16,16 @@ from torch import nn
 from common.config import ModelConfig
 from common.models.hybrid.encoder import (
     BASE_DIM,
+    N_LAYERS,
     TextItemEncoder,
+    _attention_mask_4d,
+    bert_of,
     encode_base,
     item_vectors,
     load_trainable_state,
+    lower_hidden,
+    mean_pool,
+    run_layers,
     tokenize,
     trainable_state,
 )
@@ -56,6 +62,119 @@ class PrecomputedBaseEncoder(TextItemEncoder):
     def all_vectors(self) -> np.ndarray:
         """head(base embedding) of every item (N, dim), float32."""
         return self.head(self.table).numpy().astype(np.float32)
+
+
+class CachedLowerEncoder(TextItemEncoder):
+    """MiniLM with LoRA on its top ``lora_layers`` layers, whose frozen lower layers have run once
+    for the whole catalogue: a step runs (and back-propagates through) the adapted layers only,
+    on hidden states trimmed to the batch's longest text.
+
+    Behaves as ``TextItemEncoder(dim, lora=True, lora_layers=lora_layers, seed=seed)`` (same
+    weights, same ``trainable_state`` keys; equal outputs to float rounding) for inputs from
+    :func:`index_tokens`. The cache is ~N·T·384 floats (1,682 ML-100K items: ~80 MB): a server or
+    a simulation's worker holds it; a device that only recommends does not need LoRA at all.
+    """
+
+    def __init__(self, texts: Sequence[str], dim: int, *, lora_layers: int, max_length: int, seed: int = 0) -> None:
+        if not 1 <= lora_layers < N_LAYERS:
+            raise ValueError(f"a cached lower part needs 1 ≤ lora_layers < {N_LAYERS}, got {lora_layers}")
+        super().__init__(dim, lora=True, seed=seed, lora_layers=lora_layers)
+        self.start = N_LAYERS - lora_layers
+        lower, mask = lower_hidden(texts, self.start, max_length=max_length)
+        self.register_buffer("lower", lower, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        idx = input_ids[:, 0]
+        mask = self.mask[idx]
+        longest = int(mask.sum(1).max())
+        mask = mask[:, :longest]
+        hidden = run_layers(self.base, self.lower[idx, :longest], mask, self.start)
+        return mean_pool(hidden, mask)
+
+    @torch.no_grad()
+    def all_vectors(self, batch_size: int = 128) -> np.ndarray:
+        """The adapted encoder's vectors of every item (N, dim), float32, in length-sorted batches."""
+        was_training = self.training
+        self.eval()
+        try:
+            lengths = self.mask.sum(1).numpy()
+            order = np.argsort(lengths, kind="stable")
+            out = np.zeros((len(order), self.dim), dtype=np.float32)
+            tokens = index_tokens(len(order))
+            for s in range(0, len(order), batch_size):
+                idx = torch.from_numpy(order[s:s + batch_size])
+                out[idx.numpy()] = self(tokens["input_ids"][idx], tokens["attention_mask"][idx]).numpy()
+            return out
+        finally:
+            self.train(was_training)
+
+
+class CachedFfnOutEncoder(TextItemEncoder):
+    """MiniLM with LoRA on the top layer's feed-forward output projection only (``lora_target =
+    "ffn-out"``, one layer): everything below that matrix is frozen, so for every token of the
+    catalogue its input x (1536-d, after the GELU) and the frozen part of the layer's output
+    z = dense(x) + attention output (384-d, before the LayerNorm) are computed once. A step is then
+    LayerNorm(z + s·B·A·x) over the batch's tokens, mean-pooled, and the head: no attention, no
+    feed-forward pass, and gradients flow through A, B and the head only.
+
+    Behaves as ``TextItemEncoder(dim, lora=True, lora_layers=1, lora_target="ffn-out", seed=seed)``
+    (same weights and ``trainable_state`` keys; equal outputs to float rounding) for inputs from
+    :func:`index_tokens`. The cache holds (1536 + 384) floats per token (ML-100K's 1,682 texts:
+    24,847 tokens, ~190 MB), kept by a server or a simulation's worker.
+    """
+
+    def __init__(self, texts: Sequence[str], dim: int, *, max_length: int, seed: int = 0) -> None:
+        super().__init__(dim, lora=True, seed=seed, lora_layers=1, lora_target="ffn-out")
+        lower, mask = lower_hidden(texts, N_LAYERS - 1, max_length=max_length)
+        layer = bert_of(self.base).encoder.layer[N_LAYERS - 1]
+        lengths = mask.sum(1)
+        xs, zs = [], []
+        with torch.no_grad():
+            for s in range(0, len(texts), 64):
+                hidden, m = lower[s:s + 64], mask[s:s + 64]
+                longest = int(m.sum(1).max())
+                hidden, m = hidden[:, :longest], m[:, :longest]
+                attention = layer.attention(hidden, _attention_mask_4d(bert_of(self.base), hidden, m))
+                attention = attention[0] if isinstance(attention, tuple) else attention
+                x = layer.intermediate(attention)
+                z = layer.output.dense.base_layer(x) + attention
+                keep = m.bool()
+                xs.append(x[keep])
+                zs.append(z[keep])
+        self.register_buffer("x", torch.cat(xs), persistent=False)  # (tokens, 1536), item by item
+        self.register_buffer("z", torch.cat(zs), persistent=False)  # (tokens, 384)
+        offsets = torch.zeros(len(texts) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self._dense, self._norm = layer.output.dense, layer.output.LayerNorm
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        idx = input_ids[:, 0]
+        starts, stops = self.offsets[idx], self.offsets[idx + 1]
+        counts = stops - starts
+        segment = torch.repeat_interleave(torch.arange(len(idx)), counts)
+        rows = starts[segment] + (torch.arange(int(counts.sum())) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts))
+        dense = self._dense
+        delta = dense.lora_B["default"](dense.lora_A["default"](self.x[rows])) * dense.scaling["default"]
+        hidden = self._norm(self.z[rows] + delta)
+        pooled = torch.zeros((len(idx), BASE_DIM), dtype=hidden.dtype).index_add_(0, segment, hidden)
+        pooled = pooled / counts.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+        return nn.functional.normalize(pooled, p=2, dim=-1)
+
+    @torch.no_grad()
+    def all_vectors(self, batch_size: int = 512) -> np.ndarray:
+        """The adapted encoder's vectors of every item (N, dim), float32."""
+        was_training = self.training
+        self.eval()
+        try:
+            n = len(self.offsets) - 1
+            tokens = index_tokens(n)
+            return np.concatenate([self(tokens["input_ids"][s:s + batch_size], tokens["attention_mask"][s:s + batch_size])
+                                   .numpy() for s in range(0, n, batch_size)]).astype(np.float32)
+        finally:
+            self.train(was_training)
 
 
 def index_tokens(n_items: int) -> dict[str, torch.Tensor]:
@@ -103,17 +222,29 @@ class TextSide:
     :func:`hybrid_client_train` load the adapter state they are given before using it.
     """
 
-    def __init__(self, texts: Sequence[str], *, dim: int, lora: bool, max_length: int, seed: int) -> None:
+    def __init__(self, texts: Sequence[str], *, dim: int, lora: bool, max_length: int, seed: int,
+                 lora_layers: int = N_LAYERS, lora_target: str = "qv") -> None:
         self.texts = tuple(texts)
         self.dim, self.lora, self.max_length = dim, lora, max_length
-        if lora:
-            self.encoder: TextItemEncoder = TextItemEncoder(dim, lora=True, seed=seed)
+        if lora and lora_target == "ffn-out":
+            if lora_layers != 1:
+                raise ValueError(f"model.lora-target = ffn-out adapts the top layer only: set model.lora-layers = 1, "
+                                 f"not {lora_layers}")
+            self.encoder = CachedFfnOutEncoder(self.texts, dim, max_length=max_length, seed=seed)
+            self.tokens = index_tokens(len(self.texts))
+        elif lora and lora_layers < N_LAYERS:
+            self.encoder: TextItemEncoder = CachedLowerEncoder(self.texts, dim, lora_layers=lora_layers,
+                                                               max_length=max_length, seed=seed)
+            self.tokens = index_tokens(len(self.texts))
+        elif lora:
+            self.encoder = TextItemEncoder(dim, lora=True, seed=seed)
             self.tokens = tokenize(self.texts, max_length=max_length)
         else:
             self.encoder = PrecomputedBaseEncoder(base_embeddings(self.texts, max_length), dim, seed=seed)
             self.tokens = index_tokens(len(self.texts))
         self.encoder.eval()
         self._initial = trainable_state(self.encoder)
+        self._last: tuple[str, np.ndarray] | None = None
 
     @property
     def n_items(self) -> int:
@@ -129,18 +260,37 @@ class TextSide:
         return {k: v.copy() for k, v in self._initial.items()}
 
     def vectors(self, adapter: dict[str, np.ndarray]) -> np.ndarray:
-        """The item text vectors (I, d) for this adapter state, float32."""
+        """The item text vectors (I, d) for this adapter state, float32 (a copy). The last state's
+        vectors are kept: the clients a process serves in one round share the round's adapter,
+        and with LoRA the catalogue pass is the round's largest cost."""
+        digest = _digest(adapter)
+        if self._last is not None and self._last[0] == digest:
+            return self._last[1].copy()
         load_trainable_state(self.encoder, adapter)
-        if isinstance(self.encoder, PrecomputedBaseEncoder):
-            return self.encoder.all_vectors()
-        return item_vectors(self.encoder, self.texts, max_length=self.max_length)
+        if isinstance(self.encoder, (PrecomputedBaseEncoder, CachedLowerEncoder, CachedFfnOutEncoder)):
+            out = self.encoder.all_vectors()
+        else:
+            out = item_vectors(self.encoder, self.texts, max_length=self.max_length)
+        self._last = (digest, out.copy())
+        return out
+
+
+def _digest(adapter: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(adapter):
+        value = np.ascontiguousarray(adapter[key], dtype=np.float32)
+        h.update(key.encode() + b"\x00" + str(value.shape).encode() + b"\x00" + value.tobytes())
+    return h.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_side(texts: tuple[str, ...], dim: int, lora: bool, max_length: int, seed: int) -> TextSide:
-    return TextSide(texts, dim=dim, lora=lora, max_length=max_length, seed=seed)
+def _cached_side(texts: tuple[str, ...], dim: int, lora: bool, max_length: int, seed: int, lora_layers: int,
+                 lora_target: str) -> TextSide:
+    return TextSide(texts, dim=dim, lora=lora, max_length=max_length, seed=seed, lora_layers=lora_layers,
+                    lora_target=lora_target)
 
 
 def text_side(texts: Sequence[str], model: ModelConfig, seed: int) -> TextSide:
     """The process-wide :class:`TextSide` for these texts and settings (built once)."""
-    return _cached_side(tuple(texts), model.dim, model.lora, model.text_max_length, seed)
+    return _cached_side(tuple(texts), model.dim, model.lora, model.text_max_length, seed, model.lora_layers,
+                        model.lora_target)
