@@ -70,6 +70,7 @@ BOOSTS = (0.0, 0.5, 1.0, 1.5, 2.0)
 GRID = {"mf": [{"model.user-reg": r} for r in (10.0, 40.0)],
         "hybrid": [{"model.user-reg": r, "model.text-step-scale": k} for r in (10.0, 40.0) for k in (1.0, 0.1)]}
 CONTINUATION = {"model.text-positives": 16, "model.text-negatives": 16}  # texts per client, last L rounds
+LORA_STEP_SCALES = (1.0, 0.1, 0.01)  # the LoRA study's validation grid (model.lora-step-scale)
 
 
 # ---------------------------------------------------------------- data and protocol
@@ -247,14 +248,26 @@ def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[st
     per seed, ``rounds`` frozen rounds, then ``lora_rounds`` more rounds frozen or with LoRA
     (``model.lora-target``, B = 0 at the start), the same cohorts and the same ε in both arms.
     Each arm is evaluated as served (text tower), and timed per continuation round."""
-    out = []
+    out: list[dict[str, Any]] = []
+    out_picks: list[tuple[float, float]] = []
+    scale = None
     for seed in range(seeds):
         cfg = with_dp(base, sigma).replace(**{"model.kind": "hybrid", "seed": seed, "dp.noise-seed": seed, **over})
         print(f"[LoRA study, seed {seed}] {rounds} frozen rounds, then {lora_rounds} frozen vs LoRA", flush=True)
         first = run_inprocess(cfg.replace(**{"fed.rounds": rounds}), bench.sets, texts=bench.texts, progress=progress,
                               final_eval=False)
         cont = cfg.replace(**{"fed.rounds": rounds + lora_rounds, **CONTINUATION})
-        row: dict[str, Any] = {"seed": seed}
+        if scale is None:  # the LoRA step, picked once (seed 0) on the validation split
+            picks = []
+            for s in LORA_STEP_SCALES:
+                c = cont.replace(**{"model.lora": True, "model.lora-step-scale": s})
+                run = run_inprocess(c, bench.sets, texts=bench.texts, progress=progress, final_eval=False, resume=first)
+                picks.append((validation_ndcg(run, bench, c), s))
+                print(f"  LoRA step scale {s:g}: validation NDCG@10 {picks[-1][0]:.4f}", flush=True)
+            scale = max(picks)[1]
+            out_picks.extend(picks)
+        cont = cont.replace(**{"model.lora-step-scale": scale})
+        row: dict[str, Any] = {"seed": seed, "lora_step_scale": scale}
         for arm, arm_cfg in (("frozen", cont), ("lora", cont.replace(**{"model.lora": True}))):
             from common.models.hybrid.text import text_side
 
@@ -267,6 +280,8 @@ def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[st
             row[f"{arm}_seconds"] = per_round(run, lora_rounds)
             row[f"{arm}_epsilon"] = fmt_eps(run)
         out.append(row)
+    if out:
+        out[0]["picks"] = out_picks
     return out
 
 
@@ -294,7 +309,8 @@ def print_lora_study(rows: list[dict[str, Any]], rounds: int, lora_rounds: int, 
                  "frozen s/round", "LoRA s/round"],
                 [[r["seed"], r["lora_epsilon"], r["frozen_warm"], r["lora_warm"], r["frozen_cold"], r["lora_cold"],
                   r["frozen_overall"], r["lora_overall"], r["frozen_seconds"], r["lora_seconds"]] for r in rows]))
-    figures: dict[str, Any] = {}
+    figures: dict[str, Any] = {"lora_study_step_scale": rows[0]["lora_step_scale"]}
+    print(table(["LoRA step scale (seed 0)", "validation NDCG@10"], [[s, v] for v, s in rows[0]["picks"]]))
     verdicts = []
     for part in ("warm", "cold", "overall"):
         mean, sd, verdict = lora_verdict(rows, part)

@@ -67,6 +67,8 @@ class ModelConfig:
     # hybrid + LoRA: "ffn-out" (the top layer's feed-forward output projection: every input below it
     # is cached, a step costs no transformer pass) or "qv" (attention query/value, the LoRA paper's)
     lora_target: str = "ffn-out"
+    # hybrid + LoRA: the server's step on the LoRA arrays is the head's times this
+    lora_step_scale: float = 0.01  # what validation picks at ε = 8 (benchmarks/language_model.py --only-lora-study)
     text_max_length: int = 32  # hybrid: item texts truncated to this many tokens (ML-100K: ≤ 31)
     text_lr: float = 10.0  # hybrid: SGD step of the head/LoRA (one step: sets its weight in the clipped update)
     text_negatives: int = 32  # hybrid: sampled negatives per user in the head/LoRA step
@@ -86,6 +88,7 @@ class ModelConfig:
         _check(self.lora_target in ("qv", "ffn-out"), f"model.lora-target must be 'qv' or 'ffn-out', got {self.lora_target!r}")
         _check(self.lora_target == "qv" or self.lora_layers == 1,
                f"model.lora-target = ffn-out adapts the top layer only: model.lora-layers must be 1, got {self.lora_layers}")
+        _check(0 < self.lora_step_scale <= 10, f"model.lora-step-scale must be in (0, 10], got {self.lora_step_scale}")
         _check(1 <= self.text_max_length <= 512, f"model.text-max-length must be in [1, 512], got {self.text_max_length}")
         _check(self.text_lr > 0, f"model.text-lr must be > 0, got {self.text_lr}")
         _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")

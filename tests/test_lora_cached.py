@@ -111,3 +111,20 @@ def test_the_text_side_reuses_the_catalogue_pass_for_the_same_adapter_only():
 def test_the_lora_settings_are_checked(flat, message):
     with pytest.raises(ValueError, match=message):
         RunConfig().replace(**flat)
+
+
+def test_the_server_steps_lora_arrays_at_their_own_scale(tmp_path, monkeypatch):
+    """A LoRA step moves every item's text vector: its arrays get model.lora-step-scale of the head's rate."""
+    from common.models import build_model
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig.from_flat({"model.kind": "hybrid", "model.dim": 8, "model.lora": True,
+                               "model.text-step-scale": 0.5, "model.lora-step-scale": 0.1})
+    model = build_model(cfg.model, n_items=len(TITLES), seed=0, texts=lambda: TITLES)
+    params = model.init(0)
+    scales = dict(zip(model.names(params), model.server_lr_scales(params)))
+    assert [scales[k] for k in model.names(params)[:2]] == [1.0, 1.0]
+    lora = {k: v for k, v in scales.items() if k.startswith("lora.")}
+    head = {k: v for k, v in scales.items() if k.startswith("head.")}
+    assert lora and all(v == pytest.approx(0.05) for v in lora.values())
+    assert head and set(head.values()) == {0.5}

@@ -146,8 +146,10 @@ class HybridModel:
                 "text_encoder": "all-MiniLM-L6-v2 (frozen) + head" + (" + LoRA" if lora else "")}
 
     def server_lr_scales(self, params: HybridParams) -> list[float]:
-        """The free part at the server's rate, the text side (head, LoRA) at ``model.text-step-scale`` of it."""
-        return [1.0, 1.0] + [self.config.text_step_scale] * len(params.adapter_names)
+        """The free part at the server's rate, the head at ``model.text-step-scale`` of it, the LoRA
+        arrays at ``model.lora-step-scale`` of that (a LoRA step moves every item's text vector)."""
+        text, lora = self.config.text_step_scale, self.config.text_step_scale * self.config.lora_step_scale
+        return [1.0, 1.0] + [lora if name.startswith("lora.") else text for name in params.adapter_names]
 
     def clip(self, arrays: Sequence[np.ndarray], clip: float, bias_share: float) -> list[np.ndarray]:
         return clip_grouped(list(arrays), clip, bias_share)
