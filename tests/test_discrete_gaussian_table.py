@@ -1,5 +1,5 @@
 """The device's table sampler of N_Z(0, σ²): its proven distance from the discrete Gaussian, its law,
-its tie-breaking on full 256-bit integers, its speed, and that the ledger charges its distance to δ."""
+its tie-breaking on full 512-bit integers, its speed, and that the ledger charges its distance to δ."""
 
 from __future__ import annotations
 
@@ -99,13 +99,13 @@ class _Scripted(RandomWords):
         return super().words(n)
 
 
-def test_a_tie_on_the_top_64_bits_is_decided_on_all_256():
+def test_a_tie_on_the_top_64_bits_is_decided_on_all_512():
     variance = 7
     table = _table(variance)
     ties = table.top[:6].copy()  # U's top word equal to the top word of entries 0..5
     src = _Scripted(ties)
     got = np.abs(sample_discrete_gaussian_table(variance, ties.size, src))
-    # Re-draw the same stream to know each U's lower 192 bits, then invert on full integers.
+    # Re-draw the same stream to know each U's lower 448 bits, then invert on full integers.
     replay = _Scripted(ties)
     replay.words(ties.size)
     for i, top in enumerate(ties):

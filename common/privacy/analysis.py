@@ -208,7 +208,7 @@ class RdpComposition:
             spent = (1.0 + math.exp(min(upper, 700.0))) * self.slack
             if not spent <= delta / 2:
                 return math.inf
-            delta -= spent
+            delta = math.nextafter(delta - spent, 0.0)  # strictly below δ − spent, also in floats
         return float(compute_epsilon(RDP_ORDERS, self.rdp, delta)[0])
 
 

@@ -11,8 +11,9 @@ It is not exact, and the privacy accounting says by how much. :func:`table_dista
 upper bound η on the total-variation distance between one draw and N_Z(0, σ²); every device draw
 in a release adds its η to the ledger's δ (:class:`~common.privacy.ddp_event.DistributedDpEvent`,
 ``sampler_distance``), which converts it as (ε, δ + (1 + e^ε)·Σ η) (a mechanism within η in
-total variation of an (ε, δ)-DP one is (ε, δ + (1 + e^ε)η)-DP). At ``TABLE_BITS`` = 512, η ≈ 1e-147 per draw and
-Σ η over a 150-round run of 154 devices × 131,072 draws is ~1e-138: it moves no printed digit, and
+total variation of an (ε, δ)-DP one is (ε, δ + (1 + e^ε)η)-DP). At ``TABLE_BITS`` = 512, η ≈ 2e-149 per draw at the ML-100K
+share and Σ η over a 150-round run of 154 devices × 131,072 draws is ~6e-140: it moves no printed
+digit, and
 the conversion holds up to ε ≈ 300 (the ε a run has against the server is ~100; a larger one is
 reported as ∞, which is always a valid bound). Where η comes from:
 
@@ -26,7 +27,9 @@ reported as ∞, which is always a valid bound). Where η comes from:
 
 A draw compares the first 64 bits of a uniform 512-bit U with the table's first 64 bits; only
 when they tie with an entry (probability ≤ K·2^{−64}) are the remaining 448 bits drawn and the
-comparison finished on full integers, so the inversion is exact for the table.
+comparison finished on full integers, so the inversion is exact for the table. (It is not constant
+time: the tie path and the binary search depend on the value drawn; the device's own process is
+the only observer of that timing in fedrec's threat model.)
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ def _table(variance: int) -> _Table:
     top = np.array([(c << 64) // total for c in cumulative[:-1]] + [(1 << 64) - 1], dtype=np.uint64)
     starts = np.arange(1 << GUIDE_BITS, dtype=np.uint64) << np.uint64(64 - GUIDE_BITS)
     guide = np.append(np.searchsorted(top, starts, side="right"), len(top)).astype(np.int64)
+    top.setflags(write=False)  # shared by every later draw of this σ² (lru_cache): nobody may write
+    guide.setflags(write=False)
     return _Table(cumulative=tuple(cumulative), total=total, top=top, guide=guide)
 
 

@@ -95,7 +95,8 @@ class DistributedPlan:
 
 def ddp_epsilon(*, clip: float, gamma: float, local_variance: int, survivors: int, dim: int, beta: float,
                 sample_rate: float, rounds: int, delta: float, max_survivors: int | None = None) -> float:
-    """ε (RDP) of ``rounds`` DDGauss releases, exactly as a ledger of their events reports it;
+    """ε (RDP) of ``rounds`` DDGauss releases, as a ledger of their events reports it (less the
+    table sampler's slack, which moves ε by ~1e-96 and no printed digit);
     ``sample_rate`` 1.0 claims no amplification. ``dim`` is the unpadded dimension; τ is taken at
     ``max_survivors`` (``survivors`` when ``None``)."""
     event = DistributedDpEvent(clip=clip, gamma=gamma, local_variance=local_variance, survivors=survivors,
