@@ -10,8 +10,10 @@ c. Scale: ``synthetic:10000`` against ``synthetic:2000`` with the same ~100 clie
    (q = 100/N): per-round seconds and the peak RSS of the whole process tree (driver + Ray),
    sampled every 0.5 s, so that the cost of idle clients shows.
 
-Every simulation runs RunConfig() with differential privacy off and, unless ``--secagg on``,
-SecAgg+ off (the plain federated path); each in its own Python process, one after the other.
+Every simulation runs RunConfig() with differential privacy off and SecAgg+ off (the plain
+federated path) unless ``--dp default`` / ``--secagg on|default``; each in its own Python process,
+one after the other. The default job's wall-time target (600 s) is judged only when the run is the
+project default, ``--dp default --secagg default``.
 
     python benchmarks/federated.py                    # everything (~25 min on 2 cores; --time-budget)
     python benchmarks/federated.py --quick            # smoke run: few rounds, small populations
@@ -58,15 +60,16 @@ TARGET_PEAK_RSS_10K_OVER_2K = 1.5
 CLIENTS_PER_ROUND = 100
 
 
-def baseline_config(secagg: str = "off") -> tuple[RunConfig, dict[str, Any]]:
-    """RunConfig() with differential privacy off (``dp.enabled``), and SecAgg+ (``secagg.enabled``)
-    off, on, or left at the project default: the plain federated path the targets were set for.
-    Returns the config and the keys changed."""
+def baseline_config(secagg: str = "off", dp: str = "off") -> tuple[RunConfig, dict[str, Any]]:
+    """RunConfig() with differential privacy off (``dp.enabled``) or left at the project default,
+    and SecAgg+ (``secagg.enabled``) off, on, or left at the project default. Returns the config
+    and the keys changed."""
     cfg = RunConfig()
     flat = cfg.to_flat()
     changes: dict[str, Any] = {}
     if "dp.enabled" in flat:
-        changes["dp.enabled"] = False
+        if dp != "default":
+            changes["dp.enabled"] = False
     elif any(k.startswith("dp.") for k in flat):
         raise SystemExit("RunConfig has a dp section without dp.enabled; update benchmarks/federated.py")
     if "secagg.enabled" in flat and secagg != "default":
@@ -145,9 +148,10 @@ def targets(fig: dict[str, float]) -> list[dict[str, Any]]:
         target("fed_over_central_ndcg10", fig.get("fed_over_central_ndcg10"), ">=", TARGET_FED_OVER_CENTRAL_NDCG10),
         target("round_seconds_100_clients", fig.get("round_seconds_100_clients"), "<=", TARGET_ROUND_SECONDS_100),
         target("round_seconds_default_run", fig.get("default_median_round_seconds"), "<=", TARGET_ROUND_SECONDS_100),
-        target("default_simulation_seconds", fig.get("default_simulation_seconds"), "<=",
-               TARGET_DEFAULT_SIMULATION_SECONDS),
     ]
+    if "default_simulation_seconds" in fig:  # only when the run was the project default (DP and SecAgg+ on)
+        goals.append(target("default_simulation_seconds", fig["default_simulation_seconds"], "<=",
+                            TARGET_DEFAULT_SIMULATION_SECONDS))
     if "peak_rss_10k_over_2k" in fig:
         goals.append(target("peak_rss_10k_over_2k", fig.get("peak_rss_10k_over_2k"), "<=", TARGET_PEAK_RSS_10K_OVER_2K))
     return goals
@@ -174,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
                              "when it runs out, and reports the rounds it completed")
     parser.add_argument("--secagg", choices=["off", "on", "default"], default="off",
                         help="SecAgg+ in every simulation: off (default: the plain path the targets are for), on, "
-                             "or the project default; differential privacy is always off")
+                             "or the project default")
+    parser.add_argument("--dp", choices=["off", "default"], default="off",
+                        help="differential privacy in every simulation: off (default) or the project default; "
+                             "the default job's wall-time target is judged only with --dp default --secagg default")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     simulation.quiet_logs(False)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         root.mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
-    cfg, changed = baseline_config(args.secagg)
+    cfg, changed = baseline_config(args.secagg, args.dp)
     log.info("baseline: RunConfig() with %s", ", ".join(f"{k}={v}" for k, v in changed.items()) or "no change")
     flat = cfg.to_flat()
     privacy = (f"dp {'on' if flat.get('dp.enabled') else 'off'}, "
@@ -223,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     fig["fed_over_central_ndcg10"] = fig["fed_ndcg10"] / fig["central_ndcg10"] if fig["central_ndcg10"] else math.nan
     fig["fed_over_central_recall10"] = (fig["fed_recall10"] / fig["central_recall10"]
                                         if fig["central_recall10"] else math.nan)
-    fig["default_simulation_seconds"] = default.figures["wall_seconds"]
+    # The default job is RunConfig() as it is: only then is its wall time "the default's" (issue 17:
+    # a run with DP and SecAgg+ off was once reported under this name).
+    fig["simulation_seconds"] = default.figures["wall_seconds"]
+    if not changed:
+        fig["default_simulation_seconds"] = default.figures["wall_seconds"]
 
     # b. ~100 clients per round: synthetic:1000 at q = 0.1
     hundred_rounds = 3 if args.quick else 6
