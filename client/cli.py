@@ -69,6 +69,26 @@ def _embed_texts(texts: list[str]) -> None:
     print(f"  done in {time.perf_counter() - t0:.1f} s (cached)")
 
 
+def _import_published_embeddings(items_path: str, texts: list[str]) -> bool:
+    """The catalogue's sentence embeddings published beside the items file, when there: checked
+    against these texts and cached, so this device never runs MiniLM over the catalogue. A file
+    that does not match is refused by name (UsageError); none: False."""
+    try:
+        from common.config import ModelConfig
+        from common.models.hybrid.text import embeddings_file_for, import_embeddings
+    except ImportError:  # an install without the language model: the texts are kept all the same
+        return False
+    path = embeddings_file_for(items_path)
+    if not path.is_file():
+        return False
+    try:
+        import_embeddings(path, texts, ModelConfig().text_max_length)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{path}: the server's sentence embeddings of the {len(texts)} items imported (no MiniLM pass here)")
+    return True
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     if args.ratings is None and args.items is None:
         raise UsageError("nothing to import: give a ratings file, --items items.csv, or both")
@@ -78,12 +98,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     items = (ids, titles) if args.items else None
     if args.ratings is not None:
         read_ratings_file(args.ratings, encoding)
+    # published embeddings are checked before anything is stored (a mismatch stores nothing)
+    published = texts is not None and _import_published_embeddings(args.items, list(texts))
     with DeviceStore(_db(args)) as store:
         if items is not None:
             dropped = store.set_catalog(*items)
             if texts is not None:
                 store.set_item_texts(items[0], texts)
-                if args.embed:
+                if args.embed and not published:
                     _embed_texts(texts)
             print(f"{args.items}: item catalogue of {len(items[0])} items stored"
                   + (" with their texts (the hybrid model can run here)" if texts is not None else "")

@@ -560,3 +560,65 @@ def test_keep_on_device_refuses_a_bad_model_and_nothing_pins_one_forever(files, 
     with Store(db, create=False) as store:  # a damaged stored model is replaced, not a dead end
         store._db.execute("UPDATE state SET value = x'00' WHERE key = 'global-model'")
     assert keep(good, 2, run_id=7) == (2, 7)
+
+
+def test_a_device_takes_the_catalogues_embeddings_published_beside_the_items_file(files, capsys, tmp_path, monkeypatch):
+    """`fedrec deploy items --embed` publishes the (public) sentence embeddings beside items.csv;
+    `fedrec-client import --items` checks them against the texts and caches them, so the device
+    never runs MiniLM over the catalogue; a file for other texts is refused before anything is stored."""
+    from common.models.hybrid import text as text_mod
+    from common.models.hybrid.text import base_embeddings, embeddings_file_for, publish_embeddings
+
+    texts = [f"{t} | {'Sci-Fi Action' if i < 4 else 'Romance Drama'}" for i, t in enumerate(TITLES)]
+    items = tmp_path / "server" / "items.csv"
+    items.parent.mkdir()
+    write_items_file(items, IDS, TITLES, texts)
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "server-cache"))
+    published = publish_embeddings(embeddings_file_for(items), texts, 32)
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "device-cache"))  # the device: nothing cached
+    text_mod._base_embeddings.cache_clear()
+
+    def no_minilm(*_args, **_kwargs):
+        raise AssertionError("the device ran MiniLM over the catalogue")
+
+    monkeypatch.setattr(text_mod, "encode_base", no_minilm)
+    code, out, _ = run_cli(capsys, "--db", files["db"], "import", files["ratings"], "--items", items, "--embed")
+    assert code == 0 and "sentence embeddings of the 8 items imported" in out
+    np.testing.assert_array_equal(base_embeddings(texts, 32), published)
+
+    # the same embeddings offered for edited texts: refused by name, and the store is left as it was
+    edited = tmp_path / "edited" / "items.csv"
+    edited.parent.mkdir()
+    write_items_file(edited, IDS, TITLES, [t + " (edited)" for t in texts])
+    embeddings_file_for(edited).write_bytes(embeddings_file_for(items).read_bytes())
+    with DeviceStore(files["db"], create=False) as store:
+        before = store.item_texts()
+    code, _, err = run_cli(capsys, "--db", files["db"], "import", "--items", edited)
+    assert code == 2 and "embeddings of other item texts" in err and str(embeddings_file_for(edited)) in err
+    with DeviceStore(files["db"], create=False) as store:
+        assert store.item_texts() == before
+
+
+@pytest.mark.parametrize(("arrays", "metadata", "message"), [
+    ({"embeddings": np.full((8, 384), 1 / np.sqrt(384), dtype=np.float32)}, {"encoder": "other-model"}, "'other-model'"),
+    ({"embeddings": np.full((7, 384), 1 / np.sqrt(384), dtype=np.float32)}, {}, r"shape \(8, 384\)"),
+    ({"embeddings": np.full((8, 384), 1.0, dtype=np.float32)}, {}, "unit-norm"),
+    ({"embeddings": np.full((8, 384), np.nan, dtype=np.float32)}, {}, "unit-norm"),
+    ({"vectors": np.zeros((8, 384), dtype=np.float32)}, {}, "one array 'embeddings'"),
+])
+def test_a_published_embeddings_file_is_checked_before_it_is_used(tmp_path, monkeypatch, arrays, metadata, message):
+    from common.models.hybrid.text import ENCODER_NAME, import_embeddings, texts_digest
+    from common.serialization import save_arrays
+
+    monkeypatch.setenv("FEDREC_CACHE", str(tmp_path / "cache"))
+    texts = [f"{t} text" for t in TITLES]
+    meta = {"encoder": ENCODER_NAME, "max_length": "32", "texts_sha256": texts_digest(texts, 32), **metadata}
+    path = tmp_path / "items.embeddings.safetensors"
+    save_arrays(path, arrays, metadata=meta)
+    with pytest.raises(ValueError, match=message):
+        import_embeddings(path, texts, 32)
+    assert not (tmp_path / "cache").exists()  # nothing cached from a refused file
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a catalogue embeddings file"):
+        import_embeddings(path, texts, 32)

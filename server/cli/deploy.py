@@ -59,6 +59,9 @@ def add_deploy_commands(commands: argparse._SubParsersAction) -> None:
     items.add_argument("--format", default=DataFormat.AUTO, choices=values(DataFormat), help="the run's data.format")
     items.add_argument("--item-file", default="", metavar="FILE", help="the run's data.item-file")
     items.add_argument("--out", default="items.csv", metavar="FILE", help="where to write it (default items.csv)")
+    items.add_argument("--embed", action="store_true",
+                       help="also publish the items' MiniLM sentence embeddings beside it (ITEMS.embeddings.safetensors):"
+                            " devices that run the hybrid model then import them instead of embedding the catalogue")
     items.set_defaults(handler=cmd_deploy_items)
     app_key = deploy_cmds.add_parser(
         "app-key", help="the publisher key that signs app bundles (Ed25519)",
@@ -160,6 +163,16 @@ def cmd_deploy_items(args: argparse.Namespace) -> int:
     load_data(args.data, args.format, args.item_file)  # a bad source ends here with its file and line
     out = write_catalog(args.out, source=args.data, fmt=args.format, item_file=args.item_file)
     print(f"{out}: the item list of {args.data} (devices: fedrec-client import --items {out.name})")
+    if args.embed:
+        from common.config import ModelConfig
+        from common.data.items_file import read_items_with_texts
+        from common.models.hybrid.text import embeddings_file_for, publish_embeddings
+
+        _, _, texts = read_items_with_texts(out)
+        target = embeddings_file_for(out)
+        publish_embeddings(target, list(texts), ModelConfig().text_max_length)
+        print(f"{target}: their MiniLM sentence embeddings (public; a device importing {out.name} takes them from "
+              "beside it)")
     return 0
 
 

@@ -189,12 +189,86 @@ def base_embeddings(texts: Sequence[str], max_length: int) -> np.ndarray:
     return _base_embeddings(tuple(texts), int(max_length))
 
 
-@functools.lru_cache(maxsize=4)
-def _base_embeddings(texts: tuple[str, ...], max_length: int) -> np.ndarray:
+#: The encoder whose sentence embeddings a catalogue file carries.
+ENCODER_NAME = "all-MiniLM-L6-v2"
+#: ``items.csv`` → ``items.embeddings.safetensors``: the catalogue's embeddings, published beside it.
+EMBEDDINGS_SUFFIX = ".embeddings.safetensors"
+
+
+def texts_digest(texts: Sequence[str], max_length: int) -> str:
+    """SHA-256 naming the encoder, the truncation and every text: the key of the embedding cache
+    and what a published embeddings file must carry to be accepted for these texts."""
+    return hashlib.sha256((ENCODER_NAME + "\x00" + str(max_length) + "\x00" + "\x00".join(texts)).encode()).hexdigest()
+
+
+def _cache_path(texts: Sequence[str], max_length: int):
     from common.data.embedded import cache_dir
 
-    digest = hashlib.sha256(("all-MiniLM-L6-v2\x00" + str(max_length) + "\x00" + "\x00".join(texts)).encode()).hexdigest()
-    path = cache_dir() / "text" / f"minilm-{digest[:24]}.npy"
+    return cache_dir() / "text" / f"minilm-{texts_digest(texts, max_length)[:24]}.npy"
+
+
+def _write_cache(path, out: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")
+    np.save(tmp, out)
+    os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+
+
+def embeddings_file_for(items_file) -> "os.PathLike":
+    """Where a catalogue's embeddings are published: beside its items file."""
+    from pathlib import Path
+
+    path = Path(items_file)
+    return path.with_name(path.stem + EMBEDDINGS_SUFFIX)
+
+
+def publish_embeddings(path, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """Write the catalogue's sentence embeddings (public: computed from public texts) to ``path``
+    with the encoder, the truncation and the texts' digest, so that a device can use them instead
+    of running MiniLM over the catalogue itself."""
+    from common.serialization import save_arrays
+
+    out = base_embeddings(texts, max_length)
+    save_arrays(path, {"embeddings": out}, metadata={"encoder": ENCODER_NAME, "max_length": str(int(max_length)),
+                                                     "texts_sha256": texts_digest(texts, max_length)})
+    return out
+
+
+def import_embeddings(path, texts: Sequence[str], max_length: int) -> np.ndarray:
+    """Check a published embeddings file against these texts and put it in this machine's cache
+    (where :func:`base_embeddings` reads): ValueError naming the file for another encoder, other
+    texts or truncation, a wrong shape, or values that are not unit-norm finite embeddings."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+            out = np.asarray(f.get_tensor("embeddings")) if names == ["embeddings"] else None
+    except Exception as exc:  # OSError, or safetensors' own error types for a file that is not one
+        raise ValueError(f"{path}: not a catalogue embeddings file ({exc})") from None
+    if out is None:
+        raise ValueError(f"{path}: expected one array 'embeddings', found {names}")
+    if meta.get("encoder") != ENCODER_NAME or meta.get("max_length") != str(int(max_length)):
+        raise ValueError(f"{path}: embeddings of {meta.get('encoder')!r} at {meta.get('max_length')} tokens, this device "
+                         f"uses {ENCODER_NAME!r} at {max_length}")
+    if meta.get("texts_sha256") != texts_digest(texts, max_length):
+        raise ValueError(f"{path}: embeddings of other item texts than this items file's (publish both from the same "
+                         "run: fedrec deploy items --embed)")
+    if out.shape != (len(texts), BASE_DIM) or out.dtype != np.float32:
+        raise ValueError(f"{path}: expected float32 embeddings of shape ({len(texts)}, {BASE_DIM}), found {out.dtype} "
+                         f"{out.shape}")
+    norms = np.linalg.norm(out, axis=1) if out.size else np.ones(0)
+    if not np.all(np.isfinite(out)) or not np.all(np.abs(norms - 1.0) < 1e-3):
+        raise ValueError(f"{path}: not unit-norm finite sentence embeddings")
+    _write_cache(_cache_path(texts, max_length), out)
+    _base_embeddings.cache_clear()
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _base_embeddings(texts: tuple[str, ...], max_length: int) -> np.ndarray:
+    path = _cache_path(texts, max_length)
     if path.is_file():
         try:
             out = np.load(path)
@@ -204,10 +278,7 @@ def _base_embeddings(texts: tuple[str, ...], max_length: int) -> np.ndarray:
             pass
     out = encode_base(list(texts), max_length=max_length)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")
-        np.save(tmp, out)
-        os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+        _write_cache(path, out)
     except OSError as exc:
         log.warning("could not cache item text embeddings in %s: %s", path, exc)
     return out
