@@ -55,7 +55,7 @@ from common.inprocess import InProcessResult, run_inprocess  # noqa: E402
 from common.metrics import evaluate_scores  # noqa: E402
 from common.models import ItemParams, UserData
 from common.models.hybrid.blend import blend_scores, genre_popularity_scores, new_item_bias, text_only_scores
-from common.models.hybrid.text import base_embeddings
+from common.models.hybrid.text import base_embeddings, text_side
 from common.models.hybrid.tower import TextTower, fit_text_tower, text_first_items
 from common.privacy import Accountant, plan_noise_multiplier  # noqa: E402
 
@@ -243,13 +243,14 @@ def train_frontier(bench: Bench, base: RunConfig, total: int, sample_rate: float
 
 
 def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[str, Any], seeds: int, rounds: int,
-               lora_rounds: int, base_emb: np.ndarray, progress: bool) -> list[dict[str, Any]]:
+               lora_rounds: int, base_emb: np.ndarray, progress: bool
+               ) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
     """LoRA vs frozen at ε = 8 (``sigma``; None: without DP) over ``seeds`` seeds (cohorts, noise, negatives, initialisation):
     per seed, ``rounds`` frozen rounds, then ``lora_rounds`` more rounds frozen or with LoRA
     (``model.lora-target``, B = 0 at the start), the same cohorts and the same ε in both arms.
     Each arm is evaluated as served (text tower), and timed per continuation round."""
     out: list[dict[str, Any]] = []
-    out_picks: list[tuple[float, float]] = []
+    picks: list[tuple[float, float]] = []  # (validation NDCG@10, LoRA step scale) on seed 0
     scale = None
     for seed in range(seeds):
         cfg = with_dp(base, sigma).replace(**{"model.kind": "hybrid", "seed": seed, "dp.noise-seed": seed, **over})
@@ -258,19 +259,15 @@ def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[st
                               final_eval=False)
         cont = cfg.replace(**{"fed.rounds": rounds + lora_rounds, **CONTINUATION})
         if scale is None:  # the LoRA step, picked once (seed 0) on the validation split
-            picks = []
             for s in LORA_STEP_SCALES:
                 c = cont.replace(**{"model.lora": True, "model.lora-step-scale": s})
                 run = run_inprocess(c, bench.sets, texts=bench.texts, progress=progress, final_eval=False, resume=first)
                 picks.append((validation_ndcg(run, bench, c), s))
                 print(f"  LoRA step scale {s:g}: validation NDCG@10 {picks[-1][0]:.4f}", flush=True)
             scale = max(picks)[1]
-            out_picks.extend(picks)
         cont = cont.replace(**{"model.lora-step-scale": scale})
         row: dict[str, Any] = {"seed": seed, "lora_step_scale": scale}
         for arm, arm_cfg in (("frozen", cont), ("lora", cont.replace(**{"model.lora": True}))):
-            from common.models.hybrid.text import text_side
-
             text_side(bench.texts, arm_cfg.model, arm_cfg.seed)  # the LoRA cache, built before the clock starts
             run = run_inprocess(arm_cfg, bench.sets, texts=bench.texts, progress=progress, final_eval=False,
                                 resume=first)
@@ -280,9 +277,7 @@ def lora_study(bench: Bench, base: RunConfig, sigma: float | None, over: dict[st
             row[f"{arm}_seconds"] = per_round(run, lora_rounds)
             row[f"{arm}_epsilon"] = fmt_eps(run)
         out.append(row)
-    if out:
-        out[0]["picks"] = out_picks
-    return out
+    return out, picks
 
 
 def lora_verdict(rows: list[dict[str, Any]], part: str) -> tuple[float, float, str]:
@@ -298,7 +293,8 @@ def lora_verdict(rows: list[dict[str, Any]], part: str) -> tuple[float, float, s
     return mean, sd, "no difference beyond the seed spread"
 
 
-def print_lora_study(rows: list[dict[str, Any]], rounds: int, lora_rounds: int, target_name: str,
+def print_lora_study(rows: list[dict[str, Any]], picks: list[tuple[float, float]], rounds: int, lora_rounds: int,
+                     target_name: str,
                      privacy: str = f"ε = {EPSILON:g}") -> tuple[list[Any], dict[str, Any]]:
     """The study's table, verdicts, figures and its cost target."""
     print(f"\nLoRA vs frozen, {privacy}, {len(rows)} seeds: {rounds} frozen rounds, then {lora_rounds} rounds "
@@ -310,7 +306,7 @@ def print_lora_study(rows: list[dict[str, Any]], rounds: int, lora_rounds: int, 
                 [[r["seed"], r["lora_epsilon"], r["frozen_warm"], r["lora_warm"], r["frozen_cold"], r["lora_cold"],
                   r["frozen_overall"], r["lora_overall"], r["frozen_seconds"], r["lora_seconds"]] for r in rows]))
     figures: dict[str, Any] = {"lora_study_step_scale": rows[0]["lora_step_scale"]}
-    print(table(["LoRA step scale (seed 0)", "validation NDCG@10"], [[s, v] for v, s in rows[0]["picks"]]))
+    print(table(["LoRA step scale (seed 0)", "validation NDCG@10"], [[s, v] for v, s in picks]))
     verdicts = []
     for part in ("warm", "cold", "overall"):
         mean, sd, verdict = lora_verdict(rows, part)
@@ -370,7 +366,6 @@ def rss_child(kind: str, which: str) -> int:
     torch.set_num_threads(1)
     from common.models import ClientData
     from common.models.hybrid.model import init_hybrid
-    from common.models.hybrid.text import text_side
     from common.models.hybrid.train import hybrid_client_train
     from common.models.mf.model import client_train
     from common.models.mf.params import init_items
@@ -457,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         base_emb = base_embeddings(bench.texts, base.model.text_max_length)
         nodp = args.lora_study_no_dp
         over = {"model.user-reg": 40.0, "model.text-step-scale": 0.1} if nodp else {}
-        rows = lora_study(bench, base, None if nodp else sigma, over, study_seeds, *study_rounds, base_emb,
-                          args.progress)
-        goals, figures = print_lora_study(rows, *study_rounds, "lora_round_seconds_over_frozen",
+        rows, picks = lora_study(bench, base, None if nodp else sigma, over, study_seeds, *study_rounds, base_emb,
+                                 args.progress)
+        goals, figures = print_lora_study(rows, picks, *study_rounds, "lora_round_seconds_over_frozen",
                                           "no DP" if nodp else f"ε = {EPSILON:g}")
         print("\n" + targets_table(goals))
         figures["wall_seconds"] = time.perf_counter() - t_start
@@ -620,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     study_goals, study_figures = [], {}
     if study_seeds:
         s_base, s_sigma = configs(sum(study_rounds), args.sample_rate, args.quick)
-        rows_s = lora_study(bench, s_base, s_sigma, picked["frozen_eps8"], study_seeds, *study_rounds, base_emb,
-                            args.progress)
-        study_goals, study_figures = print_lora_study(rows_s, *study_rounds, "lora_study_round_seconds_over_frozen")
+        rows_s, picks_s = lora_study(bench, s_base, s_sigma, picked["frozen_eps8"], study_seeds, *study_rounds,
+                                     base_emb, args.progress)
+        study_goals, study_figures = print_lora_study(rows_s, picks_s, *study_rounds, "lora_study_round_seconds_over_frozen")
         wall = time.perf_counter() - t_start
     print(f"\nevaluation {eval_seconds:.0f} s; wall time {wall:.0f} s")
 

@@ -112,8 +112,7 @@ class TextItemEncoder(nn.Module):
         if lora_target not in LORA_TARGET_CHOICES:
             raise ValueError(f"lora_target must be one of {LORA_TARGET_CHOICES}, got {lora_target!r}")
         base, _ = load_minilm()
-        self.lora_target = lora_target
-        self.dim, self.lora, self.lora_layers = dim, lora, (lora_layers if lora else 0)
+        self.dim, self.lora, self.lora_target = dim, lora, lora_target
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             if lora:

@@ -92,22 +92,9 @@ class CachedLowerEncoder(TextItemEncoder):
         hidden = run_layers(self.base, self.lower[idx, :longest], mask, self.start)
         return mean_pool(hidden, mask)
 
-    @torch.no_grad()
-    def all_vectors(self, batch_size: int = 128) -> np.ndarray:
+    def all_vectors(self) -> np.ndarray:
         """The adapted encoder's vectors of every item (N, dim), float32, in length-sorted batches."""
-        was_training = self.training
-        self.eval()
-        try:
-            lengths = self.mask.sum(1).numpy()
-            order = np.argsort(lengths, kind="stable")
-            out = np.zeros((len(order), self.dim), dtype=np.float32)
-            tokens = index_tokens(len(order))
-            for s in range(0, len(order), batch_size):
-                idx = torch.from_numpy(order[s:s + batch_size])
-                out[idx.numpy()] = self(tokens["input_ids"][idx], tokens["attention_mask"][idx]).numpy()
-            return out
-        finally:
-            self.train(was_training)
+        return _indexed_vectors(self, np.argsort(self.mask.sum(1).numpy(), kind="stable"), 128)
 
 
 class CachedFfnOutEncoder(TextItemEncoder):
@@ -163,18 +150,26 @@ class CachedFfnOutEncoder(TextItemEncoder):
         pooled = pooled / counts.clamp(min=1).unsqueeze(1).to(hidden.dtype)
         return nn.functional.normalize(pooled, p=2, dim=-1)
 
-    @torch.no_grad()
-    def all_vectors(self, batch_size: int = 512) -> np.ndarray:
+    def all_vectors(self) -> np.ndarray:
         """The adapted encoder's vectors of every item (N, dim), float32."""
-        was_training = self.training
-        self.eval()
-        try:
-            n = len(self.offsets) - 1
-            tokens = index_tokens(n)
-            return np.concatenate([self(tokens["input_ids"][s:s + batch_size], tokens["attention_mask"][s:s + batch_size])
-                                   .numpy() for s in range(0, n, batch_size)]).astype(np.float32)
-        finally:
-            self.train(was_training)
+        return _indexed_vectors(self, np.arange(len(self.offsets) - 1), 512)
+
+
+@torch.no_grad()
+def _indexed_vectors(encoder: TextItemEncoder, order: np.ndarray, batch_size: int) -> np.ndarray:
+    """The vectors (N, dim) of every item of an encoder fed :func:`index_tokens`, in eval mode,
+    batch by batch in ``order`` (a permutation of the items), scattered back to item order."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        out = np.zeros((len(order), encoder.dim), dtype=np.float32)
+        tokens = index_tokens(len(order))
+        for s in range(0, len(order), batch_size):
+            idx = torch.from_numpy(np.asarray(order[s:s + batch_size]))
+            out[idx.numpy()] = encoder(tokens["input_ids"][idx], tokens["attention_mask"][idx]).numpy()
+        return out
+    finally:
+        encoder.train(was_training)
 
 
 def index_tokens(n_items: int) -> dict[str, torch.Tensor]:
