@@ -4,6 +4,8 @@
 
     fedrec-client import ratings.csv [--items items.csv] [--encoding latin-1]   your ratings (and the server's item list)
     fedrec-client recommend [--k 10] [--model model.safetensors --items items.csv] [--timing]
+    fedrec-client ask "TEXT" [--k 5] [--alpha A] [--timing] items for a request in words (on the device)
+    fedrec-client chat [--k 5] [--alpha A] [--new]         a conversation: request, critique, take (kept)
     fedrec-client status                                   what is stored on this device
     fedrec-client privacy set [--clip C] [--local-noise S] this device's privacy floor (the server cannot lower it)
     fedrec-client forget [--yes]                           delete all of it
@@ -35,11 +37,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from client.ratings_file import read_ratings_file
-from client.recommend import fit_user_vector, load_model_files, rank_items
-from client.store import DEFAULT_DB, DeviceStore, StoreError, non_finite, user_vector_fingerprint
+from client.recommend import load_model_files, rank_items, user_vector
+from client.store import DEFAULT_DB, DeviceStore, StoreError
 from common.cli import UsageError, report_error
 from common.data.errors import DataError
 from common.data.items_file import read_items_with_texts
+from common.interactive import DEFAULT_ALPHA
 from common.keys import NODE_DATA_PATH
 
 PROG = "fedrec-client"
@@ -157,19 +160,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                              else f"none of your {n} rated items is in the model's item list: nothing to start from")
         dismissed = [index[item] for item, kind, _ in store.feedback() if kind == "dismiss" and item in index]
         t_load = time.perf_counter()
-        key = user_vector_fingerprint(model.embeddings, model.bias, rated.items, rated.ratings, model.loss,
-                                      model.user_reg)
-        vector = store.get_user_vector(key)
-        cached, t_import = vector is not None, 0.0
-        if vector is None:
-            start = time.perf_counter()
-            import common.models.reconstruction  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
-            t_import = time.perf_counter() - start
-            vector = fit_user_vector(model, rated)
-            if non_finite(vector, "user vector"):
-                raise UsageError("your user vector could not be fitted to this model (NaN/Inf): the model is "
-                                 "damaged or unusable")
-            store.set_user_vector(vector, fingerprint=key)
+        vector, imported = user_vector(store, model, rated)
+        cached, t_import = imported is None, imported or 0.0
         t_user = time.perf_counter()
         try:
             recs = rank_items(model, vector, rated, args.k, exclude=dismissed)
@@ -191,6 +183,25 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"timing: {ms(t0, t_rank - t_import)} (load {ms(t0, t_load)}, user vector "
               f"{ms(t_load, t_user - t_import)} {fitted}, rank {ms(t_user, t_rank)})")
     return 0
+
+
+# ---------------------------------------------------------------- ask, chat
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from client.chat import ask
+
+    if (args.model is None) != (args.items is None):
+        raise UsageError("--model and --items go together: a model file and the item list its rows stand for")
+    with DeviceStore(_db(args), create=False) as store:
+        return ask(store, args.request, alpha=args.alpha, k=args.k, timing=args.timing, model_path=args.model,
+                   items_path=args.items)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from client.chat import chat
+
+    with DeviceStore(_db(args), create=False) as store:
+        return chat(store, alpha=args.alpha, k=args.k, new=args.new)
 
 
 # ---------------------------------------------------------------- status
@@ -381,6 +392,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     if text.strip() in ("0", "0.0"):
         return 0.0
@@ -414,6 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--items", help="the items file of --model (item_id,title, one row per model row)")
     rec.add_argument("--timing", action="store_true", help="print how long it took")
     rec.set_defaults(run=cmd_recommend)
+
+    alpha_help = (f"α of r = α·taste + (1−α)·request (default {DEFAULT_ALPHA}; 0: the request alone, 1: your taste "
+                  "alone)")
+    ask = commands.add_parser("ask", parents=[common], help="items for a request in words, answered here",
+                              description="Ranks the catalogue for a request in words (English) blended with your "
+                                          "taste (your ratings against the global model). Nothing leaves the device.")
+    ask.add_argument("request", help='what you would like, e.g. "something like Toy Story but for adults"')
+    ask.add_argument("--k", type=_positive_int, default=5, help="how many items (default 5)")
+    ask.add_argument("--alpha", type=_unit_float, default=DEFAULT_ALPHA, help=alpha_help)
+    ask.add_argument("--model", help="a run's model.safetensors instead of the stored global model")
+    ask.add_argument("--items", help="the items file of --model")
+    ask.add_argument("--timing", action="store_true", help="print how long it took (the encoder's load apart)")
+    ask.set_defaults(run=cmd_ask)
+
+    chat = commands.add_parser("chat", parents=[common], help="a conversation: request, critique, take",
+                               description="A conversation in the terminal: a request, then critiques (more/less "
+                                           "like, not, newer/older, a new request) and items you take (they count as "
+                                           "liked on this device). Kept on the device across restarts.")
+    chat.add_argument("--k", type=_positive_int, default=5, help="items per turn (default 5)")
+    chat.add_argument("--alpha", type=_unit_float, default=DEFAULT_ALPHA, help=alpha_help)
+    chat.add_argument("--new", action="store_true", help="start a new conversation (forget the saved one)")
+    chat.set_defaults(run=cmd_chat)
 
     status = commands.add_parser("status", parents=[common], help="what is stored on this device")
     status.set_defaults(run=cmd_status)

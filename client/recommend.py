@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.store import GlobalModel, MappedRatings, non_finite
+from client.store import GlobalModel, MappedRatings, non_finite, user_vector_fingerprint
 from common.cli import UsageError
 from common.data.items_file import read_items_file
 from common.keys import ITEM_PARAM_NAMES
@@ -111,6 +111,27 @@ def run_config(config: Path) -> tuple[str | None, float | None]:
             raise UsageError(f"{config}: model.user-reg must be a finite number > 0, found {user_reg!r}")
         user_reg = float(user_reg)
     return loss, user_reg
+
+
+def user_vector(store, model: GlobalModel, rated: MappedRatings) -> tuple[np.ndarray, float | None]:
+    """The user's vector for ``model``: the stored one when it was fitted to this model and these
+    ratings, else fitted now and stored. Returns (vector, seconds spent importing torch, None when
+    the cached vector fit)."""
+    import time
+
+    key = user_vector_fingerprint(model.embeddings, model.bias, rated.items, rated.ratings, model.loss, model.user_reg)
+    vector = store.get_user_vector(key)
+    if vector is not None:
+        return vector, None
+    start = time.perf_counter()
+    import common.models.reconstruction  # noqa: F401 - torch, imported only when no cached vector fits; timed apart
+    t_import = time.perf_counter() - start
+    vector = fit_user_vector(model, rated)
+    if non_finite(vector, "user vector"):
+        raise UsageError("your user vector could not be fitted to this model (NaN/Inf): the model is "
+                         "damaged or unusable")
+    store.set_user_vector(vector, fingerprint=key)
+    return vector, t_import
 
 
 def fit_user_vector(model: GlobalModel, rated: MappedRatings) -> np.ndarray:

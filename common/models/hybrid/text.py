@@ -202,6 +202,11 @@ def _cache_path(texts: Sequence[str], max_length: int):
     return cache_dir() / "text" / f"minilm-{texts_digest(texts, max_length)[:24]}.npy"
 
 
+def embeddings_cached(texts: Sequence[str], max_length: int) -> bool:
+    """Whether :func:`base_embeddings` of these texts is on disk already (no MiniLM pass needed)."""
+    return _cache_path(texts, max_length).is_file()
+
+
 def _write_cache(path, out: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.part.npy")
