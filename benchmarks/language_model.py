@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
                                "users_evaluated": len(bench.users), "wall_seconds": wall, **study_figures}
     for key, ev in evals.items():
         for part in ("warm", "cold", "overall"):
-            for metric in ("ndcg@10", "recall@20"):
+            for metric in ("ndcg@10", "recall@10", "recall@20", "coverage@10", "novelty@10"):
                 figures[f"{part}_{key}_{metric.replace('@', '')}"] = ev[part][metric]
         if "exposure" in ev["overall"]:
             figures[f"exposure_{key}"] = ev["overall"]["exposure"]

@@ -1,12 +1,12 @@
 """``fedrec-client ask`` and ``fedrec-client chat``: requests in words, answered on the device.
 
 The request is embedded by the packaged MiniLM (the encoder whose sentence embeddings of the item
-texts the hybrid model's head reads) and ranked against the catalogue's texts; the device's user
-vector against the global model gives the collaborative half; the two are blended by the seed
-formula ``r = α·z(r_cf) + (1−α)·z(r_cb)`` (:mod:`common.interactive`). A chat keeps a session:
-critiques move the request, exclude items or bound the year; items the user accepts become
-implicit positives in the device store (they change the user vector here and the next federated
-update). Nothing of a conversation leaves the device.
+texts the hybrid model's head reads) and ranked against the catalogue's texts without their titles
+(:func:`common.interactive.request_texts`); the device's user vector against the global model
+gives the collaborative half; the two are blended by the seed formula ``r = α·z(r_cf) +
+(1−α)·z(r_cb)`` (:mod:`common.interactive`). A chat keeps a session: critiques move the request,
+exclude items or bound the year; items the user accepts become implicit positives in the device
+store (they change the user vector here and the next federated update). Nothing of a conversation leaves the device.
 
 Every mistake (no catalogue, no texts, an unknown title) is one line naming what to do; a
 request that does not look like English is answered with a warning (the packaged MiniLM reads
@@ -27,7 +27,18 @@ import numpy as np
 from client.recommend import load_model_files, user_vector
 from client.store import DeviceStore, StoreError
 from common.cli import UsageError
-from common.interactive import DEFAULT_ALPHA, Reason, Session, content_words, reasons, turn_scores, unit, years_of
+from common.interactive import (
+    DEFAULT_ALPHA,
+    Reason,
+    Session,
+    content_words,
+    reasons,
+    request_texts,
+    taste_scores,
+    turn_scores,
+    unit,
+    years_of,
+)
 
 REQUEST_MAX_TOKENS = 64
 HELP = """Say what you would like ("something funny from the eighties"), or:
@@ -58,10 +69,10 @@ class Conversation:
         from common.models.hybrid.text import base_embeddings, embeddings_cached
 
         max_length = ModelConfig().text_max_length
-        if not embeddings_cached(texts, max_length):
-            out(f"embedding the {len(texts)} item texts with MiniLM (once; `fedrec-client import --items` imports the "
-                "server's published embeddings instead)...")
-        self.text_embeddings = unit(base_embeddings(texts, max_length)).astype(np.float64)
+        described = request_texts(texts, titles)
+        if not embeddings_cached(described, max_length):
+            out(f"embedding the {len(texts)} item descriptions with MiniLM (once on this device)...")
+        self.text_embeddings = unit(base_embeddings(described, max_length)).astype(np.float64)
         self.model = None
         if model_path is not None:
             self.model = load_model_files(model_path, items_path)
@@ -80,20 +91,16 @@ class Conversation:
     def refresh_user(self) -> None:
         """The user's ratings (and accepted items) and, with a model, r_cf = V·u + b."""
         self.rated = self.store.map_ratings(self.index)
-        self.r_cf = None
+        self.vector = None
         if self.model is not None and len(self.rated.items):
-            vector, _ = user_vector(self.store, self.model, self.rated)
-            with np.errstate(over="ignore", invalid="ignore"):
-                self.r_cf = self.model.embeddings.astype(np.float64) @ vector.astype(np.float64) + self.model.bias
-            if not np.all(np.isfinite(self.r_cf)):
-                raise UsageError("the global model gives NaN/Inf scores: it is damaged (the next round replaces it)")
+            self.vector, _ = user_vector(self.store, self.model, self.rated)
         self.liked = self.rated.items[self.rated.ratings >= self.rated.ratings.mean()] if len(self.rated.items) \
             else self.rated.items
 
     def alpha_line(self) -> str:
         if self.model is None:
             return "α = 0: your request alone (no global model on this device yet)"
-        if self.r_cf is None:
+        if self.vector is None:
             return "α = 0: your request alone (no ratings on this device)"
         return (f"α = {self.alpha:.2f}: {self.alpha:.0%} your taste (from {len(self.rated.items)} items you rated "
                 f"or took), {1 - self.alpha:.0%} your request")
@@ -134,7 +141,13 @@ class Conversation:
     # ---------------------------------------------------------------- a turn
     def show(self, session: Session) -> list[int]:
         """Rank, pick the next ``k`` and print them with their reasons."""
-        scores, z_cf, z_cb, alpha = turn_scores(session, self.text_embeddings, self.r_cf, self.alpha)
+        r_cf = None
+        if self.vector is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                r_cf = taste_scores(session, self.vector, self.model.embeddings, self.model.bias)
+            if not np.all(np.isfinite(r_cf)):
+                raise UsageError("the global model gives NaN/Inf scores: it is damaged (the next round replaces it)")
+        scores, z_cf, z_cb, alpha = turn_scores(session, self.text_embeddings, r_cf, self.alpha)
         candidates = session.candidates(len(self.ids), self.years, self.rated.items)
         items = session.next_items(scores, candidates, self.k)
         if not items:
@@ -240,7 +253,7 @@ def handle(conv: Conversation, session: Session, line: str) -> bool:
         session.exclude(item)
         conv.out(f"taken: {conv.titles[item]} — it counts as liked on this device"
                  + (" (your taste vector was refitted here; it reaches the server only inside your next "
-                    "federated update)" if conv.r_cf is not None else ""))
+                    "federated update)" if conv.vector is not None else ""))
         return True
     m = _NOT.match(low)
     if m:
@@ -253,7 +266,7 @@ def handle(conv: Conversation, session: Session, line: str) -> bool:
     m = _LIKE.match(low)
     if m:
         item = conv.resolve(text[len(text) - len(m.group(2)):], session)
-        session.more_like(conv.text_embeddings[item], less=m.group(1) == "less")
+        session.more_like(conv.text_embeddings[item], less=m.group(1) == "less", item=item)
         conv.out(f"{m.group(1)} like {conv.titles[item]}:")
         conv.show(session)
         return True

@@ -309,3 +309,16 @@ def test_chat_in_a_real_terminal_request_critique_take_quit_and_resume(device):
 
 def before_titles(state: dict) -> list[str]:
     return [TITLES[IDS.index(i)] for i in state["shown"]]
+
+
+def test_requests_are_matched_against_the_text_without_its_title_and_the_taste_can_follow_a_critique():
+    from common.interactive import request_texts, taste_scores
+
+    assert request_texts(["Toy Story (1995) Genres: Comedy.", "Odd text"], ["Toy Story", "Other"]) == [
+        "(1995) Genres: Comedy.", "Odd text"]
+    V, b, u = np.eye(3), np.zeros(3), np.array([1.0, 0.0, 0.0])
+    s = Session()
+    s.more_like(np.ones(4), item=2)
+    np.testing.assert_allclose(taste_scores(s, u, V, b), [1, 0, 0])  # γ = 0 (measured best): the taste stays
+    np.testing.assert_allclose(taste_scores(s, u, V, b, gamma=0.5), [1, 0, 0.5])
+    assert Session.from_state(s.to_state(["a", "b", "c"]), ["a", "b", "c"], 4).toward == [(2, 1)]

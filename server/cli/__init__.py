@@ -6,6 +6,7 @@
     fedrec privacy plan --target-epsilon ...   the noise multiplier a privacy budget allows
     fedrec report RUN_DIR                      (re)write the privacy report of a run
     fedrec audit leakage [--run-dir RUN_DIR]   how well the server infers which items a client rated
+    fedrec evaluate --out DIR [--run]          one report of what the language model adds (from the benchmarks)
     fedrec deploy certs|keys|app-key|sign|items|server|local
                                                TLS files, SuperNode and publisher keys, a signed app
                                                bundle, the item list, the server host, a local federation
@@ -27,6 +28,7 @@ from server.cli.audit import add_audit_commands
 from server.cli.central import add_central_commands
 from server.cli.data import add_data_commands
 from server.cli.deploy import add_deploy_commands
+from server.cli.evaluate import add_evaluate_commands
 from server.cli.privacy import add_privacy_commands
 from server.cli.report import add_report_commands
 
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_commands(commands)
     add_audit_commands(commands)
     add_deploy_commands(commands)
+    add_evaluate_commands(commands)
     return parser
 
 
