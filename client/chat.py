@@ -313,7 +313,11 @@ def chat(store: DeviceStore, *, alpha: float = DEFAULT_ALPHA, k: int = 5, new: b
     line (a restart resumes it; ``--new`` or saying ``new`` starts over)."""
     conv = Conversation(store, alpha=alpha, k=k, model_path=model_path, items_path=items_path)
     session = Session()
-    saved = None if new else store.chat_session()
+    try:
+        saved = None if new else store.chat_session()
+    except StoreError as exc:  # a damaged conversation is not worth the store: it is started again
+        print(f"note: the saved conversation is damaged ({exc}); starting a new one")
+        saved = None
     if saved is not None:
         try:
             session = Session.from_state(saved, conv.ids, conv.text_embeddings.shape[1])

@@ -322,3 +322,61 @@ def test_requests_are_matched_against_the_text_without_its_title_and_the_taste_c
     np.testing.assert_allclose(taste_scores(s, u, V, b), [1, 0, 0])  # γ = 0 (measured best): the taste stays
     np.testing.assert_allclose(taste_scores(s, u, V, b, gamma=0.5), [1, 0, 0.5])
     assert Session.from_state(s.to_state(["a", "b", "c"]), ["a", "b", "c"], 4).toward == [(2, 1)]
+
+
+def test_a_conversation_never_reaches_the_update_only_items_taken_do(device, capsys):
+    """What leaves the device is the federated update. Two devices with the same ratings, one of
+    which chatted (requests, critiques, dismissals), send bit-identical updates; an item taken in
+    the chat is training data (an implicit positive) and changes the update — under the run's DP."""
+    from flwr.app import Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from client.app import client_fn_for
+    from client.chat import Conversation, handle
+    from common import keys
+    from common.models import build_model
+
+    cfg = RunConfig.from_flat({"model.dim": 2})
+    server_model = build_model(cfg.model, n_items=len(IDS), seed=0)
+    sent = server_model.arrays(server_model.init(0))
+
+    def update(db: Path) -> list[np.ndarray]:
+        ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_DATA_PATH: str(db)}, state=RecordDict(), run_config={})
+        res = client_fn_for(cfg)(ctx).fit(FitIns(ndarrays_to_parameters(sent), {
+            keys.SERVER_ROUND: 1, keys.LOCAL_EPOCHS: 1, keys.CLIENT_LR: 1.0}))
+        return parameters_to_ndarrays(res.parameters)
+
+    quiet, talker = device["db"], device["tmp"] / "talker.sqlite"
+    import shutil
+
+    shutil.copy(quiet, talker)
+    before = update(quiet)
+    with DeviceStore(talker, create=False) as store:
+        conv = Conversation(store, alpha=0.5, k=2, out=lambda _line: None)
+        session = Session()
+        for line in ("something scary with ghosts", "not 1", "more like Galaxy Patrol", "older", "new", "a love story"):
+            handle(conv, session, line)
+        store.set_chat_session(session.to_state(conv.ids))
+        assert store.chat_session() is not None and any(k == "dismiss" for _, k, _ in store.feedback())
+    for a, b in zip(before, update(talker)):
+        np.testing.assert_array_equal(a, b)  # the conversation changed nothing that leaves
+    with DeviceStore(talker, create=False) as store:
+        handle(conv.__class__(store, alpha=0.5, k=2, out=lambda _line: None), session, "yes 1")
+    after = update(talker)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))  # a taken item is training data
+
+
+def test_a_damaged_saved_conversation_starts_a_new_one_with_a_note(device, capsys):
+    from client.chat import chat
+
+    with DeviceStore(device["db"], create=False) as store:
+        store._put("chat-session", b"\xff not json")  # noqa: SLF001 - damage it as a torn write would
+        lines = iter(["something scary", "quit"])
+        assert chat(store, read=lambda _prompt: next(lines)) == 0
+        out = capsys.readouterr().out
+        assert "note: the saved conversation is damaged" in out and listed(out)
+        assert store.chat_session()["requests"] == ["something scary"]  # replaced by the new one
+        store._put("chat-session", b'{"query": [1, 2, 3]}')  # noqa: SLF001 - JSON, but not a session
+        lines = iter(["quit"])
+        assert chat(store, read=lambda _prompt: next(lines)) == 0
+        assert "note: the saved conversation could not be read (a request vector of 384" in capsys.readouterr().out
