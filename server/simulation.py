@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop cleanly after this round; continue later with --resume")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs per simulated client (Ray)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run on an existing Ray cluster, e.g. 10.0.0.5:6379 (docs/SCALE.md); default: start Ray here")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verbose", action="store_true", help="show Flower and Ray logs")
     return p
@@ -196,9 +198,41 @@ def quiet_logs(verbose: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+def connect_ray(address: str, *, verbose: bool = False) -> dict[str, float]:
+    """Join an existing Ray cluster (``ray start --head`` on one machine, ``ray start --address``
+    on the others) before Flower starts its backend, which then uses it as it is (Flower only
+    initialises Ray when it is not yet). Returns the cluster's resources. Every node must have
+    fedrec installed in the same Python (docs/SCALE.md). ConnectionError when no cluster answers."""
+    import socket
+
+    import ray
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"--ray-address {address!r}: expected HOST:PORT of a Ray head, e.g. 10.0.0.5:6379")
+    try:  # Ray itself would retry for minutes before it says no
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConnectionError(f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
+                              "`ray start --head` (docs/SCALE.md)") from None
+    if ray.is_initialized():
+        ray.shutdown()
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    try:
+        # a cluster on loopback addresses (tests, one machine): this driver is on a node of that address
+        local = {"_node_ip_address": host} if host.startswith("127.") else {}
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+                 logging_level="INFO" if verbose else "ERROR", log_to_driver=verbose, **local)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise ConnectionError(f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
+                              "`ray start --head` (docs/SCALE.md)") from None
+    return dict(ray.cluster_resources())
+
+
 def run(cfg: RunConfig, run_dir, *, num_cpus: float = 0.5, progress: bool = True, verbose: bool = False,
-        stop_after: int | None = None) -> dict:
-    """Run a simulation into ``run_dir``; returns the strategy's summary."""
+        stop_after: int | None = None, ray_address: str | None = None) -> dict:
+    """Run a simulation into ``run_dir``; returns the strategy's summary. ``ray_address``: run on
+    that existing Ray cluster (its nodes' CPUs host the clients) instead of a Ray started here."""
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
@@ -210,6 +244,11 @@ def run(cfg: RunConfig, run_dir, *, num_cpus: float = 0.5, progress: bool = True
     backend = {"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
                "init_args": {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose,
                              "include_dashboard": False}}
+    if ray_address is not None:
+        import ray
+
+        result["ray_cluster"] = dict(ray.cluster_resources()) if ray.is_initialized() else connect_ray(
+            ray_address, verbose=verbose)
     t0 = time.perf_counter()
     run_simulation(server_app=build_server_app(cfg, run_dir, expected_clients=n, progress=progress, result=result,
                                                      stop_after=stop_after),
@@ -303,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         n = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
         if cfg.dp.enabled and cfg.dp.mode == DPMode.DISTRIBUTED:
             _plan_distributed(cfg, n)  # an infeasible budget or field: one line, before Ray starts
+        if args.ray_address:
+            cluster = connect_ray(args.ray_address, verbose=args.verbose)  # no cluster: one line, no run directory
+            print(f"Ray cluster at {args.ray_address}: {cluster.get('CPU', 0):g} CPUs "
+                  f"({cluster.get('CPU', 0) / args.num_cpus:g} clients at a time)", flush=True)
     except (UsageError, ValueError, OSError, DataUnavailableError) as exc:
         # A mistake in the flags, the config or the data (DataError, RunDirError and
         # ConfigMismatchError are ValueErrors): one line on stderr, exit status 2.
@@ -311,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = RunDir.create(Path(args.runs_dir), cfg)
     print(f"fedrec simulation -> {run_dir.path}", flush=True)
     result = run(cfg, run_dir, num_cpus=args.num_cpus, progress=not args.no_progress, verbose=args.verbose,
-                 stop_after=args.stop_after)
+                 stop_after=args.stop_after, ray_address=args.ray_address)
     print(summarize(run_dir, result))
     fits = [r for r in run_dir.rounds() if r.get("kind") == "fit"]
     if fits and not any(r.get("participants", 0) for r in fits):
