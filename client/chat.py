@@ -132,7 +132,7 @@ class Conversation:
         tokenizer = load_minilm()[1]
         unknown = [w for w in words if len(w) > 2 and len(tokenizer.tokenize(w)) > 1]
         long_words = [w for w in words if len(w) > 2]
-        if len(long_words) >= 2 and len(unknown) / len(long_words) > 0.4:
+        if len(long_words) >= 2 and len(unknown) / len(long_words) > 0.5:
             return (f"your request does not look like English ({len(unknown)} of {len(long_words)} words are not in "
                     "the encoder's English vocabulary): the packaged MiniLM reads English, so these results may be "
                     "poor; try asking in English")
