@@ -64,3 +64,29 @@ def zipf_sets(n_users: int = 240, n_items: int = 160, per_user: int = 14, seed: 
 
     return EvalSets(train=train, valid=valid, test=test, train_ratings=[np.ones(per_user, np.float32)] * n_users,
                     popularity=np.bincount(np.concatenate(train), minlength=n_items), n_items=n_items)
+
+
+def render_in_chromium(page: Path, out_dir: Path, *, height: int = 6000) -> tuple[str, np.ndarray]:
+    """A real browser's view of a local HTML file: (the DOM chromium built, the screenshot's RGB
+    pixels). Headless chromium (Debian's package; .ci/run installs it) with no network needed."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert exe, "HTML reports are checked in a real browser: install chromium (apt-get install -y chromium)"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars"]
+    uri = Path(page).resolve().as_uri()
+    dom = subprocess.run([exe, *flags, "--dump-dom", uri], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    shot = Path(out_dir) / "screenshot.png"
+    proc = subprocess.run([exe, *flags, f"--window-size=1200,{height}", f"--screenshot={shot}", uri],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    return dom.stdout, np.asarray(Image.open(shot).convert("RGB"))
+
+
+def colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    """How many pixels are within ``tol`` (L1) of ``rgb`` (e.g. matplotlib's first line colour)."""
+    return int((np.abs(pixels.reshape(-1, 3).astype(int) - np.array(rgb)).sum(axis=1) < tol).sum())

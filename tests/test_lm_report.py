@@ -5,11 +5,8 @@ with the command that measures them, missed targets shown — and looked at in a
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from server.cli import main
@@ -113,32 +110,16 @@ def test_evaluate_mistakes_are_one_line(results, capsys, setup, expected):
     assert not (results["out"] / "report.html").exists()  # nothing half-written
 
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    assert found, "the report is checked in a real browser: install chromium (apt-get install -y chromium; .ci/run does)"
-    return found
-
-
 @pytest.mark.slow
 def test_the_html_report_renders_in_a_real_browser_with_its_plots(results, tmp_path):
     """Headless chromium loads report.html from disk (no network: the page is self-contained) and
     draws it: the DOM has every section and table, and the screenshot has the plots' coloured lines."""
-    from PIL import Image
+    from conftest import colour_pixels, render_in_chromium
 
     assert run(results) == 0
-    page = (results["out"] / "report.html").resolve()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
-             "--allow-file-access-from-files"]
-    dom = subprocess.run([chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
+    dom, pixels = render_in_chromium(results["out"] / "report.html", tmp_path)
     for title in ("Accuracy: warm, new and all items", "Interactive recommendation (simulated users)", "Targets"):
-        assert f"<h2>{title}</h2>" in dom.stdout
-    assert dom.stdout.count("<table>") >= 7
-    shot = tmp_path / "shot.png"
-    proc = subprocess.run([chromium(), *flags, "--window-size=1200,6000", f"--screenshot={shot}", page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
-    pixels = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
-    blue = np.abs(pixels - np.array([31, 119, 180])).sum(axis=1) < 40  # matplotlib's first line colour
-    orange = np.abs(pixels - np.array([255, 127, 14])).sum(axis=1) < 40
-    assert blue.sum() > 300 and orange.sum() > 300, (int(blue.sum()), int(orange.sum()))
+        assert f"<h2>{title}</h2>" in dom
+    assert dom.count("<table>") >= 7
+    blue, orange = colour_pixels(pixels, (31, 119, 180)), colour_pixels(pixels, (255, 127, 14))
+    assert blue > 300 and orange > 300, (blue, orange)  # matplotlib's first two line colours: the plots drew

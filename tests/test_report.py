@@ -148,6 +148,20 @@ def test_html_is_self_contained(dp_run, off_run) -> None:
         assert "<link" not in html and "<script" not in html and "@import" not in html
 
 
+@pytest.mark.slow
+def test_the_privacy_report_renders_in_a_real_browser(dp_run, tmp_path) -> None:
+    """The HTML a privacy officer opens, in headless chromium: the ε box, the claims, the plot."""
+    from conftest import colour_pixels, render_in_chromium
+
+    rep, _, page_html = dp_run
+    page = tmp_path / "privacy_report.html"
+    page.write_text(page_html, encoding="utf-8")
+    dom, pixels = render_in_chromium(page, tmp_path, height=3000)
+    assert "<h2>What is claimed</h2>" in dom and "<h2>Trust model: who sees what</h2>" in dom
+    assert re.search(r"ε = \d+\.\d{3}", dom)
+    assert colour_pixels(pixels, (31, 119, 180)) > 200  # the ε-over-rounds plot drew
+
+
 def test_dp_off_says_no_guarantee(off_run) -> None:
     rep, md, html = off_run
     assert rpt.NO_DP in md and rpt.NO_DP in html
