@@ -23,6 +23,11 @@ The hybrid model scores a held-out (new) item with its text vector and the mean 
 items are public catalogue knowledge, who interacted with what is not.
 
     python benchmarks/language_model.py [--json out.json] [--quick] [--rounds R] [--lora-rounds L]
+
+``--residual-dropout P [P ...]`` runs only the DropoutNet study (``model.residual-dropout``): MF and
+the frozen hybrid for each P, without DP and at ε = 8, each with validation's pick of GRID, the
+same rounds, q and σ; every arm served through the text tower (boost curve) and, as DropoutNet
+trains them, with new items' free part dropped (text vector, mean bias).
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ from common.inprocess import InProcessResult, run_inprocess  # noqa: E402
 from common.metrics import evaluate_scores  # noqa: E402
 from common.models import ItemParams, UserData
 from common.models.hybrid.blend import blend_scores, genre_popularity_scores, new_item_bias, text_only_scores
+from common.models.hybrid.params import HybridParams
 from common.models.hybrid.text import base_embeddings, text_side
 from common.models.hybrid.tower import TextTower, fit_text_tower, text_first_items
+from common.models.hybrid.train import drop_free
 from common.privacy import Accountant, plan_noise_multiplier  # noqa: E402
 
 DELTA = 1e-4
@@ -322,6 +329,93 @@ def print_lora_study(rows: list[dict[str, Any]], picks: list[tuple[float, float]
     return [target(target_name, cost, "<=", 5.0)], figures
 
 
+# Validation's picks in the seed-0 DropoutNet study (60 rounds, q = 0.1): the same for p = 0, 0.2 and 0.5.
+DROPOUT_PICKS = {"mf_nodp": {"model.user-reg": 10.0}, "mf_eps8": {"model.user-reg": 10.0},
+                 "hybrid_nodp": {"model.user-reg": 10.0, "model.text-step-scale": 0.1},
+                 "hybrid_eps8": {"model.user-reg": 10.0, "model.text-step-scale": 1.0}}
+
+
+def dropout_study(bench: Bench, base: RunConfig, sigma: float, ps: list[float], rounds: int, base_emb: np.ndarray,
+                  progress: bool, seeds: list[int], fixed: bool
+                  ) -> tuple[list[list[Any]], list[list[Any]], list[list[Any]], dict[str, Any]]:
+    """DropoutNet (``model.residual-dropout`` = p) against the plain hybrid (p = 0) and MF, no DP and
+    ε = 8, the same rounds/q/σ in every arm, per seed (``seed`` and ``dp.noise-seed``; cohorts are
+    secret, so fresh in every run), each arm with validation's pick of GRID (``fixed``:
+    DROPOUT_PICKS instead). Returns (main rows, boost-curve rows, tuning rows, figures)."""
+    rows, curve_rows, tuning = [], [], []
+    figures: dict[str, Any] = {}
+    for seed in seeds:
+        for tag, s in (("nodp", None), ("eps8", sigma)):
+            label = "no DP" if s is None else f"ε={EPSILON:g}"
+            cfg = with_dp(base, s).replace(**{"fed.rounds": rounds, "seed": seed, "dp.noise-seed": seed})
+            t0 = time.perf_counter()
+            grid = [DROPOUT_PICKS[f"mf_{tag}"]] if fixed else GRID["mf"]
+            mf, mf_over, tr = pick(bench, cfg, grid, f"seed {seed} {tag} MF", progress)
+            tuning += tr
+            mf_cfg = cfg.replace(**mf_over)
+            ev = bench.evaluate(model_scores(mf.effective, bench, mf_cfg))
+            rows.append([seed, label, "MF only", "-", fmt_eps(mf), json.dumps(mf_over), ev["warm"]["ndcg@10"],
+                         ev["cold"]["ndcg@10"], ev["overall"]["ndcg@10"], ev["overall"]["exposure"],
+                         time.perf_counter() - t0])
+            figures[f"s{seed}_mf_{tag}"] = {**{part: ev[part]["ndcg@10"] for part in ("warm", "cold", "overall")},
+                                            "exposure": ev["overall"]["exposure"]}
+            for p in ps:
+                t0 = time.perf_counter()
+                hcfg = cfg.replace(**{"model.kind": "hybrid", "model.residual-dropout": p})
+                grid = [DROPOUT_PICKS[f"hybrid_{tag}"]] if fixed else GRID["hybrid"]
+                run, over, tr = pick(bench, hcfg, grid, f"seed {seed} {tag} hybrid, residual dropout {p:g}", progress,
+                                     texts=bench.texts)
+                tuning += tr
+                h_cfg = hcfg.replace(**over)
+                seconds = time.perf_counter() - t0
+                # served through the text tower, the boost curve (user vectors do not depend on new items' biases)
+                vectors = None
+                for b in BOOSTS:
+                    params, tower = served(run.effective, bench, base_emb, b)
+                    if vectors is None:
+                        vectors = reconstruct_users(params, bench.train_users, h_cfg.model, seed=h_cfg.seed)
+                    ev = bench.evaluate(vectors @ params.embeddings.T + params.bias)
+                    curve_rows.append([seed, label, p, b, ev["warm"]["ndcg@10"], ev["cold"]["ndcg@10"],
+                                       ev["overall"]["ndcg@10"], ev["overall"]["exposure"]])
+                    figures[f"s{seed}_p{p:g}_{tag}_tower_boost{b:g}"] = {
+                        **{part: ev[part]["ndcg@10"] for part in ("warm", "cold", "overall")},
+                        "exposure": ev["overall"]["exposure"]}
+                    if b == 0.0:
+                        rows.append([seed, label, "hybrid + text tower", p, fmt_eps(run), json.dumps(over),
+                                     ev["warm"]["ndcg@10"], ev["cold"]["ndcg@10"], ev["overall"]["ndcg@10"],
+                                     ev["overall"]["exposure"], seconds])
+                        figures[f"s{seed}_p{p:g}_{tag}_tower_cv_r2"] = tower.cv_r2
+                # as DropoutNet trains them: a new item's free part dropped (text vector, mean released bias)
+                dropped = HybridParams(drop_free(run.params.free, bench.new_items), run.params.adapter)
+                ev = bench.evaluate(model_scores(dropped.effective(run.text_vectors), bench, h_cfg))
+                rows.append([seed, label, "hybrid, new items text-only (free dropped)", p, fmt_eps(run), json.dumps(over),
+                             ev["warm"]["ndcg@10"], ev["cold"]["ndcg@10"], ev["overall"]["ndcg@10"],
+                             ev["overall"]["exposure"], seconds])
+                figures[f"s{seed}_p{p:g}_{tag}_dropped"] = {
+                    **{part: ev[part]["ndcg@10"] for part in ("warm", "cold", "overall")},
+                    "exposure": ev["overall"]["exposure"]}
+                print(f"  seed {seed} p={p:g} {label}: picked {over}, {seconds:.0f} s", flush=True)
+    return rows, curve_rows, tuning, figures
+
+
+def dropout_summary(figures: dict[str, Any], ps: list[float], seeds: list[int]) -> list[list[Any]]:
+    """Per privacy setting and p: the issue's ratios (text tower, boost 0) per seed, mean and sd."""
+    out = []
+    for tag, label in (("nodp", "no DP"), ("eps8", f"ε={EPSILON:g}")):
+        for p in ps:
+            vals = []
+            for seed in seeds:
+                h, mf = figures[f"s{seed}_p{p:g}_{tag}_tower_boost0"], figures[f"s{seed}_mf_{tag}"]
+                mf_nodp = figures[f"s{seed}_mf_nodp"]
+                h0 = figures[f"s{seed}_p0_{tag}_tower_boost0"] if 0.0 in ps else h
+                vals.append([h["warm"] / mf["warm"], h["overall"] / mf["overall"], h["overall"] / mf_nodp["overall"],
+                             h["exposure"], h["warm"] - h0["warm"], h["cold"] - h0["cold"], h["overall"] - h0["overall"]])
+            v = np.array(vals)
+            sd = v.std(axis=0, ddof=1) if len(v) > 1 else np.full(v.shape[1], np.nan)
+            out.append([label, p, len(seeds), *[f"{m:.4f} ± {d:.4f}" for m, d in zip(v.mean(axis=0), sd)]])
+    return out
+
+
 def plot_frontier(points: dict[str, list[tuple[float, float]]], nodp: dict[str, float], path: Path) -> None:
     """Overall NDCG@10 against ε, one line per model, the no-DP values as dashed levels."""
     import matplotlib
@@ -432,6 +526,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the LoRA vs frozen study alone (at the defaults, which are validation's ε = 8 picks)")
     p.add_argument("--lora-study-no-dp", action="store_true",
                    help="with --only-lora-study: without DP (user-reg 40 and text-step-scale 0.1, validation's no-DP picks)")
+    p.add_argument("--residual-dropout", type=float, nargs="+", metavar="P",
+                   help="run only the DropoutNet study: the hybrid at model.residual-dropout = each P (include 0, the "
+                        "plain hybrid), beside MF, no DP and ε = 8, --rounds rounds (no LoRA rounds)")
+    p.add_argument("--dropout-seeds", type=int, nargs="+", default=[0],
+                   help="with --residual-dropout: the seeds (seed and dp.noise-seed) to run (default 0)")
+    p.add_argument("--dropout-fixed-picks", action="store_true",
+                   help="with --residual-dropout: no grid, the hyper-parameters validation picked at seed 0 (DROPOUT_PICKS)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--rss-child", nargs=2, metavar=("KIND", "USER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -447,6 +548,31 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(users)
     study_seeds = 1 if args.quick and args.lora_seeds == 3 else args.lora_seeds
     study_rounds = (2, 1) if args.quick and tuple(args.lora_study_rounds) == (40, 20) else tuple(args.lora_study_rounds)
+    if args.residual_dropout:
+        base, sigma = configs(rounds, args.sample_rate, args.quick)
+        base_emb = base_embeddings(bench.texts, base.model.text_max_length)
+        print(f"DropoutNet study: p = {args.residual_dropout}, {rounds} rounds at q = {args.sample_rate}, ε = {EPSILON:g} → "
+              f"σ = {sigma:.3f}; {len(bench.users)} users evaluated", flush=True)
+        rows, curve_rows, tuning, figures = dropout_study(bench, base, sigma, args.residual_dropout, rounds, base_emb,
+                                                          args.progress, args.dropout_seeds, args.dropout_fixed_picks)
+        print(table(["run", "setting", "valid NDCG@10", "picked"], tuning))
+        print(f"\nExposure = new items' share of top-10 ÷ their share of held-out interactions "
+              f"({bench.new_share_held_out:.3f}); tower rows at boost 0")
+        print(table(["seed", "privacy", "model", "residual dropout p", "ε (RDP)", "picked", "warm NDCG@10", "new NDCG@10",
+                     "overall NDCG@10", "exposure", "train+pick s"], rows))
+        print("\nText tower, new-item bias boost curve")
+        print(table(["seed", "privacy", "p", "boost", "warm NDCG@10", "new NDCG@10", "overall NDCG@10", "exposure"],
+                    curve_rows))
+        print("\nOver seeds (mean ± sd; text tower, boost 0; MF of the same seed and setting)")
+        print(table(["privacy", "p", "seeds", "warm hybrid/MF", "overall hybrid/MF", "overall / MF no DP", "exposure",
+                     "Δwarm vs p=0", "Δnew vs p=0", "Δoverall vs p=0"],
+                    dropout_summary(figures, args.residual_dropout, args.dropout_seeds)))
+        figures["wall_seconds"] = time.perf_counter() - t_start
+        print(f"\nwall time {figures['wall_seconds']:.0f} s")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(figures, indent=1, default=str))
+        return 0
     if args.only_lora_study:
         base, sigma = configs(sum(study_rounds), args.sample_rate, args.quick)
         base_emb = base_embeddings(bench.texts, base.model.text_max_length)

@@ -77,6 +77,11 @@ class ModelConfig:
     # The head is shared by every item: under DP a full step lets it carry what the noisy free part
     # cannot; without DP it crowds the free part (validation picks 1 at ε = 8, 0.1 without DP).
     text_step_scale: float = 1.0
+    # hybrid: DropoutNet-style training (Volkovs et al., NeurIPS 2017). Each round a share p of the
+    # items, drawn from a public stream keyed by (seed, round) and so the same on every device, is
+    # trained with its free part dropped: vector = text part alone, bias = the mean received bias,
+    # and no update to its free embedding or bias. 0: off (exactly the plain hybrid step).
+    residual_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choices(self, "model")
@@ -94,6 +99,7 @@ class ModelConfig:
         _check(self.text_negatives >= 1, f"model.text-negatives must be ≥ 1, got {self.text_negatives}")
         _check(self.text_positives >= 1, f"model.text-positives must be ≥ 1, got {self.text_positives}")
         _check(0 < self.text_step_scale <= 10, f"model.text-step-scale must be in (0, 10], got {self.text_step_scale}")
+        _check(0 <= self.residual_dropout < 1, f"model.residual-dropout must be in [0, 1), got {self.residual_dropout}")
 
 
 @dataclass(frozen=True)

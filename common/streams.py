@@ -22,6 +22,7 @@ class Stream(IntEnum):
     LOCAL_NOISE = 0x10CA1  # a device's seeded local-DP noise (key: seed, round, client)
     POOLED_NOISE = 0xDD9  # the in-process simulation's pooled distributed-DP noise (key: seed, round)
     ADAPTER = 0x7E47  # the hybrid adapter step's negatives and positives (key: seed, round, client)
+    RESIDUAL_DROPOUT = 0xD0E7  # the hybrid's items trained text-only this round (key: seed, round; public)
     EVAL_SUBSET = 0xE7  # which clients validate during training (key: seed)
     SYNTHETIC = 0x5E7D  # synthetic users resampled from a data set (key: seed)
     AUDIT_CLIENTS = 0xA0D1  # the leakage audit's choice of clients (key: seed)

@@ -35,6 +35,11 @@ clipped update (the server's FedAdam normalises each coordinate). With a frozen 
 deterministic, so they are computed once per process (and cached on disk) and the head step
 runs on them (:class:`PrecomputedBaseEncoder`): no transformer pass per round.
 
+``model.residual-dropout`` p > 0 (DropoutNet): each round a share p of the items, drawn from a
+public stream keyed by (seed, round) so every device drops the same ones, enters both steps
+through its text alone (free embedding 0, bias the mean received bias) and its free part gets
+no update (:func:`common.models.hybrid.train.dropped_items`). 0 (default): off.
+
 Items nobody interacted with still have a text vector, so they can be ranked from their text;
 ``common.models.hybrid.blend.hybrid_item_params(..., cold_items=...)`` drops their (never trained) free part
 for items the catalogue marks as new.

@@ -1,5 +1,12 @@
 """The hybrid device step: the MF step on the effective item vectors (free + text), then one step
-of the text side (head, and LoRA when on) on the user's positives and sampled negatives."""
+of the text side (head, and LoRA when on) on the user's positives and sampled negatives.
+
+With ``model.residual-dropout`` p > 0 (DropoutNet, Volkovs et al., NeurIPS 2017) a share p of
+the items (:func:`dropped_items`: a public stream keyed by seed and round, the same on every
+device, so it reveals nothing about the device's data) is seen in both steps through its text
+alone: vector ``text_i`` (free embedding 0), bias the mean of the received biases (the text side
+has no bias of its own), and its free embedding and bias get no update this round. The text part
+is thereby trained to be a usable item vector on the warm items' scale, as a new item needs."""
 
 from __future__ import annotations
 
@@ -19,6 +26,26 @@ from common.streams import Stream, generator
 def adapter_rng(seed: int, server_round: int, client_id: int) -> np.random.Generator:
     """The adapter step's negatives: a stream separate from the MF step's."""
     return generator(Stream.ADAPTER, seed, server_round, client_id)
+
+
+def dropped_items(n_items: int, p: float, seed: int, server_round: int) -> np.ndarray:
+    """The items whose free part is dropped this round (sorted indices): each with probability
+    ``p``, from the public stream (seed, round). Empty when ``p`` is 0 (nothing is drawn)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"residual dropout must be in [0, 1), got {p}")
+    if p == 0.0:
+        return np.empty(0, dtype=np.int64)
+    return np.flatnonzero(generator(Stream.RESIDUAL_DROPOUT, seed, server_round).random(n_items) < p)
+
+
+def drop_free(free: ItemParams, dropped: np.ndarray) -> ItemParams:
+    """``free`` with the rows ``dropped`` replaced: embedding 0, bias the mean received bias."""
+    if len(dropped) == 0:
+        return free
+    embeddings, bias = free.embeddings.copy(), free.bias.copy()
+    embeddings[dropped] = 0.0
+    bias[dropped] = np.float32(free.bias.mean())
+    return ItemParams(embeddings, bias)
 
 
 def adapter_update(encoder: TextItemEncoder, free: ItemParams, user: UserData, item_tokens: dict[str, torch.Tensor],
@@ -73,9 +100,17 @@ def hybrid_client_train(params: HybridParams, text_vectors: np.ndarray, data: Cl
                         model: ModelConfig, epochs: int, lr: float, seed: int, server_round: int
                         ) -> tuple[list[np.ndarray], float, list[np.ndarray], float]:
     """One client's hybrid round: (update of the trainable arrays in travel order, MF loss,
-    user vectors to keep on the device, text-side loss). ``ValueError`` without interactions."""
-    update, loss, vectors = client_train(params.effective(text_vectors), data, model=model, epochs=epochs, lr=lr,
-                                         seed=seed, server_round=server_round)
+    user vectors to keep on the device, text-side loss). ``ValueError`` without interactions.
+
+    ``model.residual_dropout`` > 0: the items :func:`dropped_items` draws are trained text-only
+    (see the module docstring); their rows of the free update are 0."""
+    dropped = dropped_items(params.n_items, model.residual_dropout, seed, server_round)
+    free = drop_free(params.free, dropped)
+    update, loss, vectors = client_train(HybridParams(free, params.adapter).effective(text_vectors), data, model=model,
+                                         epochs=epochs, lr=lr, seed=seed, server_round=server_round)
+    if len(dropped):
+        update.embeddings[dropped] = 0.0
+        update.bias[dropped] = 0.0
     load_trainable_state(side.encoder, params.adapter)
     rng = adapter_rng(seed, server_round, data.client_id)
     text_losses = []
@@ -83,7 +118,7 @@ def hybrid_client_train(params: HybridParams, text_vectors: np.ndarray, data: Cl
         if len(user.items) > model.text_positives:  # bounds a heavy user's cost and memory
             keep = np.sort(rng.choice(len(user.items), size=model.text_positives, replace=False))
             user = UserData(user.items[keep], user.ratings[keep])
-        _, text_loss = adapter_update(side.encoder, params.free, user, side.tokens, user_vector=vector,
+        _, text_loss = adapter_update(side.encoder, free, user, side.tokens, user_vector=vector,
                                       negatives_rng=rng, n_neg=model.text_negatives, lr=model.text_lr, epochs=epochs)
         text_losses.append(text_loss)
     new = trainable_state(side.encoder)
