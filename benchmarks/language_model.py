@@ -639,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
             evals[key] = bench.evaluate(model_scores(params, bench, kcfg))
     evals["text_only"] = bench.evaluate(r_cb)
     rnd = [bench.evaluate(np.random.default_rng(s).random(r_cb.shape)) for s in RANDOM_SEEDS]
-    evals["random"] = {part: {k: float(np.mean([r[part][k] for r in rnd])) for k in ("ndcg@10", "recall@20")}
+    evals["random"] = {part: {k: float(np.mean([r[part][k] for r in rnd]))
+                                for k in ("ndcg@10", "recall@10", "recall@20", "coverage@10", "novelty@10")}
                        for part in ("warm", "cold", "overall")}
     evals["random"]["overall"]["exposure"] = float(np.mean([r["overall"]["exposure"] for r in rnd]))
     user_train = [bench.sets.train[u] for u in bench.users]
@@ -774,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, ev in evals.items():
         for part in ("warm", "cold", "overall"):
             for metric in ("ndcg@10", "recall@10", "recall@20", "coverage@10", "novelty@10"):
-                figures[f"{part}_{key}_{metric.replace('@', '')}"] = ev[part][metric]
+                if metric in ev[part]:
+                    figures[f"{part}_{key}_{metric.replace('@', '')}"] = ev[part][metric]
         if "exposure" in ev["overall"]:
             figures[f"exposure_{key}"] = ev["overall"]["exposure"]
     for (tag, b), ev in curve.items():
