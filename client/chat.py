@@ -293,16 +293,22 @@ def ask(store: DeviceStore, text: str, *, alpha: float = DEFAULT_ALPHA, k: int =
     """``fedrec-client ask``: one request, no session kept."""
     if not text.strip():
         raise UsageError("an empty request: say what you would like, e.g. fedrec-client ask \"a funny film for kids\"")
+    from common.models.hybrid.encoder import load_minilm
+
     t0 = time.perf_counter()
+    load_minilm()  # the encoder, loaded once per process: its time is printed apart
+    t_loaded = time.perf_counter()
     conv = Conversation(store, alpha=alpha, k=k, model_path=model_path, items_path=items_path)
+    conv.encode(["warm up"])
+    conv.encoder_seconds = t_loaded - t0
     t_ready = time.perf_counter()
-    conv.encode(["warm up"])  # loads the encoder: its time is printed apart
     t_start = time.perf_counter()
     handle(conv, Session(), text)
     t_end = time.perf_counter()
     if timing:
-        print(f"timing: answered in {1000 * (t_end - t_start):.0f} ms; before that the device's data took "
-              f"{1000 * (t_ready - t0):.0f} ms and loading the encoder {conv.encoder_seconds:.2f} s (once per session)")
+        print(f"timing: answered in {1000 * (t_end - t_start):.0f} ms; before that loading the encoder took "
+              f"{conv.encoder_seconds:.2f} s and the device's data {1000 * (t_ready - t_loaded):.0f} ms (once per "
+              "session)")
     return 0
 
 
