@@ -215,39 +215,41 @@ def _title_key(title: str) -> str:
 
 # ---------------------------------------------------------------- the commands
 
-_QUIT = re.compile(r"^(quit|exit|q|bye|:q)$")
-_HELP = re.compile(r"^(help|\?|h)$")
-_NEW = re.compile(r"^(new|reset|start over|restart)$")
-_MORE = re.compile(r"^(more|next|more please)?$")
-_NOT = re.compile(r"^(?:not|no|skip|not interested in)\s+(.+)$")
-_LIKE = re.compile(r"^(more|less)\s+like\s+(.+)$")
-_YEARS = re.compile(r"^(newer|more recent|recent|later|older|earlier|less recent)$")
-_TAKE = re.compile(r"^(?:yes|accept|take|watch|ok|pick|i'll take|i will take)\s+(.+)$")
+# Matched case-insensitively on the line with its spaces collapsed, so that an argument (a title)
+# comes back as the user typed it.
+_QUIT = re.compile(r"^(quit|exit|q|bye|:q)$", re.I)
+_HELP = re.compile(r"^(help|\?|h)$", re.I)
+_NEW = re.compile(r"^(new|reset|start over|restart)$", re.I)
+_MORE = re.compile(r"^(more|next|more please)?$", re.I)
+_NOT = re.compile(r"^(?:not|no|skip|not interested in)\s+(.+)$", re.I)
+_LIKE = re.compile(r"^(more|less)\s+like\s+(.+)$", re.I)
+_YEARS = re.compile(r"^(newer|more recent|recent|later|older|earlier|less recent)$", re.I)
+_TAKE = re.compile(r"^(?:yes|accept|take|watch|ok|pick|i'll take|i will take)\s+(.+)$", re.I)
 
 
 def handle(conv: Conversation, session: Session, line: str) -> bool:
     """One line of a chat; False to end it. Raises UsageError for a line that cannot be done
     (the chat prints it and goes on)."""
     text = line.strip()
-    low = re.sub(r"\s+", " ", text.lower()).rstrip(".!")
-    if _QUIT.match(low):
+    said = re.sub(r"\s+", " ", text).rstrip(".!")
+    if _QUIT.match(said):
         return False
-    if _HELP.match(low):
+    if _HELP.match(said):
         conv.out(HELP)
         return True
-    if _NEW.match(low):
+    if _NEW.match(said):
         session.reset()
         conv.out("new conversation: what would you like?")
         return True
-    if _MORE.match(low):
+    if _MORE.match(said):
         if not session.shown:
             conv.out("what would you like? (help lists what you can say)")
             return True
         conv.show(session)
         return True
-    m = _TAKE.match(low)
+    m = _TAKE.match(said)
     if m:
-        item = conv.resolve(text[len(text) - len(m.group(1)):], session)
+        item = conv.resolve(m.group(1), session)
         conv.store.add_feedback(conv.ids[item], "click")
         conv.refresh_user()
         session.exclude(item)
@@ -255,24 +257,25 @@ def handle(conv: Conversation, session: Session, line: str) -> bool:
                  + (" (your taste vector was refitted here; it reaches the server only inside your next "
                     "federated update)" if conv.vector is not None else ""))
         return True
-    m = _NOT.match(low)
+    m = _NOT.match(said)
     if m:
-        item = conv.resolve(text[len(text) - len(m.group(1)):], session)
+        item = conv.resolve(m.group(1), session)
         session.exclude(item)
         conv.store.add_feedback(conv.ids[item], "dismiss")
         conv.out(f"not {conv.titles[item]}: it will not be shown again")
         conv.show(session)
         return True
-    m = _LIKE.match(low)
+    m = _LIKE.match(said)
     if m:
-        item = conv.resolve(text[len(text) - len(m.group(2)):], session)
-        session.more_like(conv.text_embeddings[item], less=m.group(1) == "less", item=item)
-        conv.out(f"{m.group(1)} like {conv.titles[item]}:")
+        item = conv.resolve(m.group(2), session)
+        less = m.group(1).lower() == "less"
+        session.more_like(conv.text_embeddings[item], less=less, item=item)
+        conv.out(f"{'less' if less else 'more'} like {conv.titles[item]}:")
         conv.show(session)
         return True
-    m = _YEARS.match(low)
+    m = _YEARS.match(said)
     if m:
-        older = m.group(1) in ("older", "earlier", "less recent")
+        older = m.group(1).lower() in ("older", "earlier", "less recent")
         bound = session.newer(conv.years, older=older)
         if bound is None:
             raise UsageError("the last items shown have no year to move from: ask for something first")

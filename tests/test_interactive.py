@@ -380,3 +380,21 @@ def test_a_damaged_saved_conversation_starts_a_new_one_with_a_note(device, capsy
         lines = iter(["quit"])
         assert chat(store, read=lambda _prompt: next(lines)) == 0
         assert "note: the saved conversation could not be read (a request vector of 384" in capsys.readouterr().out
+
+
+def test_a_critique_names_its_title_in_any_case_spacing_and_punctuation(device):
+    """The title after "more like" / "not" / "yes" is taken from the line as typed (capitals, extra
+    spaces, a closing "!"), not cut out of a normalised copy at the wrong offset."""
+    from client.chat import Conversation, handle
+
+    said: list[str] = []
+    with DeviceStore(device["db"], create=False) as store:
+        conv = Conversation(store, alpha=0.5, k=2, out=said.append)
+        session = Session()
+        handle(conv, session, "something scary")
+        handle(conv, session, "More  like   Galaxy Patrol!")
+        assert "more like Galaxy Patrol (1988):" in said
+        handle(conv, session, "NOT  love in paris.")
+        assert "not Love in Paris (1975): it will not be shown again" in said
+        handle(conv, session, "yes 1!")  # the number, not the "!" the old slicing kept
+        assert any(line.startswith("taken: ") for line in said)
