@@ -16,6 +16,7 @@ English).
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import sys
 import time
@@ -72,7 +73,7 @@ class Conversation:
         described = request_texts(texts, titles)
         if not embeddings_cached(described, max_length):
             out(f"embedding the {len(texts)} item descriptions with MiniLM (once on this device)...")
-        self.text_embeddings = unit(base_embeddings(described, max_length)).astype(np.float64)
+        self.text_embeddings = unit(base_embeddings(described, max_length))
         self.model = None
         if model_path is not None:
             self.model = load_model_files(model_path, items_path)
@@ -84,7 +85,6 @@ class Conversation:
                 self.model = store.get_global_model()
             except StoreError as exc:
                 raise UsageError(str(exc)) from None
-        self.encoder_seconds: float | None = None
         self.refresh_user()
 
     # ---------------------------------------------------------------- the user's half
@@ -107,14 +107,10 @@ class Conversation:
 
     # ---------------------------------------------------------------- the encoder
     def encode(self, texts: list[str]) -> np.ndarray:
-        """Unit MiniLM sentence embeddings of ``texts`` (the encoder is loaded once, timed apart)."""
-        from common.models.hybrid.encoder import encode_base, load_minilm
+        """Unit MiniLM sentence embeddings of ``texts`` (the encoder is loaded on first use, once per process)."""
+        from common.models.hybrid.encoder import encode_base
 
-        if self.encoder_seconds is None:
-            t0 = time.perf_counter()
-            load_minilm()
-            self.encoder_seconds = time.perf_counter() - t0
-        return unit(encode_base(texts, max_length=REQUEST_MAX_TOKENS)).astype(np.float64)
+        return unit(encode_base(texts, max_length=REQUEST_MAX_TOKENS))
 
     def language_warning(self, text: str) -> str | None:
         """A warning when ``text`` does not look like English: letters outside the Latin scripts,
@@ -175,6 +171,11 @@ class Conversation:
         return "the closest to what you asked"
 
     # ---------------------------------------------------------------- items by number or title
+    @functools.cached_property
+    def title_keys(self) -> list[str]:
+        """Every title as :func:`_title_key` compares it (computed on the first critique by title)."""
+        return [_title_key(t) for t in self.titles]
+
     def resolve(self, what: str, session: Session) -> int:
         """An item by its number in the last list, "this"/"that"/"it" (the first), or its title;
         UsageError offering the closest titles."""
@@ -189,8 +190,7 @@ class Conversation:
                 raise UsageError(f"no item {n} in the last list (1–{len(session.last)})" if session.last
                                  else "nothing shown yet: ask for something first")
             return session.last[n - 1]
-        key = _title_key(what)
-        keys = [_title_key(t) for t in self.titles]
+        key, keys = _title_key(what), self.title_keys
         exact = [i for i, k in enumerate(keys) if k == key or self.titles[i].lower() == what.lower()]
         if len(exact) == 1:
             return exact[0]
@@ -303,14 +303,12 @@ def ask(store: DeviceStore, text: str, *, alpha: float = DEFAULT_ALPHA, k: int =
     t_loaded = time.perf_counter()
     conv = Conversation(store, alpha=alpha, k=k, model_path=model_path, items_path=items_path)
     conv.encode(["warm up"])
-    conv.encoder_seconds = t_loaded - t0
-    t_ready = time.perf_counter()
     t_start = time.perf_counter()
     handle(conv, Session(), text)
     t_end = time.perf_counter()
     if timing:
         print(f"timing: answered in {1000 * (t_end - t_start):.0f} ms; before that loading the encoder took "
-              f"{conv.encoder_seconds:.2f} s and the device's data {1000 * (t_ready - t_loaded):.0f} ms (once per "
+              f"{t_loaded - t0:.2f} s and the device's data {1000 * (t_start - t_loaded):.0f} ms (once per "
               "session)")
     return 0
 

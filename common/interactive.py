@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.models.hybrid.blend import zscore_rows
+from common.models.hybrid.blend import unit, zscore_rows
 
 ROCCHIO_BETA = 0.5
 #: How far "more like X" moves the user vector towards X's item vector (:func:`taste_scores`), in
@@ -41,7 +41,7 @@ ROCCHIO_BETA = 0.5
 #: ≤ 0.006 at ε = 8, so the critique moves the request only.
 TASTE_GAMMA = 0.0
 #: The default α of ``fedrec-client ask`` / ``chat`` (``--alpha``): what benchmarks/interactive.py's
-#: validation users pick (see docs/INTERACTIVE.md).
+#: validation users pick, without DP and at ε = 8 (README, "Asking in words, on the device").
 DEFAULT_ALPHA = 0.5
 _YEAR = re.compile(r"\((\d{4})\)\s*$")
 _WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
@@ -52,13 +52,6 @@ maybe me more most movie movies film films my myself no nor not now of off on on
 own please really recommend recommendation same see she should show so some something such than that the their
 them then there these they thing this those through to too under until up very want was watch we were what when
 where which while who whom why will with would you your""".split())
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """``x`` scaled to norm 1 (rows when 2-D); a zero stays zero."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def years_of(titles: Sequence[str]) -> np.ndarray:

@@ -50,8 +50,10 @@ def blend_scores(r_cf: np.ndarray, r_cb: np.ndarray, alpha: float) -> np.ndarray
     return alpha * zscore_rows(r_cf) + (1.0 - alpha) * zscore_rows(r_cb)
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+def unit(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to norm 1 (each row when 2-D), as float64; a zero stays zero."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
 
 
@@ -70,8 +72,8 @@ def text_only_scores(user_train_items: Sequence[np.ndarray], text_vectors: np.nd
     """Content scores ``r_cb`` (U, I): cosine between each user's profile and each item's text
     vector. Needs no interaction with the item itself, so it scores cold items too; a user with
     no history gets a row of zeros."""
-    profiles = _unit_rows(user_profiles(user_train_items, text_vectors))
-    return profiles @ _unit_rows(np.asarray(text_vectors, dtype=np.float64)).T
+    profiles = unit(user_profiles(user_train_items, text_vectors))
+    return profiles @ unit(text_vectors).T
 
 
 def genre_popularity_scores(user_train_items: Sequence[np.ndarray], item_genres: Sequence[Sequence[str]],
