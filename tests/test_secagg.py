@@ -92,9 +92,16 @@ def _drop_3_and_7_while_uploading(msg: Message, context: Context, call_next):
 
 
 def test_two_of_ten_dropping_during_upload_still_gives_the_survivors_mean(tmp_path, monkeypatch):
+    from flwr.server.workflow.secure_aggregation import secaggplus_workflow as flower_workflow
+
+    combined = []  # share counts Flower's combine_shares was given (server/secagg.py: threshold only)
+    real = flower_workflow.combine_shares
+    monkeypatch.setattr(flower_workflow, "combine_shares", lambda shares: combined.append(len(shares)) or real(shares))
     csv = write_block_csv(tmp_path / "r.csv", n_users=10)
     cfg = config(csv)
     run_dir = run(cfg, tmp_path / "runs", [_drop_3_and_7_while_uploading], monkeypatch)
+    # 8 survivors' self-mask seeds and 2 dropped clients' keys, each from exactly `threshold` shares
+    assert len(combined) == 10 and set(combined) == {cfg.secagg.reconstruction_threshold}, combined
     fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
     assert fit["participants"] == 8 and not fit.get("abandoned")
     survivors = [c for c in range(10) if c not in (3, 7)]
