@@ -23,6 +23,12 @@ class BoundedGrid:
 
     def __init__(self, grid: Grid, timeout: float, on_failure: Callable[[int, str], None], chunk: int = 200) -> None:
         self._grid, self._timeout, self._on_failure, self._chunk = grid, timeout, on_failure, chunk
+        self._traffic = {"bytes_down": 0, "bytes_up": 0}
+
+    def take_traffic(self) -> dict[str, int]:
+        """Payload bytes sent to and received from clients since the last call (then reset)."""
+        out, self._traffic = self._traffic, {"bytes_down": 0, "bytes_up": 0}
+        return out
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
@@ -33,10 +39,12 @@ class BoundedGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        self._traffic["bytes_down"] += sum(payload_bytes(m) for m in messages)
         replies: list[Message] = []
         for start in range(0, len(messages), self._chunk):  # each chunk gets the full timeout
             replies.extend(self._grid.send_and_receive(messages[start:start + self._chunk],
                                                        timeout=timeout or self._timeout))
+        self._traffic["bytes_up"] += sum(payload_bytes(m) for m in replies)
         answered = set()
         for msg in replies:
             answered.add(msg.metadata.src_node_id)
@@ -46,6 +54,28 @@ class BoundedGrid:
             if msg.metadata.dst_node_id not in answered:
                 self._on_failure(msg.metadata.dst_node_id, f"no reply within {timeout or self._timeout:.0f} s")
         return replies
+
+
+def payload_bytes(msg: Message) -> int:
+    """What a message carries: the bytes of its arrays, and of the values in its config and
+    metric records (bytes and strings by length, numbers 8 bytes each). Flower's framing and
+    metadata are not counted; an error reply counts 0."""
+    if msg.has_error():
+        return 0
+    content = msg.content
+    total = sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
+    for rec in (*content.config_records.values(), *content.metric_records.values()):
+        for value in rec.values():
+            total += _value_bytes(value)
+    return total
+
+
+def _value_bytes(value) -> int:
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_value_bytes(v) for v in value)
+    return 8
 
 
 def _reason(text: str | None) -> str:

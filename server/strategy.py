@@ -152,6 +152,7 @@ class FedRecStrategy(Strategy):
         self.current_round, self._t0, self._released = rnd, time.perf_counter(), False
         self._row = {"round": rnd, "sampled": 0, "participants": 0, "failures": 0}
         by_id = {self.client_ids[p.cid]: p for p in self._resolve_ids(client_manager)}
+        self.grid.take_traffic()  # the identity query (round 1) is not this round's training traffic
         chosen = self.engine.cohort(by_id, rnd)  # secret; only the count is logged
         self._row["sampled"] = len(chosen)
         self._size_secagg(len(chosen))
@@ -299,6 +300,7 @@ class FedRecStrategy(Strategy):
                             "the round is charged", self.current_round)
             self._release(None, 0)
         self._row["seconds"] = time.perf_counter() - self._t0
+        self._row.update(self.grid.take_traffic())  # payload bytes of this round's fit (every SecAgg+ stage)
         stages = getattr(self.secagg_workflow, "stage_seconds", None)
         if stages:  # where a SecAgg+ round's seconds went (one fan-out to the cohort per stage)
             self._row["stage_seconds"] = dict(stages)

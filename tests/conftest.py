@@ -90,3 +90,14 @@ def render_in_chromium(page: Path, out_dir: Path, *, height: int = 6000) -> tupl
 def colour_pixels(pixels: np.ndarray, rgb: tuple[int, int, int], tol: int = 40) -> int:
     """How many pixels are within ``tol`` (L1) of ``rgb`` (e.g. matplotlib's first line colour)."""
     return int((np.abs(pixels.reshape(-1, 3).astype(int) - np.array(rgb)).sum(axis=1) < tol).sum())
+
+
+@pytest.fixture
+def flower_task_identity(monkeypatch):
+    """The process's Flower task identity, as ``run_simulation`` sets it before it builds messages
+    and link state (Flower 1.42 reads it when a Message is created)."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)

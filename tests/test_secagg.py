@@ -77,6 +77,9 @@ def test_secagg_aggregate_equals_the_plaintext_mean_within_one_quantization_step
     assert np.max(np.abs(mean[0])) > 100 * step  # the comparison is not trivially satisfied
     fit = [r for r in run_dir.rounds() if r["kind"] == "fit"][0]
     assert "train_loss" not in fit  # under SecAgg+ no client's training loss reaches the server
+    # the round's payload (server/grid.py): the model to each of 10 clients, and 10 masked vectors back
+    n_params = params.embeddings.size + params.bias.size
+    assert fit["bytes_down"] >= 10 * 4 * n_params and fit["bytes_up"] >= 10 * 4 * n_params, fit
 
 
 def _stage(msg: Message) -> str | None:

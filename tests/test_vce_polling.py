@@ -21,15 +21,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server import vce_polling
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch):
-    """run_simulation sets the process's task identity before it builds the state."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _state_with_messages(spec: list[tuple[int, str, float]]):
