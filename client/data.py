@@ -7,12 +7,14 @@ import logging
 
 import numpy as np
 
+from common.choices import Partition, Split
 from common.config import DataConfig, ModelConfig
 from common.data import load_interactions
 from common.data.partition import partition_users
 from common.data.splits import split_interactions
+from common.data.synthetic import SyntheticUsers, is_synthetic_source, synthetic_source
 from common.evaluation import EvalSets
-from common.models import ClientData
+from common.models import ClientData, UserData
 
 log = logging.getLogger(__name__)
 
@@ -25,25 +27,63 @@ def _eval_sets(data: DataConfig) -> EvalSets:
     return EvalSets.from_split(split)
 
 
+def _per_user_source(data: DataConfig) -> SyntheticUsers | None:
+    """The users of a synthetic source whose split is per user (random, leave-last-out): a
+    client's data is then built from its own users alone, never from the whole data set (the
+    memory of 100,000 idle simulated clients). None for read data and the cold-item split."""
+    if not is_synthetic_source(data.source) or data.split == Split.COLD_ITEM:
+        return None
+    return synthetic_source(data.source, data.format)
+
+
+def _user_count(data: DataConfig) -> int:
+    if is_synthetic_source(data.source):
+        return synthetic_source(data.source, data.format).n_users  # nothing generated
+    return len(_eval_sets(data).train)
+
+
 @functools.lru_cache(maxsize=4)
 def _partitions(data: DataConfig, kind: str, num_silos: int, seed: int) -> tuple[np.ndarray, ...]:
-    return tuple(partition_users(len(_eval_sets(data).train), kind, num_silos=num_silos, seed=seed))
+    return tuple(partition_users(_user_count(data), kind, num_silos=num_silos, seed=seed))
 
 
 def simulated_item_count(data: DataConfig) -> int:
     """How many items the configured data set has (the rows of the global model)."""
+    if is_synthetic_source(data.source):
+        return synthetic_source(data.source, data.format).n_items  # nothing generated
     return _eval_sets(data).n_items
 
 
 def num_clients(data: DataConfig, kind: str, num_silos: int, seed: int) -> int:
+    if kind == Partition.USER and is_synthetic_source(data.source):
+        return _user_count(data)  # one client per user, without 100,000 one-user partitions
     return len(_partitions(data, kind, num_silos, seed))
 
 
 def simulated_client_data(data: DataConfig, partition_id: int, *, kind: str, num_silos: int, seed: int) -> ClientData:
+    users = _per_user_source(data)
+    if users is not None:
+        n = num_clients(data, kind, num_silos, seed)
+        if not 0 <= partition_id < n:
+            raise ValueError(f"partition-id {partition_id} out of range: the data gives {n} clients")
+        held = [partition_id] if kind == Partition.USER else _partitions(data, kind, num_silos, seed)[partition_id]
+        return _synthetic_client(users, partition_id, held, data)
     parts = _partitions(data, kind, num_silos, seed)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} out of range: the data gives {len(parts)} clients")
     return ClientData.from_sets(partition_id, parts[partition_id], _eval_sets(data))
+
+
+def _synthetic_client(users: SyntheticUsers, client_id: int, held, data: DataConfig) -> ClientData:
+    """What ``ClientData.from_sets`` gives these users of the whole split, from their rows alone."""
+    splits = [users.user_split(int(u), data.split, seed=data.seed) for u in held]
+    return ClientData(
+        client_id=client_id,
+        users=tuple(int(u) for u in held),
+        train=tuple(UserData(train, ratings) for train, ratings, _, _ in splits),
+        valid=tuple(valid for _, _, valid, _ in splits),
+        test=tuple(test for _, _, _, test in splits),
+    )
 
 
 # ---------------------------------------------------------------- a real device (node_config "data-path")

@@ -34,6 +34,9 @@ class Interactions:
     ``user_ids``/``item_ids`` map dense indices back to the ids in the source files.
     ``items`` holds one :class:`ItemInfo` per item index. ``report`` lists what the reader
     did on purpose (e.g. dropped duplicate rows) so nothing is silently lost.
+    ``keyed_split``: the random split draws each user's permutation from a generator keyed by
+    (split seed, user), so one user's split needs that user's rows only (generated data sets,
+    common/data/synthetic.py); False (read data): one generator for the whole split.
     """
 
     name: str
@@ -46,6 +49,7 @@ class Interactions:
     items: tuple[ItemInfo, ...]
     explicit: bool = True
     report: tuple[str, ...] = field(default=())
+    keyed_split: bool = False
 
     def __post_init__(self) -> None:
         n = len(self.user)
@@ -86,6 +90,7 @@ class Interactions:
             items=self.items,
             explicit=self.explicit,
             report=self.report,
+            keyed_split=self.keyed_split,
         )
 
     def summary(self) -> str:

@@ -132,8 +132,8 @@ def detect_format(path: Path) -> str:
 
 def load_interactions(source: str = "ml-100k", fmt: str = "auto", item_file: str | None = None,
                       encoding: str | None = None) -> Interactions:
-    """Load ``source`` ("ml-100k" for the embedded default, "synthetic:N" for N users resampled
-    from it, or a path) in format ``fmt``. Text files are UTF-8 unless ``encoding`` names another
+    """Load ``source`` ("ml-100k" for the embedded default, "synthetic:N" or "synthetic:N:ITEMS"
+    for N users resampled from it, or a path) in format ``fmt``. Text files are UTF-8 unless ``encoding`` names another
     codec (e.g. "latin-1"), which is then logged as a warning; see the module docstring."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -143,13 +143,10 @@ def load_interactions(source: str = "ml-100k", fmt: str = "auto", item_file: str
         data = read_atomic(fetch_ml100k(), "ml-100k")
         return data
     if source.startswith("synthetic:"):
-        # N users resampled from ML-100K (scale tests): see common.data.synthetic.
-        from common.data.synthetic import parse_synthetic_source, synthetic_like
+        # N users resampled from ML-100K (scale tests), over ITEMS items: see common.data.synthetic.
+        from common.data.synthetic import synthetic_source
 
-        n = parse_synthetic_source(source)
-        if fmt != "auto":
-            raise ValueError(f"data source {source!r} is generated, not read: data.format must be 'auto', got {fmt!r}")
-        return synthetic_like(load_interactions("ml-100k"), n, seed=0)
+        return synthetic_source(source, fmt).interactions()
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(path, "no such file or directory")

@@ -5,6 +5,13 @@
 ``leave-last-out``  per user by timestamp: test = last, validation = second last.
 ``cold-item``       a fraction of items is held out with all their interactions (the cold
                     items); the warm interactions are split per-user random 80/10/10.
+
+A data set with ``keyed_split`` (the synthetic sources) draws each user's random permutation
+from a generator of its own, keyed by (seed, user): :func:`user_parts` splits one user from that
+user's rows alone, and the whole-data split gives every user the same rows (a simulated client,
+the central trainer and the server see one split). Leave-last-out needs no draw and is per user
+anyway. The cold-item split keeps one generator for the whole data set (the cold items are a
+global draw), keyed or not: a client of a cold-item run needs the whole data set.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 from common.choices import Split as SplitKind
 from common.choices import values
 from common.data.dataset import Interactions
+from common.streams import Stream, generator
 
 SPLITS = values(SplitKind)
 
@@ -77,6 +85,42 @@ def _per_user_random(data: Interactions, rows: np.ndarray, rng: np.random.Genera
     return part
 
 
+def user_parts(user: int, timestamps: np.ndarray, kind: str, *, seed: int,
+               ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> np.ndarray:
+    """0/1/2 (train/valid/test) for each of one user's rows, in data order, of a ``keyed_split``
+    data set: what :func:`split_interactions` gives that user's rows (kind "random" or
+    "leave-last-out"). ``timestamps``: the user's rows' timestamps (only their count matters for
+    "random")."""
+    n = len(timestamps)
+    part = np.zeros(n, dtype=np.int8)
+    if kind == SplitKind.RANDOM:
+        perm = generator(Stream.USER_SPLIT, seed, user).permutation(n)
+        n_tr, n_va, _ = _ratio_counts(n, ratios)
+        part[perm[n_tr:n_tr + n_va]] = 1
+        part[perm[n_tr + n_va:]] = 2
+    elif kind == SplitKind.LEAVE_LAST_OUT:
+        order = np.lexsort((np.arange(n), np.asarray(timestamps)))
+        if n >= 2:  # as _leave_last_out: one row stays in train, two give no validation row
+            part[order[-1]] = 2
+        if n >= 3:
+            part[order[-2]] = 1
+    else:
+        raise ValueError(f"a split of one user alone is 'random' or 'leave-last-out', not {kind!r}")
+    return part
+
+
+def _keyed_random(data: Interactions, seed: int, ratios: tuple[float, float, float]) -> np.ndarray:
+    """The random split of a ``keyed_split`` data set: :func:`user_parts` for every user."""
+    part = np.zeros(len(data), dtype=np.int8)
+    order = np.argsort(data.user, kind="stable")  # each user's rows in data order
+    bounds = np.flatnonzero(np.diff(data.user[order])) + 1
+    for group in np.split(order, bounds):
+        if len(group):
+            part[group] = user_parts(int(data.user[group[0]]), data.timestamp[group], SplitKind.RANDOM,
+                                     seed=seed, ratios=ratios)
+    return part
+
+
 def _leave_last_out(data: Interactions) -> np.ndarray:
     part = np.zeros(len(data), dtype=np.int8)
     order = np.lexsort((np.arange(len(data)), data.timestamp, data.user))
@@ -111,6 +155,8 @@ def split_interactions(data: Interactions, kind: str = "random", *, seed: int = 
         is_cold = np.isin(data.item, cold_items)
     if kind == "leave-last-out":
         part = _leave_last_out(data)
+    elif kind == "random" and data.keyed_split:
+        part = _keyed_random(data, seed, ratios)
     else:
         part = _per_user_random(data, all_rows[~is_cold], rng, ratios)
     part[is_cold] = 3
