@@ -112,7 +112,10 @@ def bytes_per_client(n_items: int, dim: int, cfg: RunConfig, cohort: int) -> dic
 
 def n_items_of(source: str) -> int:
     from common.data import load_interactions
+    from common.data.synthetic import is_synthetic_source, synthetic_source
 
+    if is_synthetic_source(source):  # the catalogue, without generating the users
+        return synthetic_source(source).n_items
     return int(load_interactions(source, "auto", None).n_items)
 
 
