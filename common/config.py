@@ -125,7 +125,10 @@ class FedConfig:
     server_opt: ServerOptimizer = ServerOptimizer.ADAM
     server_lr: float = 0.02
     eval_every: int = 20
-    eval_clients: int = 200  # validation during training on this many clients (0 = all); final test on all
+    eval_clients: int = 200  # validation during training on this many clients (0 = all)
+    # The final test on this many clients (0 = all): a uniform sample without replacement, secret
+    # (OS CSPRNG) unless fed.sampling-seed ≥ 0; its metrics then carry a 95% confidence interval.
+    test_clients: int = 0
     partition: Partition = Partition.USER
     num_silos: int = 10
     timeout: float = 120.0  # seconds a round waits for its clients (covers Ray start-up)
@@ -152,6 +155,7 @@ class FedConfig:
         _check(self.client_lr > 0 and self.server_lr > 0, "fed.client-lr and fed.server-lr must be > 0")
         _check(self.eval_every >= 1, f"fed.eval-every must be ≥ 1, got {self.eval_every}")
         _check(self.eval_clients >= 0, f"fed.eval-clients must be ≥ 0, got {self.eval_clients}")
+        _check(self.test_clients >= 0, f"fed.test-clients must be ≥ 0 (0 = all clients), got {self.test_clients}")
         _check(self.num_silos >= 1, f"fed.num-silos must be ≥ 1, got {self.num_silos}")
         _check(self.timeout > 0, f"fed.timeout must be > 0, got {self.timeout}")
         _check(self.sampling_seed >= -1, f"fed.sampling-seed must be -1 (secret cohorts) or ≥ 0, got {self.sampling_seed}")

@@ -121,3 +121,32 @@ def evaluate_scores(
             out[f"new_share@{k}"] = float(np.isin(ranked_all[:, :k], np.asarray(new_items)).mean())
     out["users"] = len(ranked_all)
     return out
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def ratio_mean_ci95(sums: Sequence[float], users: Sequence[int], population: int) -> tuple[float, float | None]:
+    """(mean per user, 95% CI half-width) of a metric from a uniform sample of clients drawn
+    without replacement from ``population`` clients; client i returned the sum ``sums[i]`` of
+    its users' values over ``users[i]`` users.
+
+    The mean is the ratio estimator R = Σ sums / Σ users (each user weighted once, as with every
+    client). Its variance (Cochran, *Sampling Techniques*, 6.9; clusters of unequal size):
+    V(R) ≈ (1 − n/N) / (n · x̄²) · Σ (yᵢ − R·xᵢ)² / (n − 1), x̄ = Σ users / n. With one user per
+    client it is the plain (1 − n/N) s²/n. The finite-population correction makes the width 0
+    when every client was evaluated (n = N). The half-width is None with fewer than 2 clients
+    (no variance to estimate); ValueError when no user was evaluated.
+    """
+    y, x = np.asarray(sums, dtype=np.float64), np.asarray(users, dtype=np.float64)
+    n = len(y)
+    if len(x) != n or x.sum() <= 0:
+        raise ValueError(f"{n} sums over {len(x)} clients with {x.sum():g} users: no mean to estimate")
+    if n > population:
+        raise ValueError(f"{n} clients sampled from a population of {population}")
+    mean = float(y.sum() / x.sum())
+    if n < 2:
+        return mean, None
+    residual = y - mean * x
+    variance = (1 - n / population) / (n * (x.sum() / n) ** 2) * float(residual @ residual) / (n - 1)
+    return mean, float(Z95 * np.sqrt(max(variance, 0.0)))

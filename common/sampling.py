@@ -19,9 +19,12 @@ did not hold for that run.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterable
 
 import numpy as np
+
+from common.streams import Stream, generator
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Odd 64-bit constants (golden ratio and two splitmix64 multipliers) to spread the key fields.
@@ -68,3 +71,22 @@ def poisson_sample(client_ids: Iterable[int], rate: float, *, seed: int | None, 
         return [int(c) for c in ids]
     coins = uniform_coins(ids, seed=seed, server_round=server_round)
     return [int(c) for c in ids[coins < rate]]
+
+
+def uniform_subset(client_ids: Iterable[int], size: int, *, seed: int | None) -> list[int]:
+    """``size`` clients drawn uniformly without replacement (the final test's sample); all of
+    them when ``size`` is 0 or at least their number. Returns the chosen ids in increasing order.
+
+    ``seed=None``: from the OS CSPRNG (``random.SystemRandom`` reads ``os.urandom``, the source of
+    the secret cohorts above), so that no client can predict whether it is evaluated. An int (the
+    run's ``fed.sampling-seed``): the seeded stream ``TEST_SUBSET`` -- reproducible, NOT secret.
+    """
+    if size < 0:
+        raise ValueError(f"sample size must be ≥ 0, got {size}")
+    ids = sorted(set(int(c) for c in client_ids))
+    if size == 0 or size >= len(ids):
+        return ids
+    if seed is None:
+        return sorted(random.SystemRandom().sample(ids, size))
+    pick = generator(Stream.TEST_SUBSET, seed).choice(len(ids), size=size, replace=False)
+    return [ids[i] for i in sorted(int(i) for i in pick)]

@@ -26,6 +26,7 @@ class Stream(IntEnum):
     EVAL_SUBSET = 0xE7  # which clients validate during training (key: seed)
     SYNTHETIC = 0x5E7D  # synthetic user u resampled from a data set (key: seed, user)
     USER_SPLIT = 0x5B17  # one user's random train/valid/test split of a keyed-split data set (key: seed, user)
+    TEST_SUBSET = 0x7E57  # which clients take the final test, seeded cohorts only (key: sampling seed)
     AUDIT_CLIENTS = 0xA0D1  # the leakage audit's choice of clients (key: seed)
     AUDIT_WARMUP_NOISE = 0xA0D2  # its warm-up rounds' central noise (key: seed)
     AUDIT_LOCAL_NOISE = 0xA0D3  # its local-DP observation (key: seed)

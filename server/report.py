@@ -51,7 +51,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "epsilon": None, "epsilon_history": None, "epsilon_without_amplification": None,
         "budget": None,
         "utility": [{"round": r["round"], "phase": r.get("phase"), "ndcg@10": r.get("ndcg@10"),
-                     "recall@10": r.get("recall@10")} for r in run.rows if r.get("kind") == "eval"],
+                     "recall@10": r.get("recall@10"), "sampled": bool(r.get("sampled"))}
+                    for r in run.rows if r.get("kind") == "eval"],
         "final_test": next(({k: v for k, v in r.items() if k not in ("kind", "phase", "failures")}
                             for r in reversed(run.rows) if r.get("kind") == "eval" and r.get("phase") == "test"), None),
         "silo_dp_sgd": _silo_dp_sgd(run.path),

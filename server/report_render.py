@@ -9,6 +9,8 @@ import io
 import re
 from typing import Any
 
+CI_SUFFIX = "_ci95"  # an eval row's 95% CI half-width of a metric: "ndcg@10_ci95"
+
 
 def _eps(x: float | None) -> str:
     """ε for display, rounded UP to 3 decimals (rounding a guarantee down would overstate it)."""
@@ -62,11 +64,30 @@ def _eps_rows(rep: dict[str, Any], limit: int = 12) -> list[tuple[int, str, str]
 
 
 def _final_table(ft: dict[str, Any]) -> tuple[list[str], list[tuple], str]:
-    """Final test metrics as rows of metrics by columns of cut-offs (``ndcg@10`` -> row ndcg, column @10)."""
-    ks = sorted({int(k.split("@")[1]) for k in ft if "@" in k})
-    names = sorted({k.split("@")[0] for k in ft if "@" in k})
-    rows = [(n, *(ft.get(f"{n}@{k}") for k in ks)) for n in names]
-    return ["metric", *(f"@{k}" for k in ks)], rows, f"round {ft.get('round')}, {ft.get('users')} users"
+    """Final test metrics as rows of metrics by columns of cut-offs (``ndcg@10`` -> row ndcg, column @10).
+    A test on a sample of the clients says so in the caption, and each cell is mean ± 95% CI half-width."""
+    metrics = [k for k in ft if "@" in k and not k.endswith(CI_SUFFIX)]
+    ks = sorted({int(k.split("@")[1]) for k in metrics})
+    names = sorted({k.split("@")[0] for k in metrics})
+    caption = f"round {ft.get('round')}, {ft.get('users')} users"
+    if not ft.get("sampled"):
+        return ["metric", *(f"@{k}" for k in ks)], [(n, *(ft.get(f"{n}@{k}") for k in ks)) for n in names], caption
+
+    def cell(name: str) -> str | None:
+        mean, half = ft.get(name), ft.get(name + CI_SUFFIX)
+        if mean is None:
+            return None
+        return f"{_fmt(mean)} ± {_fmt(half) if half is not None else 'n/a'}"
+
+    how = "secret" if ft.get("secret", True) else "SEEDED by fed.sampling-seed, not secret"
+    caption += (f"; a random sample of {ft.get('sampled_clients')} of {ft.get('population')} clients ({how}): "
+                "mean ± 95% confidence interval half-width")
+    return ["metric", *(f"@{k}" for k in ks)], [(n, *(cell(f"{n}@{k}") for k in ks)) for n in names], caption
+
+
+def _phase(u: dict[str, Any]) -> str:
+    """An eval row's phase, marked when the row evaluated a random sample of the clients (the final test)."""
+    return f"{u['phase']} (client sample)" if u.get("sampled") else str(u["phase"])
 
 
 def claim_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
@@ -104,7 +125,7 @@ def to_markdown(rep: dict[str, Any]) -> str:
     if rep["epsilon_history"]:
         out += ["## ε over rounds\n", _md_table(["round", "ε (RDP)", "ε (PLD)"], _eps_rows(rep))]
     out += ["## Utility\n", _md_table(["round", "phase", "NDCG@10", "Recall@10"],
-                                      [(u["round"], u["phase"], u["ndcg@10"], u["recall@10"]) for u in rep["utility"]])]
+                                      [(u["round"], _phase(u), u["ndcg@10"], u["recall@10"]) for u in rep["utility"]])]
     if rep["final_test"]:
         header, rows, caption = _final_table(rep["final_test"])
         out += [f"Final test ({caption}):\n", _md_table(header, rows)]
@@ -220,7 +241,7 @@ def to_html(rep: dict[str, Any], plots: dict[str, str]) -> str:
     if rep["epsilon_history"]:
         cols.append("<h2>ε over rounds</h2>" + _html_table(["round", "ε (RDP)", "ε (PLD)"], _eps_rows(rep)))
     cols.append("<h2>Utility</h2>" + _html_table(["round", "phase", "NDCG@10", "Recall@10"],
-                                                 [(u["round"], u["phase"], u["ndcg@10"], u["recall@10"])
+                                                 [(u["round"], _phase(u), u["ndcg@10"], u["recall@10"])
                                                   for u in rep["utility"]]))
     if rep["final_test"]:
         header, rows, caption = _final_table(rep["final_test"])

@@ -46,7 +46,7 @@ FLAGS = {
     "rounds": "fed.rounds", "sample_rate": "fed.sample-rate", "local_epochs": "fed.local-epochs",
     "client_lr": "fed.client-lr", "server_lr": "fed.server-lr", "server_opt": "fed.server-opt",
     "eval_every": "fed.eval-every", "eval_clients": "fed.eval-clients", "partition": "fed.partition",
-    "num_silos": "fed.num-silos",
+    "test_clients": "fed.test-clients", "num_silos": "fed.num-silos",
     "timeout": "fed.timeout", "dim": "model.dim", "loss": "model.loss", "seed": "seed",
     "noise_multiplier": "dp.noise-multiplier", "clip": "dp.clip", "target_epsilon": "dp.target-epsilon",
     "delta": "dp.delta", "model": "model.kind",
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-opt", choices=values(ServerOptimizer))
     p.add_argument("--eval-every", type=int, help="validate every N rounds")
     p.add_argument("--eval-clients", type=int, help="clients used for validation during training (0 = all)")
+    p.add_argument("--test-clients", type=int,
+                   help="clients the final test evaluates: a secret random sample of N, its metrics with a 95%% "
+                        f"confidence interval (default {d['fed.test-clients']}: all clients, exact)")
     p.add_argument("--partition", choices=values(Partition), help="one user per client, or K silos")
     p.add_argument("--num-silos", type=int)
     p.add_argument("--timeout", type=float, help="seconds a round waits for clients")
@@ -279,9 +282,7 @@ def summarize(run_dir, result: dict) -> str:
         f"wall time          {result.get('wall_seconds', 0):.1f} s",
     ]
     if final:
-        lines.append(f"final {final['phase']:<5} ({final['users']} users, full ranking)")
-        for k in ("ndcg@10", "recall@10", "hr@10", "mrr@10", "ndcg@20", "recall@20"):
-            lines.append(f"  {k:<16} {final[k]:.4f}")
+        lines += final_lines(final)
     ledger = run_dir.load_ledger()
     if ledger is not None:
         from common.privacy import Accountant, PrivacyLedger
@@ -312,6 +313,31 @@ def summarize(run_dir, result: dict) -> str:
     text = "\n".join(lines)
     (run_dir.path / "summary.md").write_text("```\n" + text + "\n```\n")
     return text
+
+
+SUMMARY_METRICS = ("ndcg@10", "recall@10", "hr@10", "mrr@10", "ndcg@20", "recall@20")
+
+
+def _ci(half_width: float | None) -> str:
+    return "n/a (fewer than 2 clients)" if half_width is None else f"{half_width:.4f}"
+
+
+def sample_caption(row: dict) -> str:
+    """'2,000 of 100,000 clients sampled, secret' for an eval row of a sampled test."""
+    how = "secret" if row.get("secret", True) else "SEEDED (fed.sampling-seed): not secret"
+    return f"{row['sampled_clients']:,} of {row['population']:,} clients sampled, {how}"
+
+
+def final_lines(final: dict) -> list[str]:
+    """The summary's lines of the last evaluation: its metrics, and when the test evaluated a
+    sample of the clients, that it did, and each mean ± its 95% CI half-width."""
+    if not final.get("sampled"):
+        return [f"final {final['phase']:<5} ({final['users']} users, full ranking)",
+                *(f"  {k:<16} {final[k]:.4f}" for k in SUMMARY_METRICS)]
+    return [f"final {final['phase']} ({sample_caption(final)}): ndcg@10 {final['ndcg@10']:.4f} ± "
+            f"{_ci(final.get('ndcg@10_ci95'))} (95% CI)",
+            f"  ({final['users']:,} users, full ranking; ± is the 95% CI half-width over the sampled clients)",
+            *(f"  {k:<16} {final[k]:.4f} ± {_ci(final.get(f'{k}_ci95'))}" for k in SUMMARY_METRICS)]
 
 
 def check_args(args: argparse.Namespace) -> None:

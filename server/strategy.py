@@ -34,8 +34,9 @@ from common import keys
 from common.config import RunConfig
 from common.ddp_round import expected_field_weight, modular_sum_from_secagg, secagg_ranges
 from common.device import EVAL_KS
-from common.metrics import RANKING_METRICS
+from common.metrics import RANKING_METRICS, ratio_mean_ci95
 from common.rounds import RoundEngine
+from common.sampling import uniform_subset
 from common.secure_sum import expected_weight_factor, modulus_for
 from common.streams import Stream, generator
 from server.grid import BoundedGrid
@@ -84,6 +85,8 @@ class FedRecStrategy(Strategy):
         self._row: dict[str, Any] = {}
         self._t0 = time.perf_counter()
         self._released = False
+        # The final test's sample when it is one: {"sampled_clients", "population", "secret"} (counts only)
+        self._test_sample: dict[str, Any] | None = None
 
     @property
     def population(self) -> int:
@@ -344,10 +347,25 @@ class FedRecStrategy(Strategy):
         proxies = sorted(self._resolve_ids(client_manager), key=lambda p: self.client_ids[p.cid])
         n = self.cfg.fed.eval_clients
         if phase == "valid" and 0 < n < len(proxies):
-            # Monitoring: a fixed seeded subset of clients; the final test uses everyone.
+            # Monitoring: a fixed seeded subset of clients.
             pick = generator(Stream.EVAL_SUBSET, self.cfg.seed).choice(len(proxies), size=n, replace=False)
             proxies = [proxies[i] for i in sorted(pick)]
+        elif phase == "test":
+            proxies = self._test_cohort(proxies)
         return [(p, ins) for p in proxies]
+
+    def _test_cohort(self, proxies: list[ClientProxy]) -> list[ClientProxy]:
+        """The final test's clients: all of them, or (0 < fed.test-clients < population) a uniform
+        sample without replacement of the clients whose identity is known -- secret (OS CSPRNG)
+        unless fed.sampling-seed is set. Only its size is kept (the eval row carries it)."""
+        n, seed = self.cfg.fed.test_clients, self.cfg.fed.cohort_seed
+        self._test_sample = None
+        if not 0 < n < len(proxies):
+            return proxies
+        by_id = {self.client_ids[p.cid]: p for p in proxies}
+        chosen = uniform_subset(by_id, n, seed=seed)
+        self._test_sample = {"sampled_clients": len(chosen), "population": len(by_id), "secret": seed is None}
+        return [by_id[c] for c in chosen]
 
     def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures):
         rnd = self.start_round + server_round
@@ -365,9 +383,16 @@ class FedRecStrategy(Strategy):
         users = sum(res.num_examples for res in accepted)
         row: dict[str, Any] = {"kind": "eval", "round": rnd, "phase": phase, "users": users,
                                "failures": len(failures) + refused}
+        sample = self._test_sample if phase == "test" else None
+        if sample is not None:  # a sample: say so, and how far its means may be from everyone's
+            row.update({"sampled": True, **sample})
         if users:
             for name in names:
-                row[name] = sum(float(res.metrics.get(name, 0.0)) for res in accepted) / users
+                sums = [float(res.metrics.get(name, 0.0)) for res in accepted]
+                row[name] = sum(sums) / users
+                if sample is not None:
+                    _, row[f"{name}_ci95"] = ratio_mean_ci95(sums, [res.num_examples for res in accepted],
+                                                             sample["population"])
         self.run_dir.log_round(row)
         self.on_round(row)
         return None, {k: v for k, v in row.items() if isinstance(v, float)}
