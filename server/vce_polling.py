@@ -63,9 +63,15 @@ def _usable(state: Any) -> bool:
     return all(hasattr(state, name) for name in ("lock", "message_ins_store", "_check_stored_messages"))
 
 
+#: Seconds between two passes. Flower waits 0.1 s, which a cohort's message waits for ~0.05 s on
+#: average at each of a SecAgg+ round's four stages; one pass over the store costs well under a
+#: millisecond for a cohort's ~100 messages, so passes can be 5× as frequent.
+PERIOD = 0.02
+
+
 def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Mapping[int, Any],
                           f_stop: threading.Event) -> None:
-    """Flower's loop (same signature, same 0.1 s period), one pass per period."""
+    """Flower's loop (same signature), one pass per :data:`PERIOD`."""
     if not _usable(state):
         log.warning("Flower's link state is not the in-memory one this was written for: using Flower's own loop")
         return _installed["original"](state, queue, nodes_mapping, f_stop)
@@ -73,7 +79,7 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Mapping[int, 
     while not f_stop.is_set():
         for msg in pending_messages(state, nodes):
             queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(PERIOD)
 
 
 def install() -> bool:
