@@ -69,7 +69,7 @@ class FedRecStrategy(Strategy):
                  secagg_workflow: Any = None, expected_clients: int | None = None, stop_after: int | None = None,
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg, self.run_dir, self.engine = cfg, run_dir, engine
-        self.grid = BoundedGrid(grid, cfg.fed.timeout, self.note_failure)
+        self.grid = BoundedGrid(grid, cfg.fed.timeout, self.note_failure, stable_nodes=expected_clients)
         self.start_round, self.current_round = start_round, start_round
         self.secagg_workflow = secagg_workflow
         self.secure_aggregation = secagg_workflow is not None
