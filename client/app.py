@@ -305,8 +305,8 @@ def build_client_app(cfg: RunConfig | None = None, mods: list | None = None,
     """The ClientApp. ``cfg``: the simulation's config (its operator owns the simulated devices);
     ``policy``: their privacy floor (default :meth:`DevicePolicy.for_run` of ``cfg``)."""
     # Extra mods (tests: failure injection) run outside SecAgg+, like a device failing.
-    if cfg is not None and mods is None and policy is None:
-        return _SimulationClientApp(cfg)
+    if mods is None and policy is None:
+        return _RunConfigClientApp() if cfg is None else _SimulationClientApp(cfg)
     return ClientApp(client_fn=client_fn_for(cfg, policy), mods=[*(mods or []), secagg_when_requested])
 
 
@@ -334,6 +334,19 @@ def _simulation_client_app(flat: dict) -> ClientApp:
     if app is None:  # parsing and checking the config took ~5% of a worker's time per message
         app = _SIMULATION_APPS[key] = _SimulationClientApp(RunConfig.from_flat(flat))
     return app
+
+
+class _RunConfigClientApp(ClientApp):
+    """``client.app:app``: the ClientApp that reads the run config from its context (``flwr
+    run``, a SuperNode). Under ``flwr run`` against a simulation federation Flower's Ray backend
+    pickles it with every message, as :class:`_SimulationClientApp`; it is pickled as a
+    reference to :func:`build_client_app` (the worker builds the same app)."""
+
+    def __init__(self) -> None:
+        super().__init__(client_fn=client_fn_for(None), mods=[secagg_when_requested])
+
+    def __reduce__(self):
+        return (build_client_app, ())
 
 
 app = build_client_app()

@@ -138,6 +138,36 @@ def flwr_run_dir(cfg: RunConfig, root: Path) -> RunDir:
     return run_dir
 
 
+def _is_simulation(grid: Grid) -> bool:
+    """Whether this ServerApp runs in Flower's simulation engine (``flwr run`` against a
+    simulation federation: the in-memory grid), not on a SuperLink with real SuperNodes."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # another Flower layout: treat it as a deployment (no population check)
+        return False
+    return isinstance(grid, InMemoryGrid)
+
+
+def wait_for_simulated_nodes(grid: Grid, clients: int, timeout: float) -> None:
+    """A simulation federation must have one SuperNode per client (its partition-id 0..n-1 is
+    the client): wait until Flower has registered them (it does so while the ServerApp starts)
+    and refuse a federation of another size -- fewer nodes would leave clients out of every
+    cohort unnoticed, more would fail on partitions the data does not have."""
+    deadline = time.monotonic() + timeout
+    seen, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        nodes = len(grid.get_node_ids())
+        if nodes == clients:
+            return
+        if nodes != seen:
+            seen, since = nodes, time.monotonic()
+        elif nodes > 0 and time.monotonic() - since > 2.0:  # Flower registers all nodes at once
+            break
+        time.sleep(0.1)
+    raise ValueError(f"this simulation federation has {seen} SuperNodes and the data {clients} clients: "
+                     f"start the run with --federation-config 'num-supernodes={clients}' (docs/SCALE.md)")
+
+
 # `flwr run .`: the config comes from [tool.flwr.app.config] (+ --run-config); runs go to
 # run-dir when set, else to a new $FEDREC_RUNS/<timestamp>/ (default ./runs).
 app = ServerApp()
@@ -146,5 +176,20 @@ app = ServerApp()
 @app.main()
 def _flwr_run_main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(dict(context.run_config))
+    expected = None
+    if _is_simulation(grid):  # `flwr run` against a local simulation federation: as simulate.py runs it
+        from client.data import num_clients
+        from server import vce_polling
+
+        # Before Flower's engine starts its polling thread (it first starts Ray): see vce_polling.
+        if os.environ.get("FEDREC_VCE_POLLING", "fedrec") != "flower":
+            vce_polling.install()
+        expected = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
+        wait_for_simulated_nodes(grid, expected, cfg.fed.timeout)
     run_dir = flwr_run_dir(cfg, Path(os.environ.get("FEDREC_RUNS", "runs")))
-    run_server(grid, context, cfg, run_dir, expected_clients=None, progress=False)
+    t0 = time.perf_counter()
+    strategy = run_server(grid, context, cfg, run_dir, expected_clients=expected, progress=False)
+    from server.simulation import summarize  # the summary.md simulate.py writes
+
+    print(summarize(run_dir, {"num_clients": expected or strategy.population,
+                              "wall_seconds": time.perf_counter() - t0}), flush=True)  # `flwr log RUN_ID` shows it

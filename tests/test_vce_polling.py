@@ -117,3 +117,12 @@ def test_the_simulation_client_app_pickles_as_its_config():
     assert RunConfig.from_flat(back._flat) == cfg
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
         pickle.dumps(build_client_app(cfg, mods=[lambda m, c, n: n(m, c)]))  # extra mods: by value, as before
+
+
+def test_the_flwr_run_client_app_pickles_as_a_reference():
+    """``client.app:app`` (``flwr run`` against a simulation federation) is pickled with every
+    message too: as a reference to its factory, not as closures."""
+    from client.app import _RunConfigClientApp, app
+
+    data = pickle.dumps(app)
+    assert isinstance(pickle.loads(data), _RunConfigClientApp) and len(data) < 200

@@ -119,13 +119,18 @@ def register_node(public_key: str | Path, flwr_home: str | Path, connection: str
 
 
 def start_run(app_dir: str | Path, flwr_home: str | Path, *, run_config: Mapping[str, Any] | None = None,
-              connection: str = CONNECTION, workdir: str | Path | None = None) -> int:
+              connection: str = CONNECTION, workdir: str | Path | None = None,
+              federation_config: Mapping[str, Any] | None = None) -> int:
     """``flwr run APP CONN --run-config OVERRIDES.toml``: returns the run id (the run goes on
-    in the SuperLink; ``flwr run`` itself returns at once and exits 0 even if it later fails)."""
+    in the SuperLink; ``flwr run`` itself returns at once and exits 0 even if it later fails).
+    ``federation_config``: ``--federation-config`` of a simulation federation, e.g.
+    ``{"num-supernodes": 943, "client-resources-num-cpus": 1}``."""
     args = ["run", str(app_dir), connection, "--format", "json"]
     if run_config:
         where = Path(workdir or tempfile.mkdtemp(prefix="fedrec-runcfg-"))
         args += ["--run-config", str(write_run_config(where / f"run-config-{time.time_ns()}.toml", run_config))]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())]
     out = _json_out(flwr_cli(args, flwr_home=flwr_home, timeout=300))
     if not out.get("success") or not out.get("run-id"):
         raise DeployError(f"flwr run did not start a run: {out}")
