@@ -372,7 +372,9 @@ class FedRecStrategy(Strategy):
         phase = self._eval_phase(rnd)
         names = [f"{m}@{k}" for m in RANKING_METRICS for k in EVAL_KS]
         accepted, refused = [], 0
-        for proxy, res in results:
+        # Deterministic order, as in aggregate_fit: a float sum depends on its order, and replies
+        # arrive in any order (two runs of one seeded config differed in the last bit of ndcg@20).
+        for proxy, res in sorted(results, key=lambda r: self.client_ids.get(r[0].cid, -1)):
             held = self.client_users.get(self.client_ids.get(proxy.cid, -1), 1)
             problem = evaluation_problem(res.num_examples, res.metrics, names, held)
             if problem:

@@ -181,6 +181,21 @@ def test_an_exact_test_and_validation_carry_no_ci(tmp_path):
     assert row["phase"] == "valid" and "sampled" not in row and not any(k.endswith("_ci95") for k in row)
 
 
+def test_the_evaluation_does_not_depend_on_the_order_replies_arrive(tmp_path):
+    """Replies arrive in any order and a float sum depends on its order: the strategy sums in
+    client-id order (a flwr run and a simulate.py run of one seeded config differed in the last
+    bit of ndcg@20 before)."""
+    rows = []
+    for order in (1, -1):
+        s, manager = strategy(tmp_path, population=40, **{"fed.test-clients": 0})
+        proxies = [p for p, _ in s.configure_evaluate(ROUNDS, Parameters([], ""), manager)]
+        values = np.random.default_rng(0).random(40)  # their float sum differs with the order
+        results = [(p, res(1, **{"ndcg@10": float(v)})) for p, v in zip(proxies, values)]
+        s.aggregate_evaluate(ROUNDS, results[::order], [])
+        rows.append(eval_row(s))
+    assert rows[0]["failures"] == 0 and rows[0]["users"] == 40 and rows[0]["ndcg@10"] == rows[1]["ndcg@10"]
+
+
 # ---------------------------------------------------------------- every place that prints it
 SAMPLED_ROW = {"kind": "eval", "round": ROUNDS, "phase": "test", "users": 2000, "failures": 0, "sampled": True,
                "sampled_clients": 2000, "population": 100000, "secret": True,
