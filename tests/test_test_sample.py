@@ -22,25 +22,12 @@ from server import simulation
 from server.report import write_report
 from server.run_dir import RunDir
 from server.strategy import FedRecStrategy
+from tests.test_strategy_hooks import Manager, Proxy
 
 N_ITEMS, DIM, ROUNDS = 30, 4, 5
 NAMES = ("ndcg@10", "recall@10")
 
 
-class Proxy:
-    def __init__(self, node_id: int) -> None:
-        self.node_id, self.cid = node_id, str(node_id)
-
-
-class Manager:
-    def __init__(self, proxies: list[Proxy]) -> None:
-        self.proxies = {p.cid: p for p in proxies}
-
-    def all(self):
-        return self.proxies
-
-    def wait_for(self, n, timeout):
-        return True
 
 
 def strategy(tmp_path, population: int = 100, users: int = 1, **flat) -> tuple[FedRecStrategy, Manager]:
