@@ -19,9 +19,10 @@ class BoundedGrid:
     """Delegates to ``grid``; ``send_and_receive`` gets ``timeout``, sends large fan-outs in
     chunks, and reports each error reply and each missing reply to ``on_failure(node_id, reason)``.
 
-    Chunking: Flower 1.42's simulation engine scans every pending message for every node on each
-    poll, so one fan-out to all N clients costs O(N²); chunks of ``chunk`` messages keep the Ray
-    workers busy at a fraction of that cost (the same replies, in the same order of chunks).
+    Chunking: with Flower 1.42's own hand-out loop every pending message is scanned for every
+    node on each poll, so one fan-out to all N clients costs O(N²); chunks of ``chunk`` messages
+    keep that bounded (the same replies, in the same order of chunks). The simulation replaces
+    that loop with one pass (server/vce_polling.py); deployments keep the chunks too.
     """
 
     def __init__(self, grid: Grid, timeout: float, on_failure: Callable[[int, str], None], chunk: int = 200,
