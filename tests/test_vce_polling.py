@@ -84,7 +84,9 @@ def test_only_the_runs_nodes_get_messages():
 
 
 def test_install_replaces_flowers_loop_for_this_flower_and_uninstall_restores_it():
+    vce_polling.uninstall()  # a simulation earlier in this process may have installed it
     original = vce_api.add_messages_to_queue
+    assert original is not vce_polling.add_messages_to_queue
     try:
         assert vce_polling.install() is True
         assert vce_api.add_messages_to_queue is vce_polling.add_messages_to_queue
@@ -98,7 +100,9 @@ def test_another_flower_version_keeps_flowers_loop(monkeypatch):
     import flwr
 
     monkeypatch.setattr(flwr, "__version__", "1.99.0")
+    vce_polling.uninstall()  # a simulation earlier in this process may have installed it
     original = vce_api.add_messages_to_queue
+    assert original is not vce_polling.add_messages_to_queue
     assert vce_polling.install() is False
     assert vce_api.add_messages_to_queue is original
 
