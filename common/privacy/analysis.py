@@ -280,6 +280,12 @@ def _unit_rdp(noise_multiplier: float, sample_rate: float, relation: str = ADD_O
         with _quiet_dp_accounting():
             accountant.compose(to_dp_event(Release(sigma, sample_rate, 1)))
         curve = np.array(accountant.rdp, dtype=np.float64)
+    if sample_rate < 1.0:
+        # Subsampling is post-processing of the full step, so the full step's RDP bounds it too.
+        # dp_accounting's sampled-Gaussian series can land a hair above it at some orders when σ
+        # is large (σ=12, q=0.5: ε 16.5233 against 16.5219 without amplification, found by
+        # tests/test_privacy_ledger.py's property test): take the smaller bound at every order.
+        curve = np.minimum(curve, _unit_rdp(noise_multiplier, 1.0, relation))
     curve.setflags(write=False)
     return curve
 
