@@ -182,8 +182,7 @@ def _flwr_run_main(grid: Grid, context: Context) -> None:
         from server import vce_polling
 
         # Before Flower's engine starts its polling thread (it first starts Ray): see vce_polling.
-        if os.environ.get("FEDREC_VCE_POLLING", "fedrec") != "flower":
-            vce_polling.install()
+        vce_polling.install()
         expected = num_clients(cfg.data, cfg.fed.partition, cfg.fed.num_silos, cfg.seed)
         wait_for_simulated_nodes(grid, expected, cfg.fed.timeout)
     run_dir = flwr_run_dir(cfg, Path(os.environ.get("FEDREC_RUNS", "runs")))

@@ -252,10 +252,9 @@ def run(cfg: RunConfig, run_dir, *, num_cpus: float = 0.5, progress: bool = True
 
         result["ray_cluster"] = dict(ray.cluster_resources()) if ray.is_initialized() else connect_ray(
             ray_address, verbose=verbose)
-    if os.environ.get("FEDREC_VCE_POLLING", "fedrec") != "flower":  # "flower": Flower's own loop (benchmarks)
-        from server import vce_polling
+    from server import vce_polling
 
-        vce_polling.install()
+    vce_polling.install()
     t0 = time.perf_counter()
     run_simulation(server_app=build_server_app(cfg, run_dir, expected_clients=n, progress=progress, result=result,
                                                      stop_after=stop_after),

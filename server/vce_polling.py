@@ -85,10 +85,14 @@ def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Mapping[int, 
 def install() -> bool:
     """Use :func:`add_messages_to_queue` in this process's Flower simulation engine. Returns
     whether it is in place (False, and Flower's own loop, for a Flower version not in
-    :data:`SUPPORTED`)."""
+    :data:`SUPPORTED` or with ``FEDREC_VCE_POLLING=flower``)."""
+    import os
+
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
 
+    if os.environ.get("FEDREC_VCE_POLLING", "fedrec") == "flower":  # Flower's own loop, to compare (benchmarks)
+        return False
     if not flwr.__version__.startswith(SUPPORTED):
         log.info("flwr %s: keeping Flower's own message polling (checked for %s)", flwr.__version__, SUPPORTED)
         return False
